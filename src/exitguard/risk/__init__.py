@@ -1,0 +1,1 @@
+"""Risk control on arrays (numpy and scipy only; never imports torch)."""

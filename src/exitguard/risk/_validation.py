@@ -1,0 +1,122 @@
+"""Shared argument checks. Every message names the argument, what is allowed and what was given."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def as_float_array(value: ArrayLike, name: str, *, ndim: int | tuple[int, ...]) -> NDArray[np.float64]:
+    """Convert to a finite float64 array with the given number of dimensions."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"`{name}` must be numeric array-like; got {_describe(value)}.") from error
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if array.ndim not in allowed:
+        shapes = " or ".join(f"{d}-D" for d in allowed)
+        raise ValueError(f"`{name}` must be {shapes}; got shape {array.shape}.")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(f"`{name}` must be finite; got {bad} NaN or infinite entries.")
+    return array
+
+
+def check_open_unit(value: Any, name: str) -> float:
+    """A float strictly inside (0, 1), such as a target risk or delta."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a float in (0, 1); got {_describe(value)}.")
+    number = float(value)
+    if not (0.0 < number < 1.0):
+        raise ValueError(f"`{name}` must be a float in (0, 1); got {number!r}.")
+    return number
+
+
+def check_open_unit_list(values: float | Iterable[float], name: str) -> NDArray[np.float64]:
+    """One or more floats in (0, 1), returned as a 1-D float64 array."""
+    items = [values] if np.isscalar(values) else list(values)  # type: ignore[list-item,arg-type]
+    if not items:
+        raise ValueError(f"`{name}` must hold at least one value in (0, 1); got an empty list.")
+    return np.array([check_open_unit(v, name) for v in items], dtype=np.float64)
+
+
+def check_positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a positive float; got {_describe(value)}.")
+    number = float(value)
+    if not (np.isfinite(number) and number > 0):
+        raise ValueError(f"`{name}` must be a positive finite float; got {number!r}.")
+    return number
+
+
+def check_int(value: Any, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer >= {minimum}; got {_describe(value)}.")
+    if int(value) < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {int(value)}.")
+    return int(value)
+
+
+def check_choice(value: Any, name: str, allowed: Iterable[str]) -> str:
+    options = tuple(allowed)
+    if not isinstance(value, str) or value not in options:
+        listed = ", ".join(repr(o) for o in options)
+        raise ValueError(f"`{name}` must be one of {listed}; got {_describe(value)}.")
+    return value
+
+
+def check_loss_range(losses: NDArray[np.float64], loss_bound: float, name: str = "losses") -> None:
+    """Losses must lie in [-B, B]; a tiny tolerance absorbs float rounding."""
+    tolerance = 1e-12 * max(1.0, loss_bound)
+    low, high = float(losses.min(initial=0.0)), float(losses.max(initial=0.0))
+    if low < -loss_bound - tolerance or high > loss_bound + tolerance:
+        raise ValueError(
+            f"`{name}` must lie in [-loss_bound, loss_bound] = [{-loss_bound:g}, {loss_bound:g}]; "
+            f"got values in [{low:.6g}, {high:.6g}]. Pass the right `loss_bound` "
+            "(1 for 0-1 losses, 2 for Brier summed over classes)."
+        )
+
+
+def check_probabilities(probs: NDArray[np.float64], name: str, *, atol: float = 1e-4) -> None:
+    """Last axis must be a probability distribution."""
+    if probs.size and (probs.min() < -atol or probs.max() > 1 + atol):
+        raise ValueError(
+            f"`{name}` must hold probabilities in [0, 1] along the last axis; got values in "
+            f"[{probs.min():.6g}, {probs.max():.6g}]. Pass logits with `from_logits=True`."
+        )
+    sums = probs.sum(axis=-1)
+    worst = float(np.max(np.abs(sums - 1.0), initial=0.0))
+    if worst > atol:
+        raise ValueError(
+            f"`{name}` must sum to 1 over classes (the last axis); the worst row sums to "
+            f"{1.0 + worst:.6g} or {1.0 - worst:.6g}. Pass logits with `from_logits=True`."
+        )
+
+
+def check_labels(labels: ArrayLike, name: str, *, n: int, n_classes: int) -> NDArray[np.int64]:
+    array = np.asarray(labels)
+    if array.shape != (n,):
+        raise ValueError(f"`{name}` must have shape ({n},) to match the outputs; got {array.shape}.")
+    if not np.issubdtype(array.dtype, np.integer):
+        if np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(
+            array == np.round(array)
+        ):
+            array = array.astype(np.int64)
+        else:
+            raise TypeError(f"`{name}` must hold integer class indices; got dtype {array.dtype}.")
+    if array.size and (array.min() < 0 or array.max() >= n_classes):
+        raise ValueError(
+            f"`{name}` must lie in [0, {n_classes - 1}] (the number of classes is {n_classes}); "
+            f"got values in [{array.min()}, {array.max()}]."
+        )
+    return array.astype(np.int64)

@@ -1,0 +1,97 @@
+"""The exit rule, applied to every sample under every threshold of a grid at once.
+
+Convention (used everywhere in exitguard): exits are 0-based, the last exit is the full model.
+Under a threshold ``t`` a sample leaves at the **first exit whose confidence is >= t**; if no
+exit qualifies it uses the last exit. A threshold of ``+inf`` means "never exit early", so the
+full model is a member of every grid: row 0 of a grid is always ``+inf``, whatever the
+confidences are, and the rows that follow grow more aggressive (decreasing thresholds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from exitguard.risk._validation import as_float_array, check_int
+
+NEVER = math.inf
+"""The threshold of the full model: no confidence reaches it."""
+
+
+def default_thresholds(step: float = 0.01) -> NDArray[np.float64]:
+    """The default grid: ``[inf, 1.00, 1 - step, ..., 0.00]`` (row 0 is the full model)."""
+    if not (0.0 < step <= 0.5):
+        raise ValueError(f"`step` must be a float in (0, 0.5]; got {step!r}.")
+    count = round(1.0 / step)
+    grid = np.round(np.linspace(1.0, 0.0, count + 1), 12)
+    return np.concatenate([[NEVER], grid])
+
+
+def as_threshold_grid(thresholds: ArrayLike | None) -> NDArray[np.float64]:
+    """Validate a user grid and make sure it starts with the full model (``+inf``).
+
+    A grid must be strictly decreasing; values other than the leading ``+inf`` must lie in
+    [0, 1]. ``None`` gives :func:`default_thresholds`.
+    """
+    if thresholds is None:
+        return default_thresholds()
+    grid = np.asarray(thresholds, dtype=np.float64)
+    if grid.ndim != 1 or grid.size == 0:
+        raise ValueError(f"`thresholds` must be a non-empty 1-D array; got shape {grid.shape}.")
+    if np.isnan(grid).any():
+        raise ValueError("`thresholds` must not contain NaN.")
+    if grid[0] != NEVER:
+        grid = np.concatenate([[NEVER], grid])
+    finite = grid[1:]
+    if finite.size and (not np.all(np.isfinite(finite)) or finite.min() < 0 or finite.max() > 1):
+        raise ValueError(
+            "`thresholds` must lie in [0, 1] after the optional leading inf (the full model); "
+            f"got values in [{finite.min():g}, {finite.max():g}]."
+        )
+    if np.any(np.diff(grid) >= 0):
+        raise ValueError(
+            "`thresholds` must be strictly decreasing (safest first, most aggressive last); "
+            f"got {np.array2string(grid[:6], precision=3)}..."
+        )
+    return grid
+
+
+def exit_indices(confidences: ArrayLike, thresholds: ArrayLike | None = None) -> NDArray[np.int64]:
+    """Exit taken by every sample under every threshold.
+
+    Parameters
+    ----------
+    confidences : array of shape (n, L)
+        Confidence of each sample at each exit, in [0, 1]. The last exit's confidence is
+        ignored: a sample that reaches it always stops there.
+    thresholds : array of shape (K,), optional
+        A strictly decreasing grid; ``+inf`` is put in front when missing.
+        Defaults to :func:`default_thresholds`.
+
+    Returns
+    -------
+    exits : int array of shape (K, n)
+        ``exits[k, i]`` is the 0-based exit of sample ``i`` under ``thresholds[k]``:
+        the first exit ``l`` with ``confidences[i, l] >= thresholds[k]``, else ``L - 1``.
+        Row 0 is ``L - 1`` for every sample.
+    """
+    conf = as_float_array(confidences, "confidences", ndim=2)  # (n, L)
+    n_exits = check_int(conf.shape[1], "confidences.shape[1] (the number of exits)", minimum=1)
+    grid = as_threshold_grid(thresholds)  # (K,)
+    # Only exits before the last can fire early; the last exit is the fallback.
+    fires = conf[None, :, : n_exits - 1] >= grid[:, None, None]  # (K, n, L-1)
+    first = np.argmax(fires, axis=-1)  # (K, n), 0 where nothing fires
+    return np.where(fires.any(axis=-1), first, n_exits - 1).astype(np.int64)
+
+
+def exit_index(confidences: ArrayLike, threshold: float) -> NDArray[np.int64]:
+    """Exit of every sample under one threshold; shape (n,)."""
+    conf = as_float_array(confidences, "confidences", ndim=2)  # (n, L)
+    if math.isnan(threshold):
+        raise ValueError("`threshold` must be a float in [0, 1] or inf; got nan.")
+    fires = conf[:, :-1] >= threshold  # (n, L-1)
+    return np.where(fires.any(axis=-1), np.argmax(fires, axis=-1), conf.shape[1] - 1).astype(
+        np.int64
+    )
