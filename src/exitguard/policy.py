@@ -72,8 +72,9 @@ class ExitPolicy:
 
     Attributes
     ----------
-    threshold : float
-        The exit threshold (``math.inf`` = never exit early).
+    threshold : float or None
+        The exit threshold (``math.inf`` = never exit early; ``None`` when the calibration
+        table carried no thresholds, in which case ``index`` identifies the policy).
     index : int
         Row of the calibration grid that was selected (0 = the full model).
     procedure : str
@@ -113,7 +114,7 @@ class ExitPolicy:
         Hash of the calibration loss table.
     """
 
-    threshold: float
+    threshold: float | None
     index: int
     procedure: str
     guarantee: str
@@ -136,7 +137,7 @@ class ExitPolicy:
     @property
     def is_full_model(self) -> bool:
         """True when the policy never exits early."""
-        return math.isinf(self.threshold)
+        return self.index == 0 or (self.threshold is not None and math.isinf(self.threshold))
 
     @property
     def relative_saving(self) -> float | None:
@@ -157,7 +158,12 @@ class ExitPolicy:
         )
 
     def __repr__(self) -> str:
-        threshold = "never (full model)" if self.is_full_model else f"{self.threshold:.4g}"
+        if self.is_full_model:
+            threshold = "never (full model)"
+        elif self.threshold is None:
+            threshold = f"row {self.index}"
+        else:
+            threshold = f"{self.threshold:.4g}"
         parts = [
             f"threshold={threshold}",
             f"procedure={self.procedure!r}",
@@ -172,9 +178,10 @@ class ExitPolicy:
         return f"ExitPolicy({', '.join(parts)})"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; the full model's threshold is written as ``null``."""
+        """A JSON-ready dict; the full model's threshold is written as ``"never"``."""
         data = dataclasses.asdict(self)
-        data["threshold"] = None if self.is_full_model else self.threshold
+        if self.threshold is not None and math.isinf(self.threshold):
+            data["threshold"] = "never"
         return {"schema": _SCHEMA_NAME, "schema_version": SCHEMA_VERSION, **data}
 
     @classmethod
@@ -206,13 +213,16 @@ class ExitPolicy:
             raise PolicyFileError(f"missing policy fields: {', '.join(required)}.")
         values = {name: data[name] for name in fields if name in data}
         threshold = values["threshold"]
-        if threshold is None:
+        if threshold == "never":
             values["threshold"] = math.inf
-        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
-            0.0 <= threshold <= 1.0
+        elif threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not (0.0 <= threshold <= 1.0)
         ):
             raise PolicyFileError(
-                f"`threshold` must be a number in [0, 1] or null (full model); got {threshold!r}."
+                "`threshold` must be a number in [0, 1], \"never\" (the full model) or null "
+                f"(unknown: the policy is its row `index`); got {threshold!r}."
             )
         for name in ("target_risk", "delta"):
             value = values[name]

@@ -1,0 +1,296 @@
+"""Repeated random calibration/test splits: does the guarantee hold, and what does it save?"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import stats
+
+from exitguard.calibrate import as_procedure_list, check_table
+from exitguard.policy import fingerprint
+from exitguard.risk import procedures as proc
+from exitguard.risk._validation import check_int, check_open_unit, check_open_unit_list
+
+Array = NDArray[np.float64]
+
+_CHUNK_ELEMENTS = 4_000_000  # calibration losses held at once: trials x K x n_cal
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRow:
+    """Summary of one procedure at one target risk over all splits.
+
+    ``test risk`` is the mean loss of the held-out split at the selected row; a *violation*
+    is a split whose test risk exceeds the target. ``population risk`` treats the whole table
+    as the population (the selected row's mean loss over all samples): its violation rate is
+    free of the test split's own noise. ``violation_p_value`` is a one-sided binomial test of
+    "violation rate <= delta" on the population violations (high-probability procedures).
+    """
+
+    procedure: str
+    target_risk: float
+    mean_test_risk: float
+    sd_test_risk: float
+    violation_rate: float
+    mean_population_risk: float
+    population_violation_rate: float
+    violation_p_value: float | None
+    mean_cost: float | None
+    sd_cost: float | None
+    relative_saving: float | None
+    mean_index: float
+    certified_rate: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Results of :func:`evaluate`: one :class:`EvaluationRow` per procedure and target risk."""
+
+    rows: tuple[EvaluationRow, ...]
+    delta: float
+    n_cal: int
+    n_test: int
+    trials: int
+    loss_bound: float
+    full_cost: float | None
+    seed: int | None
+    data_fingerprint: str
+
+    def __repr__(self) -> str:
+        return (
+            f"Evaluation({len(self.rows)} rows, n_cal={self.n_cal}, n_test={self.n_test}, "
+            f"trials={self.trials}, delta={self.delta:g})"
+        )
+
+    def row(self, procedure: str, target_risk: float) -> EvaluationRow:
+        """The row of one procedure at one target risk."""
+        name = proc.canonical_procedure(procedure)
+        for item in self.rows:
+            if item.procedure == name and np.isclose(item.target_risk, target_risk):
+                return item
+        raise KeyError(f"no row for procedure={name!r}, target_risk={target_risk!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["rows"] = [r.to_dict() for r in self.rows]
+        return {"schema": "exitguard.Evaluation", "schema_version": 1, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        if data.get("schema") != "exitguard.Evaluation":
+            raise ValueError(f"not an exitguard evaluation: schema {data.get('schema')!r}.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["rows"] = tuple(EvaluationRow(**r) for r in data["rows"])
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        target = Path(path)
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Evaluation:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def table(self, *, cost_label: str = "cost") -> str:
+        """A plain-text table of all rows."""
+        header = (
+            f"{'procedure':<15}{'eps':>6}{'test risk':>11}{'(sd)':>8}{'viol.':>7}"
+            f"{'pop.viol':>9}{cost_label:>10}{'saving':>8}{'cert.':>7}"
+        )
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            cost = "-" if r.mean_cost is None else f"{r.mean_cost:.3f}"
+            saving = "-" if r.relative_saving is None else f"{100 * r.relative_saving + 0.0:.1f}%"
+            lines.append(
+                f"{r.procedure:<15}{r.target_risk:>6.3f}{r.mean_test_risk:>11.4f}"
+                f"{r.sd_test_risk:>8.4f}{r.violation_rate:>7.2f}{r.population_violation_rate:>9.2f}"
+                f"{cost:>10}{saving:>8}{r.certified_rate:>7.2f}"
+            )
+        return "\n".join(lines)
+
+
+def split_indices(
+    n: int, n_cal: int, trials: int, rng: np.random.Generator
+) -> NDArray[np.int64]:
+    """Calibration indices of each trial, drawn without replacement; shape (trials, n_cal)."""
+    keys = rng.random((trials, n))  # (T, N)
+    return np.argpartition(keys, n_cal - 1, axis=1)[:, :n_cal]
+
+
+def selections(
+    cal_losses: Array,
+    target_risks: Array,
+    *,
+    procedure: str,
+    delta: float,
+    loss_bound: float,
+    bet_cap: float | None = None,
+) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """Selected rows for many calibration tables at once.
+
+    ``cal_losses`` (T, K, n) -> selected row and certified flag, each (T, E).
+    """
+    stats_ = proc.statistics(
+        cal_losses,
+        target_risks,
+        procedure=procedure,
+        delta=delta,
+        loss_bound=loss_bound,
+        bet_cap=bet_cap,
+    )  # (T, E, K)
+    ok = proc.passes(
+        stats_, target_risks, procedure=procedure, delta=delta, n_rows=cal_losses.shape[-2]
+    )
+    return proc.select(ok, procedure=procedure)
+
+
+def evaluate(
+    losses: ArrayLike,
+    *,
+    procedures: str | Sequence[str] = ("naive", "crc", "ucb-wsr", "ltt"),
+    target_risks: float | Sequence[float] = (0.01, 0.02, 0.05, 0.1),
+    delta: float = 0.1,
+    n_cal: int = 100,
+    trials: int = 100,
+    loss_bound: float = 1.0,
+    cost: ArrayLike | None = None,
+    seed: int | np.random.Generator | None = 0,
+    bet_cap: float | None = None,
+) -> Evaluation:
+    """Calibrate on random subsets and measure risk and cost on the rest.
+
+    Each trial draws ``n_cal`` calibration samples without replacement from the ``N``
+    columns of ``losses`` (K, N); the remaining ``N - n_cal`` are the test split. Every
+    procedure picks a row on the calibration split for every target risk, all vectorised.
+
+    Parameters
+    ----------
+    losses : array of shape (K, N)
+        The loss table (row 0 the full model, loss-free).
+    procedures : str or sequence of str
+        Procedure names (see :func:`exitguard.calibrate_table`).
+    target_risks : float or sequence of floats in (0, 1)
+    delta : float in (0, 1)
+    n_cal : int
+        Calibration size; at least 2 and at most ``N - 1``.
+    trials : int
+        Number of random splits.
+    loss_bound : float
+    cost : array of shape (K,) or (K, N), optional
+        Compute per row; reported as the mean over the test split.
+    seed : int or numpy Generator
+        The only source of randomness.
+    bet_cap : float, optional
+        WSR bet cap (default ``1 / loss_bound``).
+
+    Returns
+    -------
+    Evaluation
+    """
+    names = as_procedure_list(procedures)
+    epsilons = check_open_unit_list(target_risks, "target_risks")
+    level = check_open_unit(delta, "delta")
+    table, cost_array, _ = check_table(losses, loss_bound=loss_bound, cost=cost)
+    n_rows, n_total = table.shape
+    n_cal = check_int(n_cal, "n_cal", minimum=2)
+    if n_cal >= n_total:
+        raise ValueError(
+            f"`n_cal` must be below the number of samples ({n_total}) to leave a test split; "
+            f"got {n_cal}."
+        )
+    trials = check_int(trials, "trials", minimum=1)
+    seed_value = seed if isinstance(seed, int) else None
+    rng = np.random.default_rng(seed)
+    indices = split_indices(n_total, n_cal, trials, rng)  # (T, n)
+    n_test = n_total - n_cal
+    total = table.sum(axis=1)  # (K,)
+    population = table.mean(axis=1)  # (K,)
+    if cost_array is not None and cost_array.ndim == 2:
+        cost_total = cost_array.sum(axis=1)  # (K,)
+    chosen = {name: np.zeros((trials, len(epsilons)), dtype=np.int64) for name in names}
+    certified = {name: np.zeros((trials, len(epsilons)), dtype=bool) for name in names}
+    test_risk = np.zeros((trials, n_rows))  # (T, K)
+    test_cost = np.zeros((trials, n_rows)) if cost_array is not None else None
+    chunk = max(1, _CHUNK_ELEMENTS // (n_rows * n_cal))
+    # Loop over chunks of trials only to bound memory; each chunk is fully vectorised.
+    for start in range(0, trials, chunk):
+        part = indices[start : start + chunk]  # (t, n)
+        cal = np.moveaxis(table[:, part], 0, 1)  # (t, K, n)
+        test_risk[start : start + chunk] = (total[None] - cal.sum(axis=-1)) / n_test
+        if test_cost is not None and cost_array is not None:
+            if cost_array.ndim == 2:
+                cal_cost = np.moveaxis(cost_array[:, part], 0, 1).sum(axis=-1)  # (t, K)
+                test_cost[start : start + chunk] = (cost_total[None] - cal_cost) / n_test
+            else:
+                test_cost[start : start + chunk] = cost_array[None]
+        # One pass per procedure over the chunk (few procedures; each is vectorised).
+        for name in names:
+            index, ok = selections(
+                cal, epsilons, procedure=name, delta=level, loss_bound=loss_bound, bet_cap=bet_cap
+            )
+            chosen[name][start : start + chunk] = index
+            certified[name][start : start + chunk] = ok
+    full_cost = None
+    if cost_array is not None:
+        full_cost = float(cost_array[0].mean()) if cost_array.ndim == 2 else float(cost_array[0])
+    trial_ids = np.arange(trials)[:, None]
+    rows: list[EvaluationRow] = []
+    for name in names:
+        index = chosen[name]  # (T, E)
+        risks = test_risk[trial_ids, index]  # (T, E)
+        pop = population[index]  # (T, E)
+        costs = test_cost[trial_ids, index] if test_cost is not None else None
+        for e, epsilon in enumerate(epsilons):
+            violations = int(np.sum(pop[:, e] > epsilon))
+            p_value = None
+            if proc.is_high_probability(name):
+                p_value = float(
+                    stats.binomtest(violations, trials, level, alternative="greater").pvalue
+                )
+            mean_cost = sd_cost = saving = None
+            if costs is not None:
+                mean_cost = float(costs[:, e].mean())
+                sd_cost = float(costs[:, e].std(ddof=1)) if trials > 1 else 0.0
+                saving = 1.0 - mean_cost / full_cost if full_cost else None
+            rows.append(
+                EvaluationRow(
+                    procedure=name,
+                    target_risk=float(epsilon),
+                    mean_test_risk=float(risks[:, e].mean()),
+                    sd_test_risk=float(risks[:, e].std(ddof=1)) if trials > 1 else 0.0,
+                    violation_rate=float(np.mean(risks[:, e] > epsilon)),
+                    mean_population_risk=float(pop[:, e].mean()),
+                    population_violation_rate=violations / trials,
+                    violation_p_value=p_value,
+                    mean_cost=mean_cost,
+                    sd_cost=sd_cost,
+                    relative_saving=saving,
+                    mean_index=float(index[:, e].mean()),
+                    certified_rate=float(certified[name][:, e].mean()),
+                )
+            )
+    return Evaluation(
+        rows=tuple(rows),
+        delta=level,
+        n_cal=n_cal,
+        n_test=n_test,
+        trials=trials,
+        loss_bound=float(loss_bound),
+        full_cost=full_cost,
+        seed=seed_value,
+        data_fingerprint=fingerprint(table),
+    )

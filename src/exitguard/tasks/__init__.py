@@ -1,0 +1,1 @@
+"""Tasks: build loss and cost tables for classification, segmentation, language, diffusion."""

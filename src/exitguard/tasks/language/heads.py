@@ -1,0 +1,235 @@
+"""Exit heads for a decoder LM: a light head into the model's own (tied) LM head, plus CALM's
+cheap learned confidence.
+
+Exit ``e`` sits after decoder layer ``exit_layers[e]`` (0-based). Its head is
+
+    h  ->  h + up(down(h))      optional low-rank adapter (rank r, ``up`` starts at zero)
+       ->  RMSNorm              initialised from the model's final norm
+       ->  model.lm_head        shared and frozen
+
+so an untrained head is exactly the "logit lens". The learned confidence of exit ``e`` is a
+small MLP on the normalised state, trained to predict whether the exit's top-1 token agrees with
+the last layer's (CALM's meta classifier); it costs ``H * c`` multiply-adds, against ``H * V``
+for a softmax over the vocabulary.
+
+Heads are saved as safetensors plus a JSON file with their configuration (never pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_FORMAT = "exitguard.LMExitHeads"
+_FORMAT_VERSION = 1
+
+
+class HeadsFileError(ValueError):
+    """Exit-head files that cannot be read, or that belong to another model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitHeadsConfig:
+    """Where the exits sit and how big their heads are.
+
+    Attributes
+    ----------
+    exit_layers : tuple of int
+        0-based decoder layers after which an early exit sits, strictly increasing, all before
+        the last layer (the last layer is always the final exit, the full model).
+    hidden_size : int
+        Width H of the decoder's hidden states.
+    rank : int
+        Rank of the low-rank adapter (0: norm only).
+    confidence_width : int
+        Width of the learned-confidence MLP.
+    eps : float
+        RMSNorm epsilon (the model's ``rms_norm_eps``).
+    model_fingerprint : str
+        Fingerprint of the model the heads were trained on ("" when unknown).
+    """
+
+    exit_layers: tuple[int, ...]
+    hidden_size: int
+    rank: int = 32
+    confidence_width: int = 64
+    eps: float = 1e-5
+    model_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(layer) for layer in self.exit_layers)
+        object.__setattr__(self, "exit_layers", layers)
+        if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0:
+            raise ValueError(
+                "`exit_layers` must be a non-empty, strictly increasing tuple of 0-based layer "
+                f"indices; got {self.exit_layers!r}."
+            )
+        for name in ("hidden_size", "confidence_width"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {getattr(self, name)!r}.")
+        if int(self.rank) < 0:
+            raise ValueError(f"`rank` must be a non-negative integer; got {self.rank!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["exit_layers"] = list(self.exit_layers)
+        return data
+
+
+def default_exit_layers(n_layers: int, *, every: int = 3) -> tuple[int, ...]:
+    """Exits after every ``every``-th layer: ``every-1, 2*every-1, ...`` before the last layer.
+
+    For SmolLM2's 30 layers and ``every=3``: after layers 2, 5, ..., 26 (nine early exits).
+    """
+    if every < 1 or n_layers < 2:
+        raise ValueError(f"`every` must be >= 1 and `n_layers` >= 2; got {every!r}, {n_layers!r}.")
+    layers = tuple(range(every - 1, n_layers - 1, every))
+    if not layers:
+        raise ValueError(f"no early exit fits: `every`={every} with {n_layers} layers.")
+    return layers
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama's), written out."""
+
+    def __init__(self, width: int, *, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)  # (..., 1)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+class ExitHeads(nn.Module):
+    """The early exits' heads (the final exit uses the model's own norm and LM head).
+
+    Parameters
+    ----------
+    config : ExitHeadsConfig
+        Exit positions and head sizes.
+    final_norm_weight : tensor of shape (H,), optional
+        Initial weight of every exit's norm (the model's final norm); ones when None.
+    """
+
+    def __init__(
+        self, config: ExitHeadsConfig, *, final_norm_weight: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        width, n_exits = config.hidden_size, len(config.exit_layers)
+        self.norms = nn.ModuleList(RMSNorm(width, eps=config.eps) for _ in range(n_exits))
+        if final_norm_weight is not None:
+            for norm in self.norms:
+                norm.weight.data.copy_(final_norm_weight.detach().float())
+        self.down = nn.ModuleList(
+            nn.Linear(width, config.rank, bias=False) for _ in range(n_exits if config.rank else 0)
+        )
+        self.up = nn.ModuleList(
+            nn.Linear(config.rank, width, bias=False) for _ in range(n_exits if config.rank else 0)
+        )
+        for up in self.up:
+            nn.init.zeros_(up.weight)  # start as the logit lens
+        self.confidence = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(width, config.confidence_width),
+                nn.GELU(),
+                nn.Linear(config.confidence_width, 1),
+            )
+            for _ in range(n_exits)
+        )
+
+    @property
+    def n_early_exits(self) -> int:
+        return len(self.config.exit_layers)
+
+    def transform(self, exit_: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The state fed to the LM head at early exit ``exit_``: (..., H) -> (..., H)."""
+        if self.config.rank:
+            hidden = hidden + self.up[exit_](self.down[exit_](hidden))  # (..., H)
+        return self.norms[exit_](hidden)  # (..., H)
+
+    def confidence_logit(self, exit_: int, normed: torch.Tensor) -> torch.Tensor:
+        """Learned confidence before the sigmoid, from :meth:`transform`'s output: (..., H) -> (...)."""
+        return self.confidence[exit_](normed).squeeze(-1)  # (...)
+
+    def macs_per_token(self) -> dict[str, int]:
+        """Multiply-adds of the pieces of one exit, per token."""
+        width = self.config.hidden_size
+        return {
+            "adapter": 2 * width * self.config.rank,
+            "confidence": width * self.config.confidence_width + self.config.confidence_width,
+        }
+
+    def save(self, folder: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``heads.safetensors`` and ``heads.json`` into ``folder`` (atomically)."""
+        from safetensors.torch import save_file
+
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        temporary = target / ".heads.safetensors.tmp"
+        save_file(tensors, str(temporary))
+        os.replace(temporary, target / "heads.safetensors")
+        meta = {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            **(extra or {}),
+        }
+        (target / ".heads.json.tmp").write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
+        os.replace(target / ".heads.json.tmp", target / "heads.json")
+        return target
+
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike[str], *, model_fingerprint: str | None = None
+    ) -> ExitHeads:
+        """Read heads written by :meth:`save`.
+
+        Raises
+        ------
+        HeadsFileError
+            Missing or corrupted files, an unknown format, or (when ``model_fingerprint`` is
+            given) heads trained on another model.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        source = Path(folder)
+        try:
+            meta = json.loads((source / "heads.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise HeadsFileError(f"cannot read {source / 'heads.json'}: {error}.") from error
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise HeadsFileError(f"{source / 'heads.json'} is not an exitguard exit-head file.")
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise HeadsFileError(
+                f"`format_version` must be {_FORMAT_VERSION}; got {meta.get('format_version')!r}."
+            )
+        try:
+            raw = dict(meta["config"])
+            raw["exit_layers"] = tuple(raw["exit_layers"])
+            config = ExitHeadsConfig(**raw)
+        except (KeyError, TypeError, ValueError) as error:
+            raise HeadsFileError(f"bad head configuration in {source}: {error}") from error
+        if model_fingerprint is not None and config.model_fingerprint not in ("", model_fingerprint):
+            raise HeadsFileError(
+                f"the heads in {source} were trained on model {config.model_fingerprint}; "
+                f"this model is {model_fingerprint}. Retrain them (`exitguard lm train-exits`)."
+            )
+        heads = cls(config)
+        try:
+            state = load_file(str(source / "heads.safetensors"))
+            heads.load_state_dict(state)
+        except (OSError, SafetensorError, RuntimeError) as error:
+            raise HeadsFileError(f"cannot read {source / 'heads.safetensors'}: {error}") from error
+        heads.eval()
+        return heads
