@@ -31,7 +31,7 @@ class RiskNotControlledWarning(UserWarning):
 
 
 class NonMonotoneRiskWarning(UserWarning):
-    """The empirical risk drops far below an earlier row: the monotonicity assumption is doubtful."""
+    """The empirical risk drops far below an earlier row: monotonicity looks doubtful."""
 
 
 def check_table(
@@ -220,7 +220,10 @@ def calibrate_table(
         upper = float(selection.statistic[index])
     if name.startswith("ltt"):
         p_value = float(selection.statistic[index])
-    threshold = math.inf if index == 0 else (float(grid[index]) if grid is not None else None)
+    if grid is not None:
+        threshold: float | None = float(grid[index])
+    else:
+        threshold = math.inf if index == 0 else None
     full_cost = _expected_cost(cost_array, 0)
     return ExitPolicy(
         threshold=threshold,

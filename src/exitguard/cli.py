@@ -75,10 +75,14 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="npz with `losses` (K, n) or per-exit `probs`/`logits`")
     parser.add_argument("--delta", type=float, default=0.1, help="1 - confidence level")
-    parser.add_argument("--loss-bound", type=float, default=None, help="B (default 1, or the risk's)")
+    parser.add_argument(
+        "--loss-bound", type=float, default=None, help="B (default 1, or the risk's)"
+    )
     parser.add_argument("--risk", choices=RISKS, default=None, help="risk for per-exit files")
     parser.add_argument(
-        "--confidence", choices=tuple(CONFIDENCES), default="max_softmax",
+        "--confidence",
+        choices=tuple(CONFIDENCES),
+        default="max_softmax",
         help="confidence measure for per-exit files",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for splits and sampled labels")
@@ -153,7 +157,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         result.save(args.out)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        data = result.to_dict()
+        print(json.dumps({"results": data.pop("rows"), **data}))
     else:
         print(
             f"{result.trials} random splits: n_cal = {result.n_cal}, n_test = {result.n_test}, "
@@ -199,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exitguard",
-        description="Early-exit networks, fast yet safe: calibrate exit thresholds with risk control.",
+        description="Early-exit networks, fast yet safe: exit thresholds with risk control.",
     )
     parser.add_argument("--version", action="version", version=f"exitguard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -217,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.add_argument(
         "--procedure", nargs="+", choices=procedures, default=["naive", "crc", "ucb-wsr", "ltt"]
     )
-    evaluate_.add_argument(
-        "--target-risk", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1]
-    )
+    evaluate_.add_argument("--target-risk", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1])
     evaluate_.add_argument("--n-cal", type=int, default=100)
     evaluate_.add_argument("--trials", type=int, default=100)
     evaluate_.add_argument("--out", help="write the results as JSON to this file")

@@ -123,9 +123,7 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def split_indices(
-    n: int, n_cal: int, trials: int, rng: np.random.Generator
-) -> NDArray[np.int64]:
+def split_indices(n: int, n_cal: int, trials: int, rng: np.random.Generator) -> NDArray[np.int64]:
     """Calibration indices of each trial, drawn without replacement; shape (trials, n_cal)."""
     keys = rng.random((trials, n))  # (T, N)
     return np.argpartition(keys, n_cal - 1, axis=1)[:, :n_cal]

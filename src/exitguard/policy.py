@@ -221,23 +221,28 @@ class ExitPolicy:
             or not (0.0 <= threshold <= 1.0)
         ):
             raise PolicyFileError(
-                "`threshold` must be a number in [0, 1], \"never\" (the full model) or null "
+                '`threshold` must be a number in [0, 1], "never" (the full model) or null '
                 f"(unknown: the policy is its row `index`); got {threshold!r}."
             )
         for name in ("target_risk", "delta"):
             value = values[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0 < value < 1
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (0 < value < 1)
             ):
                 raise PolicyFileError(f"`{name}` must be a number in (0, 1); got {value!r}.")
         for name in ("index", "n"):
             if isinstance(values[name], bool) or not isinstance(values[name], int):
                 raise PolicyFileError(f"`{name}` must be an integer; got {values[name]!r}.")
         if not isinstance(values["certified"], bool):
-            raise PolicyFileError(f"`certified` must be true or false; got {values['certified']!r}.")
+            raise PolicyFileError(
+                f"`certified` must be true or false; got {values['certified']!r}."
+            )
         n_exits = values.get("n_exits")
-        if n_exits is not None and (isinstance(n_exits, bool) or not isinstance(n_exits, int)
-                                    or n_exits < 1):
+        if n_exits is not None and (
+            isinstance(n_exits, bool) or not isinstance(n_exits, int) or n_exits < 1
+        ):
             raise PolicyFileError(f"`n_exits` must be a positive integer or null; got {n_exits!r}.")
         return cls(**values)
 

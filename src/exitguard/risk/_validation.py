@@ -16,7 +16,9 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def as_float_array(value: ArrayLike, name: str, *, ndim: int | tuple[int, ...]) -> NDArray[np.float64]:
+def as_float_array(
+    value: ArrayLike, name: str, *, ndim: int | tuple[int, ...]
+) -> NDArray[np.float64]:
     """Convert to a finite float64 array with the given number of dimensions."""
     try:
         array = np.asarray(value, dtype=np.float64)
@@ -106,10 +108,14 @@ def check_probabilities(probs: NDArray[np.float64], name: str, *, atol: float = 
 def check_labels(labels: ArrayLike, name: str, *, n: int, n_classes: int) -> NDArray[np.int64]:
     array = np.asarray(labels)
     if array.shape != (n,):
-        raise ValueError(f"`{name}` must have shape ({n},) to match the outputs; got {array.shape}.")
+        raise ValueError(
+            f"`{name}` must have shape ({n},) to match the outputs; got {array.shape}."
+        )
     if not np.issubdtype(array.dtype, np.integer):
-        if np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(
-            array == np.round(array)
+        if (
+            np.issubdtype(array.dtype, np.floating)
+            and np.all(np.isfinite(array))
+            and np.all(array == np.round(array))
         ):
             array = array.astype(np.int64)
         else:

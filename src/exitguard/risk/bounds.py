@@ -116,7 +116,7 @@ def wsr_bets(losses: Array, *, delta: float, loss_bound: float, bet_cap: float |
     steps = np.arange(1, n + 1, dtype=np.float64)  # (n,)
     mu = (0.5 + np.cumsum(losses, axis=-1)) / (steps + 1.0)  # (..., n)
     s2 = (0.25 + np.cumsum(np.square(losses - mu), axis=-1)) / (steps + 1.0)  # (..., n)
-    previous = np.concatenate([np.full(s2.shape[:-1] + (1,), 0.25), s2[..., :-1]], axis=-1)
+    previous = np.concatenate([np.full((*s2.shape[:-1], 1), 0.25), s2[..., :-1]], axis=-1)
     return np.minimum(cap, np.sqrt(2.0 * math.log(1.0 / delta) / (n * previous)))
 
 

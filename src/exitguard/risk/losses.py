@@ -69,15 +69,21 @@ def _brier(probs: NDArray[np.float64], labels: NDArray[np.int64]) -> NDArray[np.
     return np.clip(squared - 2.0 * at_label + 1.0, 0.0, 2.0)
 
 
-def _prediction_gap(probs: NDArray[np.float64], labels: NDArray[np.int64] | None):  # type: ignore[no-untyped-def]
+def _prediction_gap(
+    probs: NDArray[np.float64], labels: NDArray[np.int64] | None
+) -> NDArray[np.float64]:
     return _zero_one(probs, _require(labels))
 
 
-def _prediction_consistency(probs: NDArray[np.float64], labels: NDArray[np.int64] | None):  # type: ignore[no-untyped-def]
+def _prediction_consistency(
+    probs: NDArray[np.float64], labels: NDArray[np.int64] | None
+) -> NDArray[np.float64]:
     return _zero_one(probs, probs[:, -1].argmax(axis=-1))
 
 
-def _distribution_gap(probs: NDArray[np.float64], labels: NDArray[np.int64] | None):  # type: ignore[no-untyped-def]
+def _distribution_gap(
+    probs: NDArray[np.float64], labels: NDArray[np.int64] | None
+) -> NDArray[np.float64]:
     return _brier(probs, _require(labels))
 
 
@@ -124,7 +130,10 @@ RISKS = ("prediction_gap", "prediction_consistency", "distribution_gap", "distri
 
 
 def get_risk(
-    risk: str | Risk, *, consistency_label: str = "sample", rng: np.random.Generator | int | None = None
+    risk: str | Risk,
+    *,
+    consistency_label: str = "sample",
+    rng: np.random.Generator | int | None = None,
 ) -> Risk:
     """The :class:`Risk` for a name (see the module docstring), or ``risk`` itself."""
     if isinstance(risk, Risk):
@@ -149,7 +158,9 @@ def per_exit_losses(
     if labels is not None:
         checked = check_labels(labels, "labels", n=n, n_classes=n_classes)
     elif risk.needs_labels:
-        raise ValueError(f"risk {risk.name!r} compares with the ground truth: `labels` are required.")
+        raise ValueError(
+            f"risk {risk.name!r} compares with the ground truth: `labels` are required."
+        )
     losses = as_float_array(risk.per_exit_loss(exit_probs, checked), f"{risk.name} losses", ndim=2)
     if losses.shape != exit_probs.shape[:2]:
         raise ValueError(
@@ -165,9 +176,7 @@ def per_exit_losses(
     return losses
 
 
-def loss_table(
-    per_exit: ArrayLike, exits: ArrayLike, *, clip: bool = False
-) -> NDArray[np.float64]:
+def loss_table(per_exit: ArrayLike, exits: ArrayLike, *, clip: bool = False) -> NDArray[np.float64]:
     """Relative loss of every sample under every grid row.
 
     Parameters
@@ -188,9 +197,7 @@ def loss_table(
     absolute = as_float_array(per_exit, "per_exit", ndim=2)  # (n, L)
     rows = np.asarray(exits, dtype=np.int64)  # (K, n)
     if rows.ndim != 2 or rows.shape[1] != absolute.shape[0]:
-        raise ValueError(
-            f"`exits` must have shape (K, {absolute.shape[0]}); got {rows.shape}."
-        )
+        raise ValueError(f"`exits` must have shape (K, {absolute.shape[0]}); got {rows.shape}.")
     taken = np.take_along_axis(absolute.T, rows, axis=0)  # (K, n)
     table = taken - absolute[:, -1][None, :]  # (K, n)
     return np.maximum(table, 0.0) if clip else table

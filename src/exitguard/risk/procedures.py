@@ -106,12 +106,10 @@ def statistics(
     n = losses.shape[-1]
     mean = losses.mean(axis=-1)  # (..., K)
     epsilons = np.asarray(target_risks, dtype=np.float64)  # (E,)
-    if procedure == "naive":
-        return np.broadcast_to(mean[..., None, :], mean.shape[:-1] + (len(epsilons), mean.shape[-1]))
-    if procedure == "crc":
-        adjusted = (n * mean + loss_bound) / (n + 1)
-        shape = adjusted.shape[:-1] + (len(epsilons), adjusted.shape[-1])
-        return np.broadcast_to(adjusted[..., None, :], shape)
+    if procedure in ("naive", "crc"):
+        value = mean if procedure == "naive" else (n * mean + loss_bound) / (n + 1)  # (..., K)
+        shape = (*value.shape[:-1], len(epsilons), value.shape[-1])
+        return np.broadcast_to(value[..., None, :], shape)  # the same for every epsilon
     bound = _bound_of(procedure)
     if bound == "binomial":
         _check_binary(losses, loss_bound)

@@ -1,0 +1,210 @@
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import exitguard
+from exitguard import (
+    ExitPolicy,
+    NonMonotoneRiskWarning,
+    PolicyFileError,
+    calibrate,
+    calibrate_table,
+    load_policy,
+)
+
+
+@pytest.fixture
+def table(rng):
+    start = rng.integers(1, 40, size=400)
+    return (np.arange(20)[:, None] >= start[None, :]).astype(float)
+
+
+def test_import_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, exitguard, exitguard.cli, exitguard.evaluate; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_policy_fields(table):
+    grid = np.r_[np.inf, np.linspace(1, 0.05, 19)]
+    policy = calibrate_table(
+        table,
+        target_risk=0.1,
+        delta=0.1,
+        procedure="ucb-wsr",
+        cost=np.arange(20.0, 0, -1),
+        thresholds=grid,
+    )
+    assert policy.certified and policy.index > 0
+    assert policy.threshold == grid[policy.index]
+    assert policy.empirical_risk == pytest.approx(table[policy.index].mean())
+    assert policy.upper_bound < 0.1
+    assert policy.expected_cost == 20.0 - policy.index
+    assert policy.full_cost == 20.0
+    assert "P(R <= 0.1) >= 0.9" in policy.guarantee
+    assert policy.n == 400 and policy.procedure == "ucb-wsr"
+    assert "ExitPolicy(threshold=" in repr(policy)
+
+
+def test_json_round_trip(table, tmp_path):
+    policy = calibrate_table(
+        table, target_risk=0.1, procedure="crc", thresholds=np.linspace(1, 0, 20)
+    )
+    again = ExitPolicy.from_dict(json.loads(policy.to_json()))
+    assert again == policy
+    path = policy.save(tmp_path / "policy.json")
+    assert load_policy(path) == policy
+    full = calibrate_table(np.zeros((2, 10)), target_risk=0.5, procedure="naive")
+    assert ExitPolicy.from_dict(json.loads(full.to_json())) == full
+
+
+def test_fingerprint_tracks_the_data(table):
+    a = calibrate_table(table, target_risk=0.1, procedure="crc")
+    changed = table.copy()
+    changed[5, 0] = 1 - changed[5, 0]
+    b = calibrate_table(changed, target_risk=0.1, procedure="crc")
+    assert a.data_fingerprint != b.data_fingerprint and len(a.data_fingerprint) == 16
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "is not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"schema": "other"}', "not an exitguard policy"),
+        ('{"schema": "exitguard.ExitPolicy", "schema_version": 99}', "`schema_version` must be 1"),
+    ],
+)
+def test_bad_policy_files(tmp_path, content, message):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(PolicyFileError, match=message):
+        load_policy(path)
+
+
+def test_tampered_policy_values(table, tmp_path):
+    data = calibrate_table(table, target_risk=0.1, procedure="crc").to_dict()
+    for key, value, message in [
+        ("threshold", 1.5, "`threshold` must be a number in"),
+        ("delta", 0.0, r"`delta` must be a number in \(0, 1\)"),
+        ("index", "3", "`index` must be an integer"),
+        ("certified", "yes", "`certified` must be true or false"),
+    ]:
+        broken = {**data, key: value}
+        with pytest.raises(PolicyFileError, match=message):
+            ExitPolicy.from_dict(broken)
+    with pytest.raises(PolicyFileError, match="unknown policy fields: extra"):
+        ExitPolicy.from_dict({**data, "extra": 1})
+    missing = dict(data)
+    del missing["n"]
+    with pytest.raises(PolicyFileError, match="missing policy fields: n"):
+        ExitPolicy.from_dict(missing)
+
+
+def test_save_keeps_the_old_file_when_writing_fails(table, tmp_path, monkeypatch):
+    path = tmp_path / "policy.json"
+    path.write_text("old")
+    policy = calibrate_table(table, target_risk=0.1, procedure="crc")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("exitguard.policy.os.replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        policy.save(path)
+    assert path.read_text() == "old"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"losses": [[0, 0], [np.nan, 0]]}, ValueError, "`losses` must be finite; got 1 NaN"),
+        ({"losses": [[0, 0], [np.inf, 0]]}, ValueError, "`losses` must be finite"),
+        ({"losses": [0, 0, 1]}, ValueError, "`losses` must be 2-D; got shape"),
+        ({"losses": [[0], [1]]}, ValueError, "at least 2 calibration samples"),
+        (
+            {"losses": [[0, 0], [1.5, 0]]},
+            ValueError,
+            r"must lie in \[-loss_bound, loss_bound\] = \[-1, 1\]",
+        ),
+        ({"losses": [[0.1, 0], [0.5, 0]]}, ValueError, "row 0 must be loss-free"),
+        ({"target_risk": 0.0}, ValueError, r"`target_risk` must be a float in \(0, 1\); got 0.0"),
+        ({"target_risk": 1.5}, ValueError, r"`target_risk` must be a float in \(0, 1\); got 1.5"),
+        (
+            {"target_risk": "0.1"},
+            TypeError,
+            r"`target_risk` must be a float in \(0, 1\); got '0.1'",
+        ),
+        ({"delta": 1.0}, ValueError, r"`delta` must be a float in \(0, 1\); got 1.0"),
+        ({"procedure": "magic"}, ValueError, "`procedure` must be one of"),
+        ({"cost": [1, 2, 3]}, ValueError, r"`cost` must have shape \(2,\) or \(2, 3\)"),
+        ({"thresholds": [0.5, 0.9]}, ValueError, "`thresholds` must be strictly decreasing"),
+        ({"loss_bound": -1}, ValueError, "`loss_bound` must be a positive finite float"),
+    ],
+)
+def test_bad_input(kwargs, error, message):
+    arguments = {"losses": [[0, 0, 0], [0, 1, 0]], "target_risk": 0.1, "procedure": "crc"}
+    arguments.update(kwargs)
+    losses = arguments.pop("losses")
+    with pytest.raises(error, match=message):
+        calibrate_table(losses, **arguments)
+
+
+def test_far_from_monotone_risk_warns_and_points_to_ltt(rng):
+    table = np.zeros((4, 500))
+    table[1] = rng.random(500) < 0.3
+    table[2] = rng.random(500) < 0.02  # risk collapses after row 1
+    table[3] = rng.random(500) < 0.3
+    with pytest.warns(NonMonotoneRiskWarning, match="procedure='ltt'"):
+        calibrate_table(table, target_risk=0.1, procedure="crc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonMonotoneRiskWarning)
+        monotone = np.sort(table, axis=0)
+        calibrate_table(monotone, target_risk=0.1, procedure="crc")
+
+
+def test_calm_table_is_not_flagged(calm):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonMonotoneRiskWarning)
+        calibrate_table(calm["losses"], target_risk=0.05, procedure="crc")
+
+
+def test_calibrate_from_per_exit_outputs(rng):
+    n, n_exits, n_classes = 500, 4, 5
+    labels = rng.integers(0, n_classes, n)
+    # Exits grow sharper and more accurate with depth.
+    logits = rng.normal(size=(n, n_exits, n_classes))
+    logits[np.arange(n), :, labels] += np.linspace(0.5, 4.0, n_exits)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    policy = calibrate(probs, labels, risk="prediction_gap", target_risk=0.1, procedure="crc")
+    assert policy.n_exits == n_exits and policy.risk == "prediction_gap"
+    assert policy.confidence == "max_softmax" and policy.loss_bound == 1.0
+    assert policy.expected_cost <= n_exits
+    brier = calibrate(logits, labels, risk="distribution_gap", target_risk=0.1, from_logits=True)
+    assert brier.loss_bound == 2.0
+
+
+def test_calibrate_rejects_probabilities_off_the_simplex(rng):
+    with pytest.raises(ValueError, match="must sum to 1 over classes"):
+        calibrate(rng.random((10, 3, 4)), rng.integers(0, 4, 10), target_risk=0.1)
+    with pytest.raises(ValueError, match=r"`exit_probs` must be 3-D"):
+        calibrate(rng.random((10, 4)), target_risk=0.1)
+
+
+def test_public_api():
+    for name in exitguard.__all__:
+        assert hasattr(exitguard, name)
+    # Without thresholds the policy is identified by its row; row 0 is the full model.
+    policy = calibrate_table([[0, 0], [0, 0]], target_risk=0.5, procedure="naive")
+    assert policy.index == 1 and policy.threshold is None
+    full = calibrate_table([[0, 0], [1, 1]], target_risk=0.5, procedure="naive")
+    assert full.is_full_model and math.isinf(full.threshold)

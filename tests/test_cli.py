@@ -1,0 +1,170 @@
+import json
+
+import numpy as np
+import pytest
+
+from exitguard.cli import main
+
+CALM = "calm_cnndm.npz"
+
+
+@pytest.fixture
+def calm_file(calm, tmp_path):
+    path = tmp_path / CALM
+    np.savez(path, **calm)
+    return str(path)
+
+
+def test_calibrate_json(calm_file, capsys):
+    code = main(
+        [
+            "calibrate",
+            calm_file,
+            "--target-risk",
+            "0.05",
+            "--delta",
+            "0.1",
+            "--procedure",
+            "ucb-wsr",
+            "--json",
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in (
+        "index",
+        "certified",
+        "threshold",
+        "procedure",
+        "target_risk",
+        "delta",
+        "n",
+        "empirical_risk",
+        "expected_cost",
+    ):
+        assert key in out
+    assert out["certified"] is True and out["procedure"] == "ucb-wsr" and out["n"] == 2000
+    assert out["empirical_risk"] <= 0.05 and out["expected_cost"] < 14.88
+
+
+def test_calibrate_writes_a_policy(calm_file, tmp_path, capsys):
+    target = tmp_path / "policy.json"
+    assert (
+        main(
+            [
+                "calibrate",
+                calm_file,
+                "--target-risk",
+                "0.1",
+                "--procedure",
+                "crc",
+                "--out",
+                str(target),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "certified       yes" in text and "policy written to" in text
+    assert json.loads(target.read_text())["procedure"] == "crc"
+
+
+def test_evaluate_json_fields(calm_file, capsys):
+    args = [
+        "evaluate",
+        calm_file,
+        "--procedure",
+        "naive",
+        "crc",
+        "ucb-wsr",
+        "ltt",
+        "--target-risk",
+        "0.03",
+        "0.1",
+        "--n-cal",
+        "100",
+        "--trials",
+        "20",
+        "--json",
+    ]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert len(rows) == 8
+    for row in rows:
+        for key in (
+            "procedure",
+            "target_risk",
+            "mean_test_risk",
+            "sd_test_risk",
+            "violation_rate",
+            "mean_cost",
+        ):
+            assert key in row
+
+
+def test_evaluate_table(calm_file, capsys):
+    assert main(["evaluate", calm_file, "--trials", "5"]) == 0
+    assert "procedure" in capsys.readouterr().out
+
+
+def test_per_exit_file(tmp_path, rng, capsys):
+    probs = rng.dirichlet(np.ones(3), size=(200, 3))
+    path = tmp_path / "exits.npz"
+    np.savez(path, probs=probs, labels=rng.integers(0, 3, 200))
+    assert (
+        main(
+            [
+                "calibrate",
+                str(path),
+                "--target-risk",
+                "0.2",
+                "--risk",
+                "distribution_gap",
+                "--procedure",
+                "crc",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["loss_bound"] == 2.0 and out["risk"] == "distribution_gap" and out["n_exits"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["calibrate", "missing.npz", "--target-risk", "0.1"], "no such file"),
+        (
+            ["calibrate", "{calm}", "--target-risk", "1.5"],
+            r"`target_risk` must be a float in \(0, 1\)",
+        ),
+        (
+            ["calibrate", "{calm}", "--target-risk", "0.1", "--risk", "prediction_gap"],
+            "--risk applies to per-exit files",
+        ),
+        (["evaluate", "{calm}", "--n-cal", "1"], "`n_cal` must be an integer >= 2"),
+        (["calibrate", "{bad}", "--target-risk", "0.1"], "must hold `losses`"),
+    ],
+)
+def test_errors_are_one_line(args, message, calm_file, tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, other=np.zeros(3))
+    args = [a.format(calm=calm_file, bad=bad) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("exitguard ") and err.count("\n") == 1
+    assert __import__("re").search(message, err)
+
+
+def test_unknown_procedure_is_rejected_by_the_parser(calm_file):
+    with pytest.raises(SystemExit):
+        main(["calibrate", calm_file, "--target-risk", "0.1", "--procedure", "magic"])
+
+
+def test_demo_quick(capsys, tmp_path):
+    out_file = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--out", str(out_file)]) == 0
+    text = capsys.readouterr().out
+    assert "ucb-wsr" in text and "layers" in text
+    assert json.loads(out_file.read_text())["trials"] == 20

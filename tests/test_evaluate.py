@@ -1,0 +1,103 @@
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from exitguard import Evaluation, calibrate_table, evaluate
+from exitguard.evaluate import split_indices
+
+
+def test_vectorised_evaluation_equals_a_loop_of_single_calibrations(calm):
+    losses, cost = calm["losses"][::4], calm["cost"][::4]  # 25 rows keep the loop quick
+    procedures = ["naive", "crc", "ucb-wsr", "ucb-hb", "ltt", "ltt-bonferroni"]
+    epsilons = [0.03, 0.08]
+    result = evaluate(
+        losses, procedures=procedures, target_risks=epsilons, n_cal=100, trials=6, cost=cost, seed=7
+    )
+    splits = split_indices(losses.shape[1], 100, 6, np.random.default_rng(7))
+    for procedure in procedures:
+        for eps in epsilons:
+            risks, costs, indices = [], [], []
+            for cal in splits:
+                test = np.setdiff1d(np.arange(losses.shape[1]), cal)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    policy = calibrate_table(
+                        losses[:, cal], target_risk=eps, procedure=procedure, cost=cost
+                    )
+                indices.append(policy.index)
+                risks.append(losses[policy.index, test].mean())
+                costs.append(cost[policy.index])
+            row = result.row(procedure, eps)
+            assert row.mean_index == pytest.approx(np.mean(indices))
+            assert row.mean_test_risk == pytest.approx(np.mean(risks))
+            assert row.mean_cost == pytest.approx(np.mean(costs))
+            assert row.violation_rate == pytest.approx(np.mean(np.array(risks) > eps))
+
+
+def test_per_sample_cost_is_averaged_over_the_test_split(rng):
+    losses = np.zeros((3, 50))
+    cost = np.tile(np.arange(50.0), (3, 1)) * [[1], [0.5], [0.25]]
+    result = evaluate(
+        losses, procedures="naive", target_risks=0.1, n_cal=10, trials=3, cost=cost, seed=1
+    )
+    split = split_indices(50, 10, 3, np.random.default_rng(1))
+    expected = np.mean([np.delete(cost[2], s).mean() for s in split])
+    assert result.rows[0].mean_cost == pytest.approx(expected)
+    assert result.rows[0].relative_saving == pytest.approx(1 - expected / cost[0].mean())
+
+
+def test_splits_are_disjoint_and_seeded():
+    a = split_indices(30, 10, 5, np.random.default_rng(0))
+    b = split_indices(30, 10, 5, np.random.default_rng(0))
+    np.testing.assert_array_equal(a, b)
+    assert all(len(set(row)) == 10 for row in a)
+
+
+def test_round_trip(calm, tmp_path):
+    result = evaluate(
+        calm["losses"], procedures=["crc"], target_risks=[0.05], trials=3, cost=calm["cost"]
+    )
+    path = result.save(tmp_path / "eval.json")
+    assert Evaluation.load(path) == result
+    assert "crc" in result.table()
+
+
+def test_bad_arguments(calm):
+    with pytest.raises(ValueError, match="`n_cal` must be below the number of samples"):
+        evaluate(calm["losses"], n_cal=2000)
+    with pytest.raises(ValueError, match=r"`target_risks` must be a float in \(0, 1\)"):
+        evaluate(calm["losses"], target_risks=[0.1, 1.2])
+    with pytest.raises(ValueError, match="`procedures` must name at least one"):
+        evaluate(calm["losses"], procedures=[])
+    with pytest.raises(ValueError, match="`trials` must be an integer >= 1"):
+        evaluate(calm["losses"], trials=0)
+
+
+def test_calm_guarantees_hold_on_real_data(calm):
+    """The paper's language-modelling experiment: n_cal = 100, delta = 0.1, 100 splits."""
+    epsilons = [0.03, 0.05, 0.10]
+    result = evaluate(
+        calm["losses"],
+        procedures=["naive", "crc", "ucb-wsr", "ltt"],
+        target_risks=epsilons,
+        delta=0.1,
+        n_cal=100,
+        trials=100,
+        cost=calm["cost"],
+        seed=0,
+    )
+    for eps in epsilons:
+        ucb = result.row("ucb-wsr", eps)
+        assert ucb.violation_rate <= 0.1
+        assert (
+            stats.binomtest(round(ucb.violation_rate * 100), 100, 0.1, alternative="greater").pvalue
+            > 0.01
+        )
+        crc = result.row("crc", eps)
+        assert crc.mean_test_risk <= eps
+        assert result.row("ltt", eps).population_violation_rate <= 0.1
+        # Less conservative than LTT, more than CRC (the paper's ordering).
+        assert crc.mean_cost <= ucb.mean_cost <= result.row("ltt", eps).mean_cost
+    assert result.row("naive", 0.05).violation_rate > 0.3  # naive has no guarantee, and shows it
