@@ -164,7 +164,7 @@ def test_unknown_procedure_is_rejected_by_the_parser(calm_file):
 
 def test_demo_quick(capsys, tmp_path):
     out_file = tmp_path / "demo.json"
-    assert main(["demo", "--quick", "--out", str(out_file)]) == 0
+    assert main(["demo", "--task", "calm", "--quick", "--out", str(out_file)]) == 0
     text = capsys.readouterr().out
     assert "ucb-wsr" in text and "layers" in text
     assert json.loads(out_file.read_text())["trials"] == 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from importlib import resources
@@ -169,6 +170,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: the classification demo, or the paper's CALM experiment."""
+    if args.task == "calm":
+        return demo_calm(args)
+    try:
+        from exitguard.tasks.classification import DemoConfig, run_demo
+    except ImportError as error:
+        raise CommandError(
+            f"the classification demo needs PyTorch and the data extras ({error}); install "
+            'them with: pip install torch==2.13.0 && pip install "exitguard[torch,plot,data]"'
+        ) from error
+    config = DemoConfig(
+        dataset=args.dataset,
+        dataset_path=args.data_path,
+        out=args.out or "exitguard-report",
+        seed=args.seed,
+        n_cal=args.n_cal,
+        trials=args.trials,
+        delta=args.delta,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
+    start = time.perf_counter()
+    results = run_demo(config)
+    print()
+    for line in results["summary"]:
+        print(f"- {line}")
+    print(f"\nreport written to {Path(config.out) / 'index.html'} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from exitguard.report import rebuild_report
+
+    try:
+        page = rebuild_report(args.results, out=args.out)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from error
+    print(f"report written to {page}")
+    return 0
+
+
+def demo_calm(args: argparse.Namespace) -> int:
     """The CALM experiment of the paper on its released loss table (embedded)."""
     source = resources.files("exitguard") / "data" / "calm_cnndm.npz"
     with resources.as_file(source) as path, np.load(path, allow_pickle=False) as data:
@@ -229,13 +272,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.set_defaults(handler=cmd_evaluate)
 
     demo = commands.add_parser("demo", help="run the main experiment on embedded real data")
+    demo.add_argument(
+        "--task",
+        choices=("classification", "calm"),
+        default="classification",
+        help="classification: train, calibrate and time a multi-exit CNN and write a report; "
+        "calm: the paper's language-modelling experiment on its released loss table",
+    )
+    demo.add_argument(
+        "--dataset", choices=("digits", "mnist-5k", "fashion-mnist"), default="digits"
+    )
+    demo.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--n-cal", type=int, default=100)
     demo.add_argument("--trials", type=int, default=100)
     demo.add_argument("--delta", type=float, default=0.1)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="fewer splits, for a smoke run")
-    demo.add_argument("--out", help="write the results as JSON to this file")
+    demo.add_argument(
+        "--out", help="report folder (classification; default exitguard-report) or JSON file (calm)"
+    )
     demo.set_defaults(handler=cmd_demo)
+
+    report = commands.add_parser("report", help="rebuild a report folder from its results.json")
+    report.add_argument("results", help="results.json written by `exitguard demo`")
+    report.add_argument("--out", help="folder to write to (default: beside results.json)")
+    report.set_defaults(handler=cmd_report)
     return parser
 
 

@@ -1,0 +1,505 @@
+"""Image classification end to end: train (or load) a multi-exit CNN, calibrate, measure, report.
+
+The main job of the project (``exitguard demo``): per-exit outputs are collected once on
+held-out data, the paper's four risks are calibrated with naive, CRC, UCB-WSR and LTT over a
+grid of target risks and checked on repeated random splits, and one calibrated policy is run
+for real against the full model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import exitguard
+from exitguard.calibrate import build_table, calibrate
+from exitguard.data.images import ImageDataset, load_dataset
+from exitguard.evaluate import evaluate
+from exitguard.nn import (
+    ClassifierHead,
+    EarlyExitNetwork,
+    TrainConfig,
+    collect,
+    count_flops,
+    load_weights,
+    save_weights,
+    train_exits,
+)
+from exitguard.report import RESULTS_SCHEMA, write_report
+from exitguard.risk.exits import exit_index
+from exitguard.risk.losses import RISKS
+
+PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
+TARGET_RISKS = tuple(round(0.01 * k, 2) for k in range(1, 21)) + (0.25, 0.3)
+TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
+CACHE_FORMAT = "exitguard.classifier/1"
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual connection (ResNet)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))  # (B, C_out, H', W')
+        out = self.bn2(self.conv2(out))  # (B, C_out, H', W')
+        return torch.relu(out + self.shortcut(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+    """A ResNet-style CNN for small grey images: a stem, then one block per stage.
+
+    Each stage is followed by an exit; the last exit is the full model.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 10
+    widths: tuple[int, ...] = (16, 32, 48, 64, 96)
+    strides: tuple[int, ...] = (1, 2, 1, 2, 1)
+    drop_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.strides) or not 2 <= len(self.widths) <= 8:
+            raise ValueError(
+                "`widths` and `strides` must have the same length, 2 to 8 stages; got "
+                f"{len(self.widths)} and {len(self.strides)}."
+            )
+
+
+def build_classifier(config: CNNConfig, *, image_shape: Sequence[int]) -> EarlyExitNetwork:
+    """The multi-exit CNN of :class:`CNNConfig` as an :class:`EarlyExitNetwork`."""
+    stages: list[nn.Module] = []
+    heads: list[nn.Module] = []
+    channels = config.in_channels
+    for index, (width, stride) in enumerate(zip(config.widths, config.strides, strict=True)):
+        block = BasicBlock(channels, width, stride)
+        if index == 0:
+            stem = nn.Sequential(
+                nn.Conv2d(config.in_channels, width, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            )
+            block = BasicBlock(width, width, stride)
+            stages.append(nn.Sequential(stem, block))
+        else:
+            stages.append(block)
+        heads.append(ClassifierHead(width, config.num_classes, drop_rate=config.drop_rate))
+        channels = width
+    return EarlyExitNetwork(stages, heads, input_shape=tuple(image_shape))
+
+
+# --------------------------------------------------------------------- training + cache
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    distill: float = 0.5
+    seed: int = 0
+    max_train: int | None = None
+
+
+def default_cache_dir() -> Path:
+    """``$EXITGUARD_CACHE``, else ``$XDG_CACHE_HOME/exitguard``, else ``~/.cache/exitguard``."""
+    if "EXITGUARD_CACHE" in os.environ:
+        return Path(os.environ["EXITGUARD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "exitguard"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    network: EarlyExitNetwork
+    metadata: dict[str, Any]
+    from_cache: bool
+
+
+def load_or_train(
+    train: ImageDataset,
+    *,
+    model_config: CNNConfig,
+    settings: TrainSettings,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainedModel:
+    """Train the classifier, or reuse a cached one trained on the same data with the same setup.
+
+    The cache holds ``<key>.safetensors`` and ``<key>.json`` (data fingerprint, settings, the
+    weights' sha256). A cache entry whose JSON is unreadable, whose hash does not match or
+    whose weights do not load is rebuilt.
+    """
+    network = build_classifier(model_config, image_shape=train.image_shape)
+    description = {
+        "format": CACHE_FORMAT,
+        "dataset": train.name,
+        "data_fingerprint": train.fingerprint,
+        "model": dataclasses.asdict(model_config),
+        "train": dataclasses.asdict(settings),
+        "architecture": network.fingerprint,
+        "torch": torch.__version__.split("+")[0],
+    }
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir if cache_dir is not None else default_cache_dir() / "models"
+    weights_path = folder / f"classifier-{train.name}-{key}.safetensors"
+    meta_path = weights_path.with_suffix(".json")
+    if weights_path.is_file() and meta_path.is_file():
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+            if metadata.get("description") != description:
+                raise ValueError("the cache entry describes another model")
+            if metadata.get("sha256") != _sha256(weights_path):
+                raise ValueError("the weights do not match their recorded hash")
+            load_weights(network, weights_path)
+            network.eval()
+            return TrainedModel(network, metadata, from_cache=True)
+        except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as error:
+            log(f"cached model at {weights_path} is unusable ({error}); training again")
+            network = build_classifier(model_config, image_shape=train.image_shape)
+    torch.manual_seed(settings.seed)  # the same initial weights for the same seed
+    network = build_classifier(model_config, image_shape=train.image_shape)
+    images, labels = train.images, train.labels
+    if settings.max_train is not None:
+        images, labels = images[: settings.max_train], labels[: settings.max_train]
+    start = time.perf_counter()
+    history = train_exits(
+        network,
+        torch.from_numpy(images),
+        labels=torch.from_numpy(labels),
+        config=TrainConfig(
+            mode="joint",
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            distill=settings.distill,
+            seed=settings.seed,
+        ),
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    network.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = weights_path.with_name(f".{weights_path.name}.tmp")
+    save_weights(network, temporary)
+    os.replace(temporary, weights_path)
+    metadata = {
+        "description": description,
+        "sha256": _sha256(weights_path),
+        "train_seconds": seconds,
+        "history": history.to_dict(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return TrainedModel(network, metadata, from_cache=False)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _median_seconds(fn: Callable[[], Any], *, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_inference(
+    network: EarlyExitNetwork,
+    images: Tensor,
+    threshold: float,
+    *,
+    batch_size: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Median seconds per image of early-exit and full-model inference, run side by side."""
+    batches = list(torch.split(images, batch_size))
+
+    def run(value: float) -> None:
+        for batch in batches:
+            network.infer(batch, value)
+
+    full = _median_seconds(lambda: run(math.inf), repeats=repeats)
+    early = _median_seconds(lambda: run(threshold), repeats=repeats)
+    return {
+        "batch_size": batch_size,
+        "full_ms_per_image": 1000 * full / len(images),
+        "early_exit_ms_per_image": 1000 * early / len(images),
+        "measured_speedup": full / early,
+    }
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Settings of :func:`run_demo`."""
+
+    dataset: str = "digits"
+    dataset_path: str | None = None
+    out: str = "exitguard-report"
+    seed: int = 0
+    n_cal: int = 100
+    trials: int = 100
+    delta: float = 0.1
+    procedures: tuple[str, ...] = PROCEDURES
+    target_risks: tuple[float, ...] = TARGET_RISKS
+    policy_risk: str = "prediction_gap"
+    policy_procedure: str = "ucb-wsr"
+    policy_target_risk: float = 0.05
+    quick: bool = False
+    progress: bool = True
+    cache_dir: str | None = None
+
+
+def _split(n: int, n_heldout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_heldout:]), np.sort(order[:n_heldout])
+
+
+def _data_for(config: DemoConfig) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """(full dataset, training part, held-out part)."""
+    data = load_dataset(config.dataset, path=config.dataset_path)
+    if config.dataset == "fashion-mnist":
+        n_train = 60000
+        train = data.subset(np.arange(n_train))
+        heldout = data.subset(np.arange(n_train, len(data)))
+    else:
+        fraction = 0.5 if config.dataset == "digits" else 0.4
+        train_idx, held_idx = _split(len(data), int(len(data) * fraction), config.seed)
+        train, heldout = data.subset(train_idx), data.subset(held_idx)
+    return data, train, heldout
+
+
+def _settings_for(config: DemoConfig) -> tuple[CNNConfig, TrainSettings]:
+    if config.dataset == "fashion-mnist":
+        model = CNNConfig(widths=(24, 32, 48, 64, 96), strides=(1, 2, 1, 2, 1))
+        train = TrainSettings(epochs=3 if config.quick else 6, batch_size=128, lr=2e-3)
+    elif config.dataset == "mnist-5k":
+        model = CNNConfig()
+        train = TrainSettings(epochs=4 if config.quick else 10)
+    else:
+        model = CNNConfig(widths=(16, 24, 32, 48, 64), strides=(1, 2, 1, 2, 1))
+        train = TrainSettings(epochs=4 if config.quick else 15)
+    return model, dataclasses.replace(train, seed=config.seed)
+
+
+def _progress(iterable: Any, *, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the classification main job and write its report; returns the results dict."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data, train, heldout = _data_for(config)
+    model_config, settings = _settings_for(config)
+    log(f"data: {data!r}; {len(train)} training and {len(heldout)} held-out images")
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    trained = load_or_train(
+        train,
+        model_config=model_config,
+        settings=settings,
+        cache_dir=cache,
+        progress=config.progress,
+        log=log,
+    )
+    network = trained.network
+    log("model: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
+
+    images = torch.from_numpy(heldout.images)
+    outputs = collect(network, images, labels=heldout.labels, batch_size=256)
+    flops = count_flops(network, images[:1])
+    exit_flops = flops.to_exit().astype(np.float64)  # (L,) cost of leaving at each exit
+    accuracy = (outputs.probs.argmax(-1) == heldout.labels[:, None]).mean(axis=0)  # (L,)
+
+    trials = min(config.trials, 20) if config.quick else config.trials
+    risks: dict[str, Any] = {}
+    for risk in _progress(RISKS, enabled=config.progress, desc="calibrating risks"):
+        tables = build_table(
+            outputs.probs, heldout.labels, risk=risk, exit_cost=exit_flops, rng=config.seed
+        )
+        common = dict(
+            procedures=config.procedures,
+            target_risks=config.target_risks,
+            delta=config.delta,
+            n_cal=config.n_cal,
+            trials=trials,
+            loss_bound=2.0 if risk.startswith("distribution") else 1.0,
+            seed=config.seed,
+        )
+        by_flops = evaluate(tables["losses"], cost=tables["cost"], **common)  # type: ignore[arg-type]
+        by_exit = evaluate(tables["losses"], cost=tables["exits"] + 1.0, **common)  # type: ignore[arg-type]
+        risks[risk] = {
+            "loss_bound": common["loss_bound"],
+            "evaluation": by_flops.to_dict(),
+            "evaluation_exits": by_exit.to_dict(),
+        }
+
+    # One calibrated policy, run for real on the rest of the held-out data.
+    cal_idx, test_idx = np.split(np.random.default_rng(config.seed + 1).permutation(len(heldout)), [config.n_cal])
+    policy = calibrate(
+        outputs.probs[cal_idx],
+        heldout.labels[cal_idx],
+        risk=config.policy_risk,
+        target_risk=config.policy_target_risk,
+        delta=config.delta,
+        procedure=config.policy_procedure,
+        exit_cost=exit_flops,
+        rng=config.seed,
+    ).with_model(n_exits=network.n_exits, model_fingerprint=network.fingerprint, confidence=network.confidence)
+    test_images = images[test_idx]
+    result = network.infer(test_images, policy)
+    simulated = exit_index(outputs.confidences[test_idx], float(policy.threshold))
+    exits = result.exits.numpy()
+    predictions = result.predictions.numpy()
+    test_labels = heldout.labels[test_idx]
+    full_predictions = outputs.probs[test_idx, -1].argmax(-1)
+    repeats = 3 if config.quick else 7
+    timing = time_inference(
+        network, test_images, float(policy.threshold), batch_size=256, repeats=repeats
+    )
+    timing_batch1 = time_inference(
+        network, test_images[:200], float(policy.threshold), batch_size=1, repeats=max(1, repeats // 2)
+    )
+    full_only = float(flops.full)
+    timing_summary = {
+        "policy": f"{policy.procedure}, {policy.risk}, ε = {policy.target_risk:g}, "
+        f"threshold = {policy.threshold:.3g}",
+        "certified": policy.certified,
+        "test images": int(len(test_idx)),
+        "mean exit (1 = first)": float(exits.mean() + 1),
+        "FLOPs speed-up": float(full_only / exit_flops[exits].mean()),
+        "measured speed-up, batch 256": timing["measured_speedup"],
+        "measured speed-up, batch 1": timing_batch1["measured_speedup"],
+        "full model ms/image, batch 256": timing["full_ms_per_image"],
+        "early exit ms/image, batch 256": timing["early_exit_ms_per_image"],
+        "test accuracy, full model": float((full_predictions == test_labels).mean()),
+        "test accuracy, early exit": float((predictions == test_labels).mean()),
+        "test risk (accuracy drop)": float(
+            (predictions != test_labels).mean() - (full_predictions != test_labels).mean()
+        ),
+        "real exits equal simulated exits": bool(np.array_equal(exits, simulated)),
+    }
+    eps_shown = config.policy_target_risk
+    ucb = exitguard.Evaluation.from_dict(risks[config.policy_risk]["evaluation"]).row(
+        config.policy_procedure, eps_shown
+    )
+    summary = [
+        f"{data.name}: a {network.n_exits}-exit ResNet-style CNN, held-out accuracy "
+        f"{accuracy[0]:.3f} at the first exit and {accuracy[-1]:.3f} at the last.",
+        f"{config.policy_procedure} on the {config.policy_risk} risk at ε = {eps_shown:g}, "
+        f"δ = {config.delta:g}, n = {config.n_cal}: mean test risk {ucb.mean_test_risk:.4f}, "
+        f"population violation rate {ucb.population_violation_rate:.2f} over {trials} splits, "
+        f"{100 * (ucb.relative_saving or 0):.1f}% of FLOPs saved.",
+        f"Real inference at that policy: {timing['measured_speedup']:.2f}x faster at batch 256 "
+        f"and {timing_batch1['measured_speedup']:.2f}x at batch 1 "
+        f"(FLOPs ideal {timing_summary['FLOPs speed-up']:.2f}x); accuracy "
+        f"{timing_summary['test accuracy, early exit']:.3f} vs "
+        f"{timing_summary['test accuracy, full model']:.3f} for the full model.",
+    ]
+    results: dict[str, Any] = {
+        "schema": RESULTS_SCHEMA,
+        "schema_version": 1,
+        "task": "classification",
+        "title": f"exitguard: certified early exit on {data.name}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "exitguard_version": exitguard.__version__,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "summary": summary,
+        "dataset": {
+            "name": data.name,
+            "source": data.source,
+            "n_train": len(train),
+            "n_heldout": len(heldout),
+            "image_shape": list(data.image_shape),
+            "classes": list(data.class_names),
+        },
+        "model": {
+            "description": f"ResNet-style CNN, stage widths {list(model_config.widths)}, strides "
+            f"{list(model_config.strides)}, one exit head (pool, layer norm, linear) per stage; "
+            f"trained jointly with self-distillation ({settings.epochs} epochs).",
+            "n_exits": network.n_exits,
+            "flops_per_exit": exit_flops.tolist(),
+            "full_flops": full_only,
+            "accuracy_per_exit": accuracy.tolist(),
+            "fingerprint": network.fingerprint,
+            "from_cache": trained.from_cache,
+            "train_seconds": trained.metadata.get("train_seconds"),
+        },
+        "settings": {
+            "delta": config.delta,
+            "n_cal": config.n_cal,
+            "trials": trials,
+            "target_risks": list(config.target_risks),
+            "table_target_risks": list(TABLE_TARGET_RISKS),
+            "procedures": list(config.procedures),
+            "seed": config.seed,
+            "confidence": network.confidence,
+        },
+        "risks": risks,
+        "exit_histogram": {
+            "risk": config.policy_risk,
+            "procedure": config.policy_procedure,
+            "target_risk": config.policy_target_risk,
+            "threshold": policy.threshold,
+            "counts": np.bincount(exits, minlength=network.n_exits).tolist(),
+        },
+        "timing": timing_summary,
+        "policy": policy.to_dict(),
+    }
+    write_report(results, Path(config.out))
+    return results
