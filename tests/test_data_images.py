@@ -55,7 +55,7 @@ def test_fashion_mnist_installed():
 
 
 def test_missing_dataset_names_the_install_command(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="scripts/install-data.sh"):
+    with pytest.raises(DatasetNotFoundError, match=r"scripts/install-data\.sh"):
         load_fashion_mnist(tmp_path)
 
 

@@ -196,7 +196,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     for line in results["summary"]:
         print(f"- {line}")
-    print(f"\nreport written to {Path(config.out) / 'index.html'} ({time.perf_counter() - start:.0f} s)")
+    seconds = time.perf_counter() - start
+    print(f"\nreport written to {Path(config.out) / 'index.html'} ({seconds:.0f} s)")
     return 0
 
 
@@ -306,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except (CommandError, ValueError, TypeError) as error:
+    except (CommandError, ValueError, FileNotFoundError) as error:
         print(f"exitguard {args.command}: error: {error}", file=sys.stderr)
         return 2
 

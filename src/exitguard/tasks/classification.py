@@ -44,7 +44,7 @@ from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
 
 PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
-TARGET_RISKS = tuple(round(0.01 * k, 2) for k in range(1, 21)) + (0.25, 0.3)
+TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CACHE_FORMAT = "exitguard.classifier/1"
 
@@ -179,6 +179,7 @@ def load_or_train(
         "architecture": network.fingerprint,
         "torch": torch.__version__.split("+")[0],
     }
+    description = json.loads(json.dumps(description))  # as it reads back from the cache
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir if cache_dir is not None else default_cache_dir() / "models"
     weights_path = folder / f"classifier-{train.name}-{key}.safetensors"
@@ -294,6 +295,8 @@ class DemoConfig:
     quick: bool = False
     progress: bool = True
     cache_dir: str | None = None
+    epochs: int | None = None
+    timing_repeats: int | None = None
 
 
 def _split(n: int, n_heldout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -343,6 +346,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data, train, heldout = _data_for(config)
     model_config, settings = _settings_for(config)
+    if config.epochs is not None:
+        settings = dataclasses.replace(settings, epochs=config.epochs)
     log(f"data: {data!r}; {len(train)} training and {len(heldout)} held-out images")
     cache = Path(config.cache_dir) if config.cache_dir else None
     trained = load_or_train(
@@ -359,15 +364,17 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     images = torch.from_numpy(heldout.images)
     outputs = collect(network, images, labels=heldout.labels, batch_size=256)
     flops = count_flops(network, images[:1])
-    exit_flops = flops.to_exit().astype(np.float64)  # (L,) cost of leaving at each exit
+    exit_flops = flops.to_exit.astype(np.float64)  # (L,) cost of leaving at each exit
     accuracy = (outputs.probs.argmax(-1) == heldout.labels[:, None]).mean(axis=0)  # (L,)
 
-    trials = min(config.trials, 20) if config.quick else config.trials
+    trials = config.trials
     risks: dict[str, Any] = {}
     for risk in _progress(RISKS, enabled=config.progress, desc="calibrating risks"):
         tables = build_table(
             outputs.probs, heldout.labels, risk=risk, exit_cost=exit_flops, rng=config.seed
         )
+        # The never-exit row runs no intermediate head: charge it the backbone alone.
+        tables["cost"][0] = float(flops.full)
         common = dict(
             procedures=config.procedures,
             target_risks=config.target_risks,
@@ -386,7 +393,9 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         }
 
     # One calibrated policy, run for real on the rest of the held-out data.
-    cal_idx, test_idx = np.split(np.random.default_rng(config.seed + 1).permutation(len(heldout)), [config.n_cal])
+    cal_idx, test_idx = np.split(
+        np.random.default_rng(config.seed + 1).permutation(len(heldout)), [config.n_cal]
+    )
     policy = calibrate(
         outputs.probs[cal_idx],
         heldout.labels[cal_idx],
@@ -396,7 +405,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         procedure=config.policy_procedure,
         exit_cost=exit_flops,
         rng=config.seed,
-    ).with_model(n_exits=network.n_exits, model_fingerprint=network.fingerprint, confidence=network.confidence)
+    ).with_model(
+        n_exits=network.n_exits,
+        model_fingerprint=network.fingerprint,
+        confidence=network.confidence,
+    )
     test_images = images[test_idx]
     result = network.infer(test_images, policy)
     simulated = exit_index(outputs.confidences[test_idx], float(policy.threshold))
@@ -404,19 +417,23 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     predictions = result.predictions.numpy()
     test_labels = heldout.labels[test_idx]
     full_predictions = outputs.probs[test_idx, -1].argmax(-1)
-    repeats = 3 if config.quick else 7
+    repeats = config.timing_repeats or (3 if config.quick else 7)
     timing = time_inference(
         network, test_images, float(policy.threshold), batch_size=256, repeats=repeats
     )
     timing_batch1 = time_inference(
-        network, test_images[:200], float(policy.threshold), batch_size=1, repeats=max(1, repeats // 2)
+        network,
+        test_images[:200],
+        float(policy.threshold),
+        batch_size=1,
+        repeats=max(1, repeats // 2),
     )
     full_only = float(flops.full)
     timing_summary = {
         "policy": f"{policy.procedure}, {policy.risk}, ε = {policy.target_risk:g}, "
         f"threshold = {policy.threshold:.3g}",
         "certified": policy.certified,
-        "test images": int(len(test_idx)),
+        "test images": len(test_idx),
         "mean exit (1 = first)": float(exits.mean() + 1),
         "FLOPs speed-up": float(full_only / exit_flops[exits].mean()),
         "measured speed-up, batch 256": timing["measured_speedup"],
@@ -435,17 +452,23 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         config.policy_procedure, eps_shown
     )
     summary = [
-        f"{data.name}: a {network.n_exits}-exit ResNet-style CNN, held-out accuracy "
-        f"{accuracy[0]:.3f} at the first exit and {accuracy[-1]:.3f} at the last.",
-        f"{config.policy_procedure} on the {config.policy_risk} risk at ε = {eps_shown:g}, "
-        f"δ = {config.delta:g}, n = {config.n_cal}: mean test risk {ucb.mean_test_risk:.4f}, "
-        f"population violation rate {ucb.population_violation_rate:.2f} over {trials} splits, "
-        f"{100 * (ucb.relative_saving or 0):.1f}% of FLOPs saved.",
-        f"Real inference at that policy: {timing['measured_speedup']:.2f}x faster at batch 256 "
-        f"and {timing_batch1['measured_speedup']:.2f}x at batch 1 "
-        f"(FLOPs ideal {timing_summary['FLOPs speed-up']:.2f}x); accuracy "
-        f"{timing_summary['test accuracy, early exit']:.3f} vs "
-        f"{timing_summary['test accuracy, full model']:.3f} for the full model.",
+        (
+            f"{data.name}: a {network.n_exits}-exit ResNet-style CNN, held-out accuracy "
+            f"{accuracy[0]:.3f} at the first exit and {accuracy[-1]:.3f} at the last."
+        ),
+        (
+            f"{config.policy_procedure} on the {config.policy_risk} risk at ε = {eps_shown:g}, "
+            f"δ = {config.delta:g}, n = {config.n_cal}: mean test risk {ucb.mean_test_risk:.4f}, "
+            f"population violation rate {ucb.population_violation_rate:.2f} over {trials} "
+            f"splits, {100 * (ucb.relative_saving or 0):.1f}% of FLOPs saved."
+        ),
+        (
+            f"Real inference at that policy: {timing['measured_speedup']:.2f}x faster at batch "
+            f"256 and {timing_batch1['measured_speedup']:.2f}x at batch 1 (FLOPs ideal "
+            f"{timing_summary['FLOPs speed-up']:.2f}x); accuracy "
+            f"{timing_summary['test accuracy, early exit']:.3f} vs "
+            f"{timing_summary['test accuracy, full model']:.3f} for the full model."
+        ),
     ]
     results: dict[str, Any] = {
         "schema": RESULTS_SCHEMA,
