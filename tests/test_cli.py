@@ -128,7 +128,7 @@ def test_per_exit_file(tmp_path, rng, capsys):
         == 0
     )
     out = json.loads(capsys.readouterr().out)
-    assert out["loss_bound"] == 2.0 and out["risk"] == "distribution_gap" and out["n_exits"] is None
+    assert out["loss_bound"] == 2.0 and out["risk"] == "distribution_gap" and out["n_exits"] == 3
 
 
 @pytest.mark.parametrize(

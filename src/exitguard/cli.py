@@ -70,7 +70,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
         rng=args.seed,
     )
     bound = risk.loss_bound if args.loss_bound is None else args.loss_bound
-    return {**tables, "loss_bound": bound, "risk": risk.name}
+    return {**tables, "loss_bound": bound, "risk": risk.name, "n_exits": data[outputs_key].shape[1]}
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +87,9 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
         help="confidence measure for per-exit files",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for splits and sampled labels")
+    parser.add_argument(
+        "--bet-cap", type=float, default=None, help="cap on the WSR bets (default 1/B)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -102,9 +105,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             loss_bound=tables["loss_bound"],
             cost=tables["cost"],
             thresholds=tables["thresholds"],
+            bet_cap=args.bet_cap,
             risk=tables["risk"],
             confidence=args.confidence if tables["risk"] else None,
         )
+    if tables.get("n_exits") is not None:
+        policy = policy.with_model(n_exits=int(tables["n_exits"]))
     if args.out:
         policy.save(args.out)
     if args.json:
@@ -154,6 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         loss_bound=tables["loss_bound"],
         cost=tables["cost"],
         seed=args.seed,
+        bet_cap=args.bet_cap,
     )
     if args.out:
         result.save(args.out)

@@ -76,6 +76,13 @@ def exit_indices(confidences: ArrayLike, thresholds: ArrayLike | None = None) ->
         ``exits[k, i]`` is the 0-based exit of sample ``i`` under ``thresholds[k]``:
         the first exit ``l`` with ``confidences[i, l] >= thresholds[k]``, else ``L - 1``.
         Row 0 is ``L - 1`` for every sample.
+
+    Examples
+    --------
+    >>> exit_indices([[0.2, 0.9, 0.5], [0.95, 0.1, 0.3]], [0.9, 0.0])
+    array([[2, 2],
+           [1, 0],
+           [0, 0]])
     """
     conf = as_float_array(confidences, "confidences", ndim=2)  # (n, L)
     n_exits = check_int(conf.shape[1], "confidences.shape[1] (the number of exits)", minimum=1)

@@ -32,6 +32,8 @@ from exitguard.evaluate import evaluate
 from exitguard.nn import (
     ClassifierHead,
     EarlyExitNetwork,
+    ExitOutputs,
+    FlopsTable,
     TrainConfig,
     collect,
     count_flops,
@@ -341,40 +343,79 @@ def _progress(iterable: Any, *, enabled: bool, desc: str) -> Any:
     return tqdm(iterable, desc=desc, leave=False)
 
 
-def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the classification main job and write its report; returns the results dict."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+@dataclasses.dataclass(frozen=True, repr=False)
+class Prepared:
+    """A trained network with its per-exit outputs on the held-out data."""
+
+    data: ImageDataset
+    train: ImageDataset
+    heldout: ImageDataset
+    trained: TrainedModel
+    model_config: CNNConfig
+    settings: TrainSettings
+    outputs: ExitOutputs
+    flops: FlopsTable
+
+    @property
+    def network(self) -> EarlyExitNetwork:
+        return self.trained.network
+
+    @property
+    def exit_flops(self) -> np.ndarray:
+        """(L,) FLOPs of a sample that leaves at each exit (heads on the way included)."""
+        return self.flops.to_exit.astype(np.float64)
+
+
+def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepared:
+    """Load the data, train or load the model, and collect every exit's held-out outputs."""
     data, train, heldout = _data_for(config)
     model_config, settings = _settings_for(config)
     if config.epochs is not None:
         settings = dataclasses.replace(settings, epochs=config.epochs)
     log(f"data: {data!r}; {len(train)} training and {len(heldout)} held-out images")
-    cache = Path(config.cache_dir) if config.cache_dir else None
     trained = load_or_train(
         train,
         model_config=model_config,
         settings=settings,
-        cache_dir=cache,
+        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
         progress=config.progress,
         log=log,
     )
-    network = trained.network
     log("model: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
-
     images = torch.from_numpy(heldout.images)
-    outputs = collect(network, images, labels=heldout.labels, batch_size=256)
-    flops = count_flops(network, images[:1])
-    exit_flops = flops.to_exit.astype(np.float64)  # (L,) cost of leaving at each exit
+    outputs = collect(trained.network, images, labels=heldout.labels, batch_size=256)
+    flops = count_flops(trained.network, images[:1])
+    return Prepared(data, train, heldout, trained, model_config, settings, outputs, flops)
+
+
+def risk_tables(prepared: Prepared, risk: str, *, seed: int) -> dict[str, np.ndarray]:
+    """Loss table and FLOPs cost table of one risk over the default threshold grid."""
+    tables = build_table(
+        prepared.outputs.probs,
+        prepared.heldout.labels,
+        risk=risk,
+        exit_cost=prepared.exit_flops,
+        rng=seed,
+    )
+    # The never-exit row runs no intermediate head: charge it the backbone alone.
+    tables["cost"][0] = float(prepared.flops.full)
+    return tables
+
+
+def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the classification main job and write its report; returns the results dict."""
+    prepared = prepare(config, log=log)
+    data, train, heldout = prepared.data, prepared.train, prepared.heldout
+    network, trained, flops = prepared.network, prepared.trained, prepared.flops
+    model_config, settings, outputs = prepared.model_config, prepared.settings, prepared.outputs
+    images = torch.from_numpy(heldout.images)
+    exit_flops = prepared.exit_flops
     accuracy = (outputs.probs.argmax(-1) == heldout.labels[:, None]).mean(axis=0)  # (L,)
 
     trials = config.trials
     risks: dict[str, Any] = {}
     for risk in _progress(RISKS, enabled=config.progress, desc="calibrating risks"):
-        tables = build_table(
-            outputs.probs, heldout.labels, risk=risk, exit_cost=exit_flops, rng=config.seed
-        )
-        # The never-exit row runs no intermediate head: charge it the backbone alone.
-        tables["cost"][0] = float(flops.full)
+        tables = risk_tables(prepared, risk, seed=config.seed)
         common = dict(
             procedures=config.procedures,
             target_risks=config.target_risks,
