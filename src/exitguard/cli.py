@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", help="results.json written by `exitguard demo`")
     report.add_argument("--out", help="folder to write to (default: beside results.json)")
     report.set_defaults(handler=cmd_report)
+
+    from exitguard.tasks.language.cli import add_lm_parser  # imports no torch until it runs
+
+    add_lm_parser(commands)
     return parser
 
 
@@ -314,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except (CommandError, ValueError, FileNotFoundError) as error:
+    except (CommandError, ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"exitguard {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ Heads are saved as safetensors plus a JSON file with their configuration (never 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -65,14 +66,16 @@ class ExitHeadsConfig:
     def __post_init__(self) -> None:
         layers = tuple(int(layer) for layer in self.exit_layers)
         object.__setattr__(self, "exit_layers", layers)
-        if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0:
+        if not layers or any(b <= a for a, b in itertools.pairwise(layers)) or layers[0] < 0:
             raise ValueError(
                 "`exit_layers` must be a non-empty, strictly increasing tuple of 0-based layer "
                 f"indices; got {self.exit_layers!r}."
             )
         for name in ("hidden_size", "confidence_width"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"`{name}` must be a positive integer; got {getattr(self, name)!r}.")
+                raise ValueError(
+                    f"`{name}` must be a positive integer; got {getattr(self, name)!r}."
+                )
         if int(self.rank) < 0:
             raise ValueError(f"`rank` must be a non-negative integer; got {self.rank!r}.")
 
@@ -125,18 +128,18 @@ class ExitHeads(nn.Module):
         super().__init__()
         self.config = config
         width, n_exits = config.hidden_size, len(config.exit_layers)
-        self.norms = nn.ModuleList(RMSNorm(width, eps=config.eps) for _ in range(n_exits))
+        norms = [RMSNorm(width, eps=config.eps) for _ in range(n_exits)]
         if final_norm_weight is not None:
-            for norm in self.norms:
+            for norm in norms:
                 norm.weight.data.copy_(final_norm_weight.detach().float())
-        self.down = nn.ModuleList(
-            nn.Linear(width, config.rank, bias=False) for _ in range(n_exits if config.rank else 0)
-        )
-        self.up = nn.ModuleList(
-            nn.Linear(config.rank, width, bias=False) for _ in range(n_exits if config.rank else 0)
-        )
-        for up in self.up:
+        n_adapters = n_exits if config.rank else 0
+        downs = [nn.Linear(width, config.rank, bias=False) for _ in range(n_adapters)]
+        ups = [nn.Linear(config.rank, width, bias=False) for _ in range(n_adapters)]
+        for up in ups:
             nn.init.zeros_(up.weight)  # start as the logit lens
+        self.norms = nn.ModuleList(norms)
+        self.down = nn.ModuleList(downs)
+        self.up = nn.ModuleList(ups)
         self.confidence = nn.ModuleList(
             nn.Sequential(
                 nn.Linear(width, config.confidence_width),
@@ -157,7 +160,10 @@ class ExitHeads(nn.Module):
         return self.norms[exit_](hidden)  # (..., H)
 
     def confidence_logit(self, exit_: int, normed: torch.Tensor) -> torch.Tensor:
-        """Learned confidence before the sigmoid, from :meth:`transform`'s output: (..., H) -> (...)."""
+        """Learned confidence before the sigmoid, from :meth:`transform`'s output.
+
+        Shapes: (..., H) -> (...).
+        """
         return self.confidence[exit_](normed).squeeze(-1)  # (...)
 
     def macs_per_token(self) -> dict[str, int]:
@@ -220,7 +226,10 @@ class ExitHeads(nn.Module):
             config = ExitHeadsConfig(**raw)
         except (KeyError, TypeError, ValueError) as error:
             raise HeadsFileError(f"bad head configuration in {source}: {error}") from error
-        if model_fingerprint is not None and config.model_fingerprint not in ("", model_fingerprint):
+        if model_fingerprint is not None and config.model_fingerprint not in (
+            "",
+            model_fingerprint,
+        ):
             raise HeadsFileError(
                 f"the heads in {source} were trained on model {config.model_fingerprint}; "
                 f"this model is {model_fingerprint}. Retrain them (`exitguard lm train-exits`)."
