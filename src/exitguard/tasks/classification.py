@@ -161,7 +161,7 @@ def load_or_train(
     *,
     model_config: CNNConfig,
     settings: TrainSettings,
-    cache_dir: Path | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainedModel:
@@ -183,7 +183,7 @@ def load_or_train(
     }
     description = json.loads(json.dumps(description))  # as it reads back from the cache
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir if cache_dir is not None else default_cache_dir() / "models"
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
     weights_path = folder / f"classifier-{train.name}-{key}.safetensors"
     meta_path = weights_path.with_suffix(".json")
     if weights_path.is_file() and meta_path.is_file():
@@ -328,7 +328,8 @@ def _settings_for(config: DemoConfig) -> tuple[CNNConfig, TrainSettings]:
         model = CNNConfig()
         train = TrainSettings(epochs=4 if config.quick else 10)
     else:
-        model = CNNConfig(widths=(16, 24, 32, 48, 64), strides=(1, 2, 1, 2, 1))
+        # Thin early stages: on 8x8 digits a wide first stage already sees the whole image.
+        model = CNNConfig(widths=(8, 12, 16, 32, 64), strides=(1, 1, 2, 1, 2))
         train = TrainSettings(epochs=4 if config.quick else 15)
     return model, dataclasses.replace(train, seed=config.seed)
 

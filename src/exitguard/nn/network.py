@@ -1,0 +1,516 @@
+"""`EarlyExitNetwork`: a backbone cut into stages, with an exit head after each stage.
+
+Exit ``l`` reads the output of stage ``l``; the last exit is the backbone's own output (its
+head is part of the last stage, or is the last head). Three ways to run it:
+
+- ``network(x)``: every exit's logits in one pass, (B, L, C), for training and collection;
+- ``network.infer(x, policy)``: real early exit, any batch size: after each stage the samples
+  whose exit fires are written out and removed from the batch, only the rest go on;
+- ``network.simulate(x, policy)``: the offline reference, the exit rule applied to the
+  outputs of a full pass. ``infer`` and ``simulate`` take the same exits.
+
+The exit rule is the one of :mod:`exitguard.risk.exits`: a sample leaves at the first exit
+whose confidence is >= the threshold, else at the last exit; a threshold of ``math.inf``
+never exits early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from exitguard.nn.confidence import CONFIDENCES, ConfidenceFn, is_pointwise, resolve_measure
+from exitguard.policy import ExitPolicy
+
+Policy = ExitPolicy | float
+
+
+def _shape_text(shape: Sequence[int | None]) -> str:
+    return "(B, " + ", ".join("*" if d is None else str(d) for d in shape) + ")"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class InferenceResult:
+    """Per-sample outcome of :meth:`EarlyExitNetwork.infer` (or ``simulate``).
+
+    Attributes
+    ----------
+    predictions : Tensor of shape (B,) or (B, *S), int64
+        Argmax class at the exit taken (per position for dense outputs).
+    probs : Tensor of shape (B, C) or (B, C, *S)
+        Class probabilities (softmax of the logits) at the exit taken.
+    logits : Tensor of shape (B, C) or (B, C, *S)
+        The exit head's output at the exit taken.
+    exits : Tensor of shape (B,), int64
+        0-based exit taken by each sample.
+    confidence : Tensor of shape (B,), float64
+        The confidence at the exit taken. Under the never-exit policy the intermediate
+        heads are not evaluated, and a measure that needs them (patience) gives NaN.
+    threshold : float
+        The threshold that was applied (``math.inf`` = never exit early).
+    measure : str
+        Name of the confidence measure.
+    n_exits : int
+        Number of exits of the network.
+    """
+
+    predictions: Tensor
+    probs: Tensor
+    logits: Tensor
+    exits: Tensor
+    confidence: Tensor
+    threshold: float
+    measure: str
+    n_exits: int
+
+    @property
+    def exit_counts(self) -> list[int]:
+        """Number of samples that left at each exit; length ``n_exits``."""
+        return torch.bincount(self.exits.cpu(), minlength=self.n_exits).tolist()
+
+    def __repr__(self) -> str:
+        threshold = "never" if math.isinf(self.threshold) else f"{self.threshold:.4g}"
+        return (
+            f"InferenceResult(batch={self.exits.shape[0]}, n_exits={self.n_exits}, "
+            f"exit_counts={self.exit_counts}, threshold={threshold}, measure={self.measure!r})"
+        )
+
+
+class EarlyExitNetwork(nn.Module):
+    """A backbone cut into stages, with an exit head after each stage.
+
+    Parameters
+    ----------
+    stages : sequence of nn.Module, length L
+        Run in order; stage ``l`` maps the previous stage's output (the input for stage 0)
+        to one tensor. The modules are used as given, not copied.
+    heads : sequence of nn.Module, length L or L - 1
+        Exit head ``l`` maps stage ``l``'s output to logits (B, C) or (B, C, *S); every exit
+        must give the same shape. With L - 1 heads the last stage's output already is the
+        backbone's logits (its head is part of the last stage).
+    confidence : {"max_softmax", "margin", "entropy", "patience"} or callable
+        The confidence measure the exit thresholds apply to (see
+        :mod:`exitguard.nn.confidence`); can be changed later through ``.confidence``.
+    input_shape : tuple of int or None, optional
+        Per-sample input shape (without the batch axis) that ``forward``, ``infer`` and
+        ``simulate`` check; ``None`` entries accept any size, ``None`` checks nothing.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> stages = [nn.Linear(4, 8), nn.Sequential(nn.ReLU(), nn.Linear(8, 3))]
+    >>> network = EarlyExitNetwork(stages, [nn.Linear(8, 3)], input_shape=(4,))
+    >>> network(torch.randn(5, 4)).shape
+    torch.Size([5, 2, 3])
+    >>> network.infer(torch.randn(5, 4), 0.0).exits.tolist()
+    [0, 0, 0, 0, 0]
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        *,
+        confidence: str | ConfidenceFn = "max_softmax",
+        input_shape: Sequence[int | None] | None = None,
+    ) -> None:
+        super().__init__()
+        stages, heads = list(stages), list(heads)
+        if not stages:
+            raise ValueError("`stages` must hold at least one module; got an empty sequence.")
+        for name, modules in (("stages", stages), ("heads", heads)):
+            for index, module in enumerate(modules):
+                if not isinstance(module, nn.Module):
+                    raise TypeError(
+                        f"`{name}[{index}]` must be an nn.Module; got {type(module).__name__}."
+                    )
+        if len(heads) == len(stages) - 1:
+            heads.append(nn.Identity())  # the last stage ends in the backbone's own head
+        elif len(heads) != len(stages):
+            raise ValueError(
+                f"`heads` must have one module per stage ({len(stages)}), or one fewer when "
+                f"the last stage ends in the backbone's head; got {len(heads)}."
+            )
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList(heads)
+        self.confidence = confidence
+        self.input_shape = input_shape
+
+    # ----------------------------------------------------------------- configuration
+
+    @property
+    def n_exits(self) -> int:
+        """Number of exits L (the last one is the full model)."""
+        return len(self.stages)
+
+    @property
+    def confidence(self) -> str:
+        """Name of the confidence measure; set it with a name or a callable."""
+        return self._confidence_name
+
+    @confidence.setter
+    def confidence(self, measure: str | ConfidenceFn) -> None:
+        self._confidence_name, self._confidence_fn = resolve_measure(measure)
+        self._confidence_pointwise = is_pointwise(self._confidence_fn)
+        self._confidence_builtin = any(self._confidence_fn is f for f in CONFIDENCES.values())
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...] | None:
+        """Per-sample input shape checked on every call, or None."""
+        return self._input_shape
+
+    @input_shape.setter
+    def input_shape(self, shape: Sequence[int | None] | None) -> None:
+        if shape is not None:
+            shape = tuple(shape)
+            if not all(d is None or (isinstance(d, int) and d > 0) for d in shape):
+                raise ValueError(
+                    "`input_shape` must be a sequence of positive integers or None (any size); "
+                    f"got {shape!r}."
+                )
+        self._input_shape = shape
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the architecture: module types, tensor names and shapes.
+
+        Weights, dtype and device do not enter it; a policy records it so that it is only
+        applied to the network it was calibrated for. Cached while the modules stay the same.
+        """
+        modules = tuple(map(id, self.modules()))
+        cached = self.__dict__.get("_fingerprint_cache")
+        if cached is not None and cached[0] == modules:
+            return str(cached[1])
+        digest = hashlib.sha256(f"n_exits={self.n_exits};".encode())
+        for name, module in self.named_modules():
+            digest.update(f"{name}:{type(module).__name__};".encode())
+        for name, tensor in self.state_dict().items():
+            digest.update(f"{name}{tuple(tensor.shape)};".encode())
+        self.__dict__["_fingerprint_cache"] = (modules, digest.hexdigest()[:16])
+        return digest.hexdigest()[:16]
+
+    def extra_repr(self) -> str:
+        return f"n_exits={self.n_exits}, confidence={self.confidence!r}"
+
+    # ----------------------------------------------------------------- checks
+
+    def check_input(self, x: Any) -> None:
+        """Raise a clear error when ``x`` is not a batch this network accepts."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`x` must be a torch.Tensor; got {type(x).__name__}.")
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"`x` must be a batch (B, ...) with B >= 1 samples; got shape {tuple(x.shape)}."
+            )
+        shape = self._input_shape
+        if shape is not None and (
+            x.ndim != len(shape) + 1
+            or any(d is not None and d != s for d, s in zip(shape, x.shape[1:], strict=True))
+        ):
+            raise ValueError(
+                f"`x` must have shape {_shape_text(shape)} for this network; got "
+                f"{tuple(x.shape)}. (Set `network.input_shape = None` to accept any shape.)"
+            )
+
+    def check_policy(self, policy: Any) -> float:
+        """The threshold of ``policy``, after checking that the policy fits this network.
+
+        Parameters
+        ----------
+        policy : ExitPolicy or float
+            A policy (its ``n_exits``, ``model_fingerprint`` and ``confidence`` are checked
+            when recorded), or a plain threshold in [0, 1]; ``math.inf`` never exits early.
+
+        Returns
+        -------
+        float
+            The threshold.
+        """
+        if isinstance(policy, ExitPolicy):
+            if policy.n_exits is not None and policy.n_exits != self.n_exits:
+                raise ValueError(
+                    f"`policy` was calibrated for a network with {policy.n_exits} exits; this "
+                    f"network has {self.n_exits}. Calibrate on this network's exit outputs."
+                )
+            if policy.model_fingerprint is not None and policy.model_fingerprint != (
+                fingerprint := self.fingerprint
+            ):
+                raise ValueError(
+                    "`policy` was calibrated for a network with architecture fingerprint "
+                    f"{policy.model_fingerprint!r}; this network's is {fingerprint!r}."
+                )
+            if policy.confidence is not None and policy.confidence != self.confidence:
+                raise ValueError(
+                    f"`policy` thresholds the confidence measure {policy.confidence!r}; this "
+                    f"network uses {self.confidence!r}. Set `network.confidence = "
+                    f"{policy.confidence!r}` or recalibrate."
+                )
+            if policy.is_full_model:
+                return math.inf
+            if policy.threshold is None:
+                raise ValueError(
+                    f"`policy` selects row {policy.index} of a calibration table without "
+                    "thresholds, so it cannot be applied to a network; calibrate with "
+                    "thresholds (e.g. exitguard.calibrate on the exit outputs)."
+                )
+            return float(policy.threshold)
+        if isinstance(policy, bool) or not isinstance(policy, (int, float)):
+            raise TypeError(
+                "`policy` must be an ExitPolicy or a float threshold in [0, 1] (math.inf: never "
+                f"exit early); got {type(policy).__name__}."
+            )
+        threshold = float(policy)
+        if not (0.0 <= threshold <= 1.0 or threshold == math.inf):
+            raise ValueError(
+                "`policy` must be a threshold in [0, 1] or math.inf (never exit early); "
+                f"got {threshold!r}."
+            )
+        return threshold
+
+    def bind_policy(self, policy: ExitPolicy) -> ExitPolicy:
+        """A copy of ``policy`` that records this network (exits, fingerprint, measure)."""
+        if not isinstance(policy, ExitPolicy):
+            raise TypeError(f"`policy` must be an ExitPolicy; got {type(policy).__name__}.")
+        self.check_policy(policy)
+        return policy.with_model(
+            n_exits=self.n_exits, model_fingerprint=self.fingerprint, confidence=self.confidence
+        )
+
+    # ----------------------------------------------------------------- passes
+
+    def _run_stage(self, index: int, h: Tensor) -> Tensor:
+        out = self.stages[index](h)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"stage {index} must return one tensor; got {type(out).__name__}. Exits can "
+                "only be attached where a single tensor is passed on."
+            )
+        return out
+
+    def forward_intermediates(
+        self, x: Tensor, *, indices: Sequence[int] | None = None, stop_early: bool = True
+    ) -> list[Tensor]:
+        """Stage outputs (the exit heads' inputs) at the given exits.
+
+        Parameters
+        ----------
+        x : Tensor of shape (B, ...)
+        indices : sequence of int, optional
+            Exits whose features to return; negative values count from the end. All by default.
+        stop_early : bool, default True
+            Stop after the last requested stage instead of running the whole backbone.
+
+        Returns
+        -------
+        list of Tensor
+            One feature tensor per requested exit, in increasing exit order.
+        """
+        self.check_input(x)
+        take = self._normalise_indices(indices)
+        stop = max(take) + 1 if stop_early else self.n_exits
+        features, h = [], x
+        for index in range(stop):
+            h = self._run_stage(index, h)
+            if index in take:
+                features.append(h)
+        return features
+
+    def _normalise_indices(self, indices: Sequence[int] | None) -> list[int]:
+        n_exits = self.n_exits
+        if indices is None:
+            return list(range(n_exits))
+        if isinstance(indices, (int, str)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indices
+        ):
+            raise TypeError(f"`indices` must be a sequence of integers; got {indices!r}.")
+        if not indices:
+            raise ValueError("`indices` must name at least one exit; got an empty sequence.")
+        for i in indices:
+            if not -n_exits <= i < n_exits:
+                raise ValueError(
+                    f"`indices` must lie in [{-n_exits}, {n_exits - 1}] (the network has "
+                    f"{n_exits} exits); got {i}."
+                )
+        return sorted({i % n_exits for i in indices})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Every exit's logits in one pass: (B, ...) -> (B, L, C) or (B, L, C, *S)."""
+        self.check_input(x)
+        outputs, h = [], x
+        for index, head in enumerate(self.heads):
+            h = self._run_stage(index, h)
+            outputs.append(head(h))  # (B, C, ...)
+        shapes = {tuple(o.shape) for o in outputs}
+        if len(shapes) > 1:
+            listed = ", ".join(str(tuple(o.shape)) for o in outputs)
+            raise ValueError(f"every exit must give logits of the same shape; got {listed}.")
+        return torch.stack(outputs, dim=1)  # (B, L, C, ...)
+
+    def _confidence_of(self, probs: Tensor) -> Tensor:
+        """(B, l, C, ...) probabilities -> (B, l) float64 confidences."""
+        scores = self._confidence_fn(probs.double())  # (B, l)
+        if self._confidence_builtin:
+            return scores  # in [0, 1] by construction
+        # A custom measure: check what it returned.
+        if tuple(scores.shape) != tuple(probs.shape[:2]):
+            raise ValueError(
+                f"confidence measure {self.confidence!r} must return shape "
+                f"{tuple(probs.shape[:2])}; got {tuple(scores.shape)}."
+            )
+        if not bool(((scores >= -1e-6) & (scores <= 1 + 1e-6)).all()):
+            raise ValueError(
+                f"confidence measure {self.confidence!r} must return values in [0, 1]."
+            )
+        return scores.double().clamp(0.0, 1.0)
+
+    @torch.inference_mode()
+    def infer(self, x: Tensor, policy: Policy) -> InferenceResult:
+        """Early-exit inference that really skips the stages a sample does not need.
+
+        After each stage, the samples whose exit fires are written to the output and removed
+        from the batch; only the others run the next stage. Any batch size works, and no
+        sample waits for another. Under the never-exit policy (``math.inf``) the
+        intermediate heads are not evaluated at all, so the cost is the backbone's.
+
+        Parameters
+        ----------
+        x : Tensor of shape (B, ...)
+            A batch on the network's device.
+        policy : ExitPolicy or float
+            A calibrated policy (checked to fit this network) or a threshold in [0, 1];
+            ``math.inf`` never exits early.
+
+        Returns
+        -------
+        InferenceResult
+            Predictions, probabilities, logits, exit and confidence of every sample, in the
+            order of ``x``. The exits equal those of :meth:`simulate`; confidences are
+            computed in float64 from the head's probabilities, as in the numpy reference.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For an input of the wrong type or shape, or a policy that does not fit.
+        """
+        threshold = self.check_policy(policy)
+        self.check_input(x)
+        never = math.isinf(threshold)
+        last = self.n_exits - 1
+        n_samples = x.shape[0]
+        rows = torch.arange(n_samples, device=x.device)  # (A,) batch rows still running
+        history: list[Tensor] = []  # (A, C, ...) per exit so far, for non-pointwise measures
+        outputs: dict[str, Tensor] = {}  # allocated when the first samples leave
+        h = x
+        for index, head in enumerate(self.heads):
+            h = self._run_stage(index, h)  # (A, ...)
+            if never and index < last:
+                continue  # nothing can fire: skip the intermediate heads
+            logits = head(h)  # (A, C, ...)
+            probs = logits.softmax(dim=1)  # (A, C, ...)
+            if self._confidence_pointwise:
+                conf = self._confidence_of(probs.unsqueeze(1))[:, 0]  # (A,)
+            elif never:
+                conf = torch.full(rows.shape, math.nan, dtype=torch.float64, device=x.device)
+            else:
+                history.append(probs)
+                conf = self._confidence_of(torch.stack(history, dim=1))[:, -1]  # (A,)
+            if index == last:
+                fire = None  # everyone still running leaves at the last exit
+            else:
+                fire = conf >= threshold  # (A,) compared in float64, like the numpy rule
+                n_fire = int(fire.sum())
+                if n_fire == 0:
+                    continue
+                if n_fire == rows.shape[0]:
+                    fire = None
+            if fire is None and not outputs:
+                # The whole batch leaves together (always so at batch 1): no copies needed.
+                exits = torch.full((n_samples,), index, dtype=torch.long, device=x.device)
+                return self._result(logits, probs, exits, conf, threshold)
+            if not outputs:
+                outputs = {
+                    "logits": logits.new_empty((n_samples, *logits.shape[1:])),
+                    "probs": probs.new_empty((n_samples, *probs.shape[1:])),
+                    "exits": torch.empty(n_samples, dtype=torch.long, device=x.device),
+                    "confidence": conf.new_empty(n_samples),
+                }
+            done = rows if fire is None else rows[fire]  # (F,) batch rows leaving now
+            pick = slice(None) if fire is None else fire
+            outputs["logits"][done] = logits[pick]
+            outputs["probs"][done] = probs[pick]
+            outputs["exits"][done] = index
+            outputs["confidence"][done] = conf[pick]
+            if fire is None:
+                break
+            keep = ~fire  # compact: only the samples still running go on
+            rows, h = rows[keep], h[keep]
+            history = [p[keep] for p in history]
+        return self._result(
+            outputs["logits"], outputs["probs"], outputs["exits"], outputs["confidence"], threshold
+        )
+
+    def _result(
+        self, logits: Tensor, probs: Tensor, exits: Tensor, confidence: Tensor, threshold: float
+    ) -> InferenceResult:
+        return InferenceResult(
+            predictions=probs.argmax(dim=1),
+            probs=probs,
+            logits=logits,
+            exits=exits,
+            confidence=confidence,
+            threshold=threshold,
+            measure=self.confidence,
+            n_exits=self.n_exits,
+        )
+
+    @torch.inference_mode()
+    def exit_confidences(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Every exit's logits and confidences from one full pass.
+
+        Returns
+        -------
+        logits : Tensor of shape (B, L, C, ...)
+        confidences : Tensor of shape (B, L), float64
+        """
+        logits = self(x)  # (B, L, C, ...)
+        return logits, self._confidence_of(logits.softmax(dim=2))
+
+    @torch.inference_mode()
+    def simulate(self, x: Tensor, policy: Policy) -> InferenceResult:
+        """The offline reference for :meth:`infer`: one full pass, then the exit rule.
+
+        Every stage and head runs on every sample, so nothing is saved; the result is what
+        :meth:`infer` returns, computed the way the risk core sees the exit outputs.
+        """
+        threshold = self.check_policy(policy)
+        logits, conf = self.exit_confidences(x)  # (B, L, C, ...), (B, L)
+        probs = logits.softmax(dim=2)  # (B, L, C, ...)
+        last = self.n_exits - 1
+        exit_ids = torch.arange(last + 1, device=x.device)  # (L,)
+        fires = conf >= threshold  # (B, L) compared in float64, like the numpy rule
+        fires[:, last] = True  # the last exit always takes whoever reaches it
+        exits = torch.where(fires, exit_ids, last).amin(dim=1)  # (B,) first exit that fires
+        at = exits.view(-1, 1, *([1] * (logits.ndim - 2)))  # (B, 1, 1, ...)
+        at = at.expand(-1, 1, *logits.shape[2:])  # (B, 1, C, ...)
+        chosen_logits = logits.gather(1, at).squeeze(1)  # (B, C, ...)
+        chosen_probs = probs.gather(1, at).squeeze(1)  # (B, C, ...)
+        confidence = conf.gather(1, exits[:, None])[:, 0]  # (B,)
+        if math.isinf(threshold) and not self._confidence_pointwise:
+            confidence = torch.full_like(confidence, math.nan)  # as in infer
+        return InferenceResult(
+            predictions=chosen_probs.argmax(dim=1),
+            probs=chosen_probs,
+            logits=chosen_logits,
+            exits=exits,
+            confidence=confidence,
+            threshold=threshold,
+            measure=self.confidence,
+            n_exits=self.n_exits,
+        )
