@@ -27,7 +27,7 @@ def test_import_needs_no_torch():
     import sys
 
     code = (
-        "import sys, exitguard, exitguard.cli, exitguard.evaluate; "
+        "import sys, exitguard, exitguard.cli, exitguard.evaluation; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

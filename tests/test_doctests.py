@@ -5,12 +5,12 @@ import importlib
 
 import pytest
 
-MODULES = ["exitguard.calibrate", "exitguard.risk.exits"]
+MODULES = ["exitguard.calibration", "exitguard.risk.exits"]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    module = importlib.import_module(name)  # `exitguard.calibrate` is also a function name
+    module = importlib.import_module(name)
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0
     assert failures == 0

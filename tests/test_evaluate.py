@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from exitguard import Evaluation, calibrate_table, evaluate
-from exitguard.evaluate import split_indices
+from exitguard.evaluation import split_indices
 
 
 def test_vectorised_evaluation_equals_a_loop_of_single_calibrations(calm):

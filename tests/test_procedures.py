@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exitguard import RiskNotControlledWarning, calibrate_table
-from exitguard.evaluate import selections
+from exitguard.evaluation import selections
 from exitguard.risk.procedures import PROCEDURES, canonical_procedure, passes
 
 # Four rows, four samples, B = 1. Row means: 0, 0.25, 0.5, 0.75.

@@ -6,14 +6,14 @@ compute savings. The PyTorch layer lives in :mod:`exitguard.nn` (``pip install
 "exitguard[torch]"``); everything imported here needs only numpy and scipy.
 """
 
-from exitguard.calibrate import (
+from exitguard.calibration import (
     NonMonotoneRiskWarning,
     RiskNotControlledWarning,
     build_table,
     calibrate,
     calibrate_table,
 )
-from exitguard.evaluate import Evaluation, EvaluationRow, evaluate
+from exitguard.evaluation import Evaluation, EvaluationRow, evaluate
 from exitguard.policy import ExitPolicy, PolicyFileError, load_policy
 from exitguard.risk.losses import Risk
 

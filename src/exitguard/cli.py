@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from exitguard import __version__
-from exitguard.calibrate import build_table, calibrate_table
-from exitguard.evaluate import evaluate
+from exitguard.calibration import build_table, calibrate_table
+from exitguard.evaluation import evaluate
 from exitguard.policy import ExitPolicy
 from exitguard.risk.confidence import CONFIDENCES
 from exitguard.risk.losses import RISKS, get_risk

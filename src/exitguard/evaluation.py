@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-from exitguard.calibrate import as_procedure_list, check_table
+from exitguard.calibration import as_procedure_list, check_table
 from exitguard.policy import fingerprint
 from exitguard.risk import procedures as proc
 from exitguard.risk._validation import check_int, check_open_unit, check_open_unit_list

@@ -39,7 +39,7 @@ def test_collect_from_a_loader_and_save_as_npz(cnn_network, images, tmp_path):
 
 
 def test_calibrated_policy_runs_on_the_network(cnn_network, images):
-    calibration = pytest.importorskip("exitguard.calibrate")
+    calibration = pytest.importorskip("exitguard.calibration")
     x = images(400, seed=32)
     labels = cnn_network.infer(x, float("inf")).predictions.numpy()  # consistency labels
     outputs = collect(cnn_network, x, labels=labels)

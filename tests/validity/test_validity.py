@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from exitguard.evaluate import selections
+from exitguard.evaluation import selections
 
 DELTA = 0.1
 HIGH_PROBABILITY = ["ucb-hoeffding", "ucb-hb", "ucb-wsr", "ltt", "ltt-bonferroni"]

@@ -394,6 +394,13 @@ class EarlyExitNetwork(nn.Module):
             order of ``x``. The exits equal those of :meth:`simulate`; confidences are
             computed in float64 from the head's probabilities, as in the numpy reference.
 
+        Notes
+        -----
+        A sample's outputs can differ in the last bits when it runs in a batch of another
+        size (convolution kernels change with the batch size, e.g. at batch 1); confidences
+        then differ by about 1e-7, so a confidence that close to the threshold may exit
+        differently than in :meth:`simulate` on the full batch.
+
         Raises
         ------
         TypeError, ValueError

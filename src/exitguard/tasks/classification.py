@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 import exitguard
-from exitguard.calibrate import build_table, calibrate
+from exitguard.calibration import build_table, calibrate
 from exitguard.data.images import ImageDataset, load_dataset
-from exitguard.evaluate import evaluate
+from exitguard.evaluation import evaluate
 from exitguard.nn import (
     ClassifierHead,
     EarlyExitNetwork,
