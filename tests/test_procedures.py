@@ -139,3 +139,9 @@ def test_procedure_names():
     assert canonical_procedure("ucb") == "ucb-wsr"
     with pytest.raises(ValueError, match=r"`procedure` must be one of .*got 'ucb-bernstein'"):
         canonical_procedure("ucb-bernstein")
+
+
+@pytest.mark.parametrize("procedure", PROCEDURES)
+def test_a_grid_with_only_the_full_model(procedure):
+    policy = pick(np.zeros((1, 20)), procedure, 0.1)
+    assert (policy.index, policy.certified, policy.is_full_model) == (0, False, True)

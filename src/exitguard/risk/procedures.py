@@ -156,6 +156,8 @@ def select(ok: NDArray[np.bool_], *, procedure: str) -> tuple[NDArray[np.int64],
     """
     procedure = canonical_procedure(procedure)
     candidates = ok[..., 1:]  # (..., K-1)
+    if candidates.shape[-1] == 0:  # a grid holding only the full model
+        return np.zeros(ok.shape[:-1], dtype=np.int64), np.zeros(ok.shape[:-1], dtype=bool)
     if procedure in _RUN_BASED:
         index = np.cumprod(candidates, axis=-1).sum(axis=-1)  # length of the leading run
     else:
