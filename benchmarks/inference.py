@@ -18,10 +18,11 @@ one run (every configuration is timed once per round, rounds repeated, medians r
 
 Batch 1 runs the first ``--n-single`` samples one at a time and sums their times. The
 weights are random (timing does not depend on them); the thresholds are chosen on the
-batch-256 inputs to hit the FLOPs targets.
+batch-256 inputs to hit the FLOPs targets. Timings need an idle machine: the CPU time other
+processes used during each model's measurement is recorded, with a warning when it is high.
 
-    python benchmarks/inference.py [--threads 2] [--repeats 9] [--out results/inference.json]
-    python benchmarks/inference.py --quick      # a smoke run in a few seconds
+    python benchmarks/inference.py [--threads 2] [--repeats 11] [--out results/inference.json]
+    python benchmarks/inference.py --quick      # a smoke run
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -323,6 +325,34 @@ def run_batch(
     return row
 
 
+class Contention:
+    """CPU time that other processes used while a measurement ran (Linux ``/proc/stat``).
+
+    Timings are only trustworthy on an otherwise idle machine: with more busy threads than
+    cores, every parallel region of the kernels waits for preempted threads.
+    """
+
+    def __enter__(self) -> Contention:
+        self._start = (self._machine_busy(), time.process_time(), time.perf_counter())
+        self.cores = math.nan
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, own, wall = self._start
+        if not math.isnan(busy):
+            others = self._machine_busy() - busy - (time.process_time() - own)
+            self.cores = max(others, 0.0) / (time.perf_counter() - wall)
+
+    @staticmethod
+    def _machine_busy() -> float:
+        try:
+            with open("/proc/stat", encoding="ascii") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:]]
+        except (OSError, ValueError):
+            return math.nan
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -358,6 +388,11 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{name:7} {row['batch']:>5} backbone {row['backbone_ms']:.1f} ms, never-exit "
                 f"infer {row['never_exit_ms']:.1f} ms; stage time shares {stage} "
                 f"(FLOPs shares {flops})"
+            )
+        if (result["other_processes_cores"] or 0.0) > 0.1:
+            print(
+                f"WARNING: other processes kept {result['other_processes_cores']:.2f} cores busy "
+                f"while {name} was measured; rerun on an idle machine (or with --threads 1)."
             )
 
 
@@ -395,15 +430,17 @@ def main() -> None:
             _, conf = network.exit_confidences(x)
         thresholds = choose_thresholds(conf.numpy(), to_exit, full)
         stage = np.asarray(table.stage, dtype=np.float64)
-        rows = [
-            run_batch(model, network, x[: args.n_single], thresholds, to_exit, full,
-                      single=True, repeats=args.repeats, warmup=args.warmup),
-            run_batch(model, network, x, thresholds, to_exit, full,
-                      single=False, repeats=args.repeats, warmup=args.warmup),
-        ]  # fmt: skip
+        with Contention() as contention:
+            rows = [
+                run_batch(model, network, x[: args.n_single], thresholds, to_exit, full,
+                          single=True, repeats=args.repeats, warmup=args.warmup),
+                run_batch(model, network, x, thresholds, to_exit, full,
+                          single=False, repeats=args.repeats, warmup=args.warmup),
+            ]  # fmt: skip
         report["models"][name] = {
             "flops": table.to_dict(),
             "flops_shares": (stage / stage.sum()).tolist(),
+            "other_processes_cores": None if math.isnan(contention.cores) else contention.cores,
             "batches": rows,
         }
     print_table(report)
