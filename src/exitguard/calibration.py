@@ -90,7 +90,10 @@ def monotonicity_violation(losses: Array, *, level: float = 0.01) -> tuple[int, 
         return None
     means = losses.mean(axis=1)  # (K,)
     earlier = np.maximum.accumulate(means)[:-1]  # (K-1,) max over rows < k
-    best = np.array([int(np.argmax(means[: k + 1])) for k in range(n_rows - 1)])  # (K-1,)
+    # First row attaining the running maximum (what argmax over rows <= k returns), vectorised.
+    rows = np.arange(n_rows)
+    new_peak = means > np.concatenate([[-np.inf], np.maximum.accumulate(means)[:-1]])  # (K,)
+    best = np.maximum.accumulate(np.where(new_peak, rows, 0))[:-1]  # (K-1,)
     diff = losses[best] - losses[1:]  # (K-1, n), earlier peak minus row k
     spread = diff.std(axis=1, ddof=1)
     with np.errstate(divide="ignore", invalid="ignore"):

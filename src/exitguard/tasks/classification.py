@@ -198,7 +198,6 @@ def load_or_train(
             return TrainedModel(network, metadata, from_cache=True)
         except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as error:
             log(f"cached model at {weights_path} is unusable ({error}); training again")
-            network = build_classifier(model_config, image_shape=train.image_shape)
     torch.manual_seed(settings.seed)  # the same initial weights for the same seed
     network = build_classifier(model_config, image_shape=train.image_shape)
     images, labels = train.images, train.labels
