@@ -9,14 +9,8 @@ for real against the full model.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
-import json
 import math
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +22,6 @@ from torch import Tensor, nn
 import exitguard
 from exitguard.calibration import build_table, calibrate
 from exitguard.data.images import ImageDataset, load_dataset
-from exitguard.evaluation import evaluate
 from exitguard.nn import (
     ClassifierHead,
     EarlyExitNetwork,
@@ -37,15 +30,20 @@ from exitguard.nn import (
     TrainConfig,
     collect,
     count_flops,
-    load_weights,
-    save_weights,
     train_exits,
 )
-from exitguard.report import RESULTS_SCHEMA, write_report
+from exitguard.report import write_report
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
+from exitguard.tasks.common import (
+    PROCEDURES,
+    cached_model,
+    evaluate_risk,
+    median_seconds,
+    progress_bar,
+    results_header,
+)
 
-PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
 TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CACHE_FORMAT = "exitguard.classifier/1"
@@ -133,22 +131,6 @@ class TrainSettings:
     max_train: int | None = None
 
 
-def default_cache_dir() -> Path:
-    """``$EXITGUARD_CACHE``, else ``$XDG_CACHE_HOME/exitguard``, else ``~/.cache/exitguard``."""
-    if "EXITGUARD_CACHE" in os.environ:
-        return Path(os.environ["EXITGUARD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "exitguard"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
     network: EarlyExitNetwork
@@ -167,86 +149,58 @@ def load_or_train(
 ) -> TrainedModel:
     """Train the classifier, or reuse a cached one trained on the same data with the same setup.
 
-    The cache holds ``<key>.safetensors`` and ``<key>.json`` (data fingerprint, settings, the
-    weights' sha256). A cache entry whose JSON is unreadable, whose hash does not match or
-    whose weights do not load is rebuilt.
+    See :func:`exitguard.tasks.common.cached_model` for the cache entry and its checks.
     """
-    network = build_classifier(model_config, image_shape=train.image_shape)
+
+    def build() -> EarlyExitNetwork:
+        return build_classifier(model_config, image_shape=train.image_shape)
+
+    def fit(network: nn.Module) -> dict[str, Any]:
+        images, labels = train.images, train.labels
+        if settings.max_train is not None:
+            images, labels = images[: settings.max_train], labels[: settings.max_train]
+        history = train_exits(
+            network,  # type: ignore[arg-type]
+            torch.from_numpy(images),
+            labels=torch.from_numpy(labels),
+            config=TrainConfig(
+                mode="joint",
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                lr=settings.lr,
+                weight_decay=settings.weight_decay,
+                distill=settings.distill,
+                seed=settings.seed,
+            ),
+            progress=progress,
+        )
+        return {"history": history.to_dict()}
+
     description = {
         "format": CACHE_FORMAT,
         "dataset": train.name,
         "data_fingerprint": train.fingerprint,
         "model": dataclasses.asdict(model_config),
         "train": dataclasses.asdict(settings),
-        "architecture": network.fingerprint,
+        "architecture": build().fingerprint,
         "torch": torch.__version__.split("+")[0],
     }
-    description = json.loads(json.dumps(description))  # as it reads back from the cache
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
-    weights_path = folder / f"classifier-{train.name}-{key}.safetensors"
-    meta_path = weights_path.with_suffix(".json")
-    if weights_path.is_file() and meta_path.is_file():
-        try:
-            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-            if metadata.get("description") != description:
-                raise ValueError("the cache entry describes another model")
-            if metadata.get("sha256") != _sha256(weights_path):
-                raise ValueError("the weights do not match their recorded hash")
-            load_weights(network, weights_path)
-            network.eval()
-            return TrainedModel(network, metadata, from_cache=True)
-        except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as error:
-            log(f"cached model at {weights_path} is unusable ({error}); training again")
-    torch.manual_seed(settings.seed)  # the same initial weights for the same seed
-    network = build_classifier(model_config, image_shape=train.image_shape)
-    images, labels = train.images, train.labels
-    if settings.max_train is not None:
-        images, labels = images[: settings.max_train], labels[: settings.max_train]
-    start = time.perf_counter()
-    history = train_exits(
-        network,
-        torch.from_numpy(images),
-        labels=torch.from_numpy(labels),
-        config=TrainConfig(
-            mode="joint",
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            lr=settings.lr,
-            weight_decay=settings.weight_decay,
-            distill=settings.distill,
-            seed=settings.seed,
-        ),
-        progress=progress,
+    cached = cached_model(
+        f"classifier-{train.name}",
+        description,
+        build=build,
+        train=fit,
+        seed=settings.seed,
+        cache_dir=cache_dir,
+        log=log,
     )
-    seconds = time.perf_counter() - start
-    network.eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = weights_path.with_name(f".{weights_path.name}.tmp")
-    save_weights(network, temporary)
-    os.replace(temporary, weights_path)
-    metadata = {
-        "description": description,
-        "sha256": _sha256(weights_path),
-        "train_seconds": seconds,
-        "history": history.to_dict(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    meta_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    return TrainedModel(network, metadata, from_cache=False)
+    network = cached.module
+    if not isinstance(network, EarlyExitNetwork):  # pragma: no cover - build() makes one
+        raise TypeError("the cached classifier is not an EarlyExitNetwork")
+    return TrainedModel(network, cached.metadata, cached.from_cache)
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def _median_seconds(fn: Callable[[], Any], *, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def time_inference(
@@ -264,8 +218,8 @@ def time_inference(
         for batch in batches:
             network.infer(batch, value)
 
-    full = _median_seconds(lambda: run(math.inf), repeats=repeats)
-    early = _median_seconds(lambda: run(threshold), repeats=repeats)
+    full = median_seconds(lambda: run(math.inf), repeats=repeats)
+    early = median_seconds(lambda: run(threshold), repeats=repeats)
     return {
         "batch_size": batch_size,
         "full_ms_per_image": 1000 * full / len(images),
@@ -331,16 +285,6 @@ def _settings_for(config: DemoConfig) -> tuple[CNNConfig, TrainSettings]:
         model = CNNConfig(widths=(8, 12, 16, 32, 64), strides=(1, 1, 2, 1, 2))
         train = TrainSettings(epochs=4 if config.quick else 15)
     return model, dataclasses.replace(train, seed=config.seed)
-
-
-def _progress(iterable: Any, *, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -414,24 +358,20 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
 
     trials = config.trials
     risks: dict[str, Any] = {}
-    for risk in _progress(RISKS, enabled=config.progress, desc="calibrating risks"):
+    for risk in progress_bar(RISKS, enabled=config.progress, desc="calibrating risks"):
         tables = risk_tables(prepared, risk, seed=config.seed)
-        common = dict(
+        risks[risk] = evaluate_risk(
+            tables["losses"],
+            cost=tables["cost"],
+            exits=tables["exits"],
+            loss_bound=2.0 if risk.startswith("distribution") else 1.0,
             procedures=config.procedures,
             target_risks=config.target_risks,
             delta=config.delta,
             n_cal=config.n_cal,
             trials=trials,
-            loss_bound=2.0 if risk.startswith("distribution") else 1.0,
             seed=config.seed,
         )
-        by_flops = evaluate(tables["losses"], cost=tables["cost"], **common)  # type: ignore[arg-type]
-        by_exit = evaluate(tables["losses"], cost=tables["exits"] + 1.0, **common)  # type: ignore[arg-type]
-        risks[risk] = {
-            "loss_bound": common["loss_bound"],
-            "evaluation": by_flops.to_dict(),
-            "evaluation_exits": by_exit.to_dict(),
-        }
 
     # One calibrated policy, run for real on the rest of the held-out data.
     cal_idx, test_idx = np.split(
@@ -512,17 +452,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         ),
     ]
     results: dict[str, Any] = {
-        "schema": RESULTS_SCHEMA,
-        "schema_version": 1,
-        "task": "classification",
-        "title": f"exitguard: certified early exit on {data.name}",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "exitguard_version": exitguard.__version__,
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        **results_header("classification", f"exitguard: certified early exit on {data.name}"),
         "summary": summary,
         "dataset": {
             "name": data.name,

@@ -1,0 +1,213 @@
+"""Plumbing shared by the task demos: the model cache, timing, progress and result headers.
+
+Every task (classification, segmentation, diffusion) trains a small model here once and
+caches it; every demo checks its calibrated policies over repeated splits and writes a results
+dict that :func:`exitguard.report.write_report` turns into a report folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import exitguard
+from exitguard.evaluation import evaluate
+from exitguard.report import RESULTS_SCHEMA
+
+PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
+"""The procedures every demo compares."""
+
+
+def default_cache_dir() -> Path:
+    """``$EXITGUARD_CACHE``, else ``$XDG_CACHE_HOME/exitguard``, else ``~/.cache/exitguard``."""
+    if "EXITGUARD_CACHE" in os.environ:
+        return Path(os.environ["EXITGUARD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "exitguard"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedModel:
+    """A trained module, the metadata of its cache entry, and whether it came from the cache."""
+
+    module: nn.Module
+    metadata: dict[str, Any]
+    from_cache: bool
+
+
+def cached_model(
+    name: str,
+    description: Mapping[str, Any],
+    *,
+    build: Callable[[], nn.Module],
+    train: Callable[[nn.Module], Mapping[str, Any]],
+    seed: int,
+    cache_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> CachedModel:
+    """Load a trained model from the cache, or train it and cache it.
+
+    The entry ``<name>-<key>.safetensors`` (weights) with ``<name>-<key>.json`` (description,
+    the weights' sha256, training metadata) is keyed by a hash of ``description``, which must
+    hold everything that determines the weights (data fingerprint, architecture, settings,
+    torch version). An entry whose JSON is unreadable, whose hash does not match or whose
+    weights do not load into ``build()`` is trained again; nothing is ever unpickled.
+
+    Parameters
+    ----------
+    name : str
+        File-name prefix, e.g. ``"segmenter-scenes-digits"``.
+    description : mapping
+        JSON-serialisable; compared with the cached entry's.
+    build : callable
+        Returns a fresh, untrained module of the architecture.
+    train : callable
+        Trains the module in place and returns JSON-serialisable metadata (e.g. the history).
+    seed : int
+        ``torch.manual_seed`` before ``build()`` when training, so the initial weights are
+        reproducible.
+    cache_dir : path, optional
+        Folder of the entries (default ``default_cache_dir() / "models"``).
+    """
+    canonical = json.loads(json.dumps(dict(description)))  # as it reads back from the cache
+    key = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
+    weights_path = folder / f"{name}-{key}.safetensors"
+    meta_path = weights_path.with_suffix(".json")
+    import safetensors.torch
+
+    if weights_path.is_file() and meta_path.is_file():
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+            if metadata.get("description") != canonical:
+                raise ValueError("the cache entry describes another model")
+            if metadata.get("sha256") != sha256_file(weights_path):
+                raise ValueError("the weights do not match their recorded hash")
+            module = build()
+            missing, unexpected = safetensors.torch.load_model(
+                module, str(weights_path), strict=False
+            )
+            if missing or unexpected:
+                raise ValueError(f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+            module.eval()
+            return CachedModel(module, metadata, from_cache=True)
+        except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as error:
+            log(f"cached model at {weights_path} is unusable ({error}); training again")
+    torch.manual_seed(seed)  # the same initial weights for the same seed
+    module = build()
+    start = time.perf_counter()
+    extra = dict(train(module))
+    seconds = time.perf_counter() - start
+    module.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = weights_path.with_name(f".{weights_path.name}.tmp")
+    safetensors.torch.save_model(module, str(temporary))
+    os.replace(temporary, weights_path)
+    metadata = {
+        "description": canonical,
+        "sha256": sha256_file(weights_path),
+        "train_seconds": seconds,
+        **extra,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    temporary_meta = meta_path.with_name(f".{meta_path.name}.tmp")
+    temporary_meta.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary_meta, meta_path)
+    return CachedModel(module, metadata, from_cache=False)
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def progress_bar(iterable: Iterable[Any], *, enabled: bool, desc: str) -> Iterable[Any]:
+    """``iterable`` wrapped in a tqdm bar when enabled and tqdm is installed."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def results_header(task: str, title: str) -> dict[str, Any]:
+    """The fields every demo's results dict starts with (schema, versions, machine)."""
+    return {
+        "schema": RESULTS_SCHEMA,
+        "schema_version": 1,
+        "task": task,
+        "title": title,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "exitguard_version": exitguard.__version__,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def evaluate_risk(
+    losses: np.ndarray,
+    *,
+    cost: np.ndarray,
+    exits: np.ndarray,
+    loss_bound: float,
+    procedures: Sequence[str],
+    target_risks: Sequence[float],
+    delta: float,
+    n_cal: int,
+    trials: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Repeated-split evaluation of one loss table, as the report reads it.
+
+    ``cost`` (K, N) is the compute (FLOPs) and ``exits`` (K, N) the 0-based exit taken; both
+    use the same splits (same seed), so the FLOPs saving and the mean exit describe the
+    same selections.
+    """
+    common: dict[str, Any] = dict(
+        procedures=tuple(procedures),
+        target_risks=tuple(target_risks),
+        delta=delta,
+        n_cal=n_cal,
+        trials=trials,
+        loss_bound=loss_bound,
+        seed=seed,
+    )
+    by_flops = evaluate(losses, cost=cost, **common)
+    by_exit = evaluate(losses, cost=np.asarray(exits, dtype=np.float64) + 1.0, **common)
+    return {
+        "loss_bound": loss_bound,
+        "evaluation": by_flops.to_dict(),
+        "evaluation_exits": by_exit.to_dict(),
+    }
