@@ -142,3 +142,41 @@ def test_page_opens_in_headless_chromium_without_console_errors(calm, tmp_path):
     (tmp_path / "violations.png").unlink()  # the probe must notice a missing image
     console, _ = chromium_console(probe, tmp_path / "profile3")
     assert any("broken image" in line and "violations.png" in line for line in console), console
+
+
+def test_picture_grids_and_extra_tables(calm, tmp_path):
+    results = fake_results(calm)
+    cell = {"image": [[0.0, 0.5], [1.0, 0.25]], "cmap": "gray", "vmin": 0.0, "vmax": 1.0}
+    results["figures"] = [
+        {
+            "file": "grid.png",
+            "title": "pictures <b>",
+            "caption": "a caption",
+            "columns": ["a", "b"],
+            "rows": [{"label": "x", "cells": [cell, cell]}, {"label": "y", "cells": [cell, cell]}],
+            "colorbar": "value",
+        }
+    ]
+    results["tables"] = [{"title": "Table 1", "header": ["h1", "h2"], "rows": [["r", 0.5]]}]
+    page = write_report(results, tmp_path)
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    text = page.read_text()
+    assert 'src="grid.png"' in text and "pictures &lt;b&gt;" in text and "Table 1" in text
+
+
+@pytest.mark.parametrize("name", ["../grid.png", "test_risk.png", "grid.svg", "a/b.png", ""])
+def test_picture_grid_file_names_are_checked(calm, tmp_path, name):
+    results = fake_results(calm)
+    cell = {"image": [[0.0]]}
+    results["figures"] = [{"file": name, "columns": ["a"], "rows": [{"cells": [cell]}]}]
+    with pytest.raises(ValueError, match="plain PNG file name"):
+        write_report(results, tmp_path / "report")
+    assert not (tmp_path / "report").exists()  # checked before anything is written
+
+
+def test_picture_grid_rows_must_fill_the_columns(calm, tmp_path):
+    results = fake_results(calm)
+    cell = {"image": [[0.0]]}
+    results["figures"] = [{"file": "g.png", "columns": ["a", "b"], "rows": [{"cells": [cell]}]}]
+    with pytest.raises(ValueError, match="1 cells for 2 columns"):
+        write_report(results, tmp_path)

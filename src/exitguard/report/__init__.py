@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from exitguard.report.plots import RISK_TITLES, draw_all
+from exitguard.report.plots import RISK_TITLES, check_figures, draw_all
 
 RESULTS_SCHEMA = "exitguard.DemoResults"
 
@@ -111,6 +111,18 @@ def render_html(results: Mapping[str, Any]) -> str:
         )
     ]
     timing_rows = [[k.replace("_", " "), v] for k, v in timing.items() if not isinstance(v, dict)]
+    pictures = "".join(
+        f"<h3>{html.escape(str(spec.get('title', '')))}</h3>"
+        f'<p class="note">{html.escape(str(spec.get("caption", "")))}</p>'
+        f'<img src="{html.escape(str(spec["file"]))}" alt="picture grid">'
+        for spec in results.get("figures", [])
+    )
+    extra_tables = "".join(
+        f"<h3>{html.escape(str(table.get('title', '')))}</h3>"
+        + _table([str(h) for h in table["header"]], table["rows"])
+        + f'<p class="note">{html.escape(str(table.get("note", "")))}</p>'
+        for table in results.get("tables", [])
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -132,7 +144,8 @@ test split's own noise); the binomial p-value tests "population violation rate â
 <h2>Real inference</h2>
 {_table(["measure", "value"], timing_rows)}
 <img src="exit_histogram.png" alt="histogram of exits taken">
-<h2>Tables</h2>{"".join(sections)}
+{"<h2>Pictures</h2>" + pictures if pictures else ""}
+<h2>Tables</h2>{extra_tables}{"".join(sections)}
 <h2>Model and data</h2>
 <p>{html.escape(str(model.get("description", "")))}</p>
 {_table(["exit", "FLOPs to reach and decide", "held-out accuracy"], exit_rows)}
@@ -149,6 +162,7 @@ def write_report(results: Mapping[str, Any], folder: str | os.PathLike[str]) -> 
 
     Existing files of the same names are replaced; nothing else in the folder is touched.
     """
+    check_figures(results)  # before anything is written
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     results_path = target / "results.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,78 @@ def plot_exit_histogram(results: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
+def _figure_file(spec: Mapping[str, Any]) -> str:
+    """The checked file name of a picture grid: a plain ``*.png`` name, no folders."""
+    name = str(spec.get("file", ""))
+    if (
+        not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.png", name)
+        or name in PLOTS
+        or name == "index.html"
+    ):
+        raise ValueError(
+            "a figure's `file` must be a plain PNG file name (letters, digits, '_', '.', '-') "
+            f"other than the report's own plots {sorted(PLOTS)}; got {name!r}."
+        )
+    return name
+
+
+def plot_picture_grid(spec: Mapping[str, Any], path: Path) -> Path:
+    """A grid of images: one row per example, one column per variant.
+
+    ``spec`` holds ``columns`` (titles), ``rows`` (each ``{"label", "cells"}``, one cell per
+    column: ``{"image": H x W nested list, "cmap", "vmin", "vmax"}``), optional ``title`` and
+    ``colorbar`` (a label; drawn for the last column's colour scale).
+    """
+    plt = _pyplot()
+    columns = list(spec["columns"])
+    rows = list(spec["rows"])
+    if not rows or not columns:
+        raise ValueError("a picture grid needs at least one row and one column.")
+    first = np.asarray(rows[0]["cells"][0]["image"], dtype=float)
+    aspect = first.shape[1] / max(first.shape[0], 1)
+    cell_height = 1.7 if aspect < 3 else 0.9
+    width = min(2.0 * aspect, 9.0) if aspect >= 3 else 1.7
+    figure, axes = plt.subplots(
+        len(rows),
+        len(columns),
+        figsize=(width * len(columns) + 0.8, cell_height * len(rows) + 0.6),
+        squeeze=False,
+    )
+    shown = None
+    for r, row in enumerate(rows):
+        cells = list(row["cells"])
+        if len(cells) != len(columns):
+            raise ValueError(
+                f"row {r} of figure {spec.get('file')!r} has {len(cells)} cells for "
+                f"{len(columns)} columns."
+            )
+        for c, cell in enumerate(cells):
+            axis = axes[r, c]
+            image = np.asarray(cell["image"], dtype=float)  # (H, W)
+            shown = axis.imshow(
+                image,
+                cmap=cell.get("cmap", "gray"),
+                vmin=cell.get("vmin"),
+                vmax=cell.get("vmax"),
+                interpolation="nearest",
+                aspect="auto" if aspect >= 3 else "equal",
+            )
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if r == 0:
+                axis.set_title(str(columns[c]), fontsize=8)
+            if c == 0:
+                axis.set_ylabel(str(row.get("label", "")), fontsize=8)
+    if spec.get("title"):
+        figure.suptitle(str(spec["title"]), fontsize=10)
+    figure.tight_layout()
+    if spec.get("colorbar") and shown is not None:
+        figure.colorbar(shown, ax=list(axes.ravel()), shrink=0.8, label=str(spec["colorbar"]))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 PLOTS = {
     "test_risk.png": plot_test_risk,
     "violations.png": plot_violations,
@@ -174,6 +247,16 @@ PLOTS = {
 }
 
 
+def check_figures(results: Mapping[str, Any]) -> None:
+    """Raise ValueError when a picture grid's file name is not a plain, free PNG name."""
+    names = [_figure_file(spec) for spec in results.get("figures", [])]
+    if len(set(names)) != len(names):
+        raise ValueError(f"figure file names must be distinct; got {names}.")
+
+
 def draw_all(results: Mapping[str, Any], folder: Path) -> list[Path]:
-    """Draw every plot into ``folder``; returns the files written."""
-    return [draw(results, folder / name) for name, draw in PLOTS.items()]
+    """Draw every plot and picture grid into ``folder``; returns the files written."""
+    written = [draw(results, folder / name) for name, draw in PLOTS.items()]
+    for spec in results.get("figures", []):
+        written.append(plot_picture_grid(spec, folder / _figure_file(spec)))
+    return written
