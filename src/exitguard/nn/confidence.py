@@ -15,11 +15,13 @@ exit only instead of on the whole history.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 ConfidenceFn = Callable[[Tensor], Tensor]
@@ -30,26 +32,41 @@ def _mean_over_positions(scores: Tensor) -> Tensor:
     return scores.flatten(2).mean(dim=-1) if scores.ndim > 2 else scores
 
 
+def pixel_max_softmax(probs: Tensor) -> Tensor:
+    """Top-1 probability at every position: (B, L, C, *S) -> (B, L, *S)."""
+    return probs.amax(dim=2)
+
+
+def pixel_margin(probs: Tensor) -> Tensor:
+    """Top-1 minus top-2 probability at every position: (B, L, C, *S) -> (B, L, *S)."""
+    if probs.shape[2] < 2:
+        return probs.new_ones(probs.shape[:2] + probs.shape[3:])
+    top2 = probs.topk(2, dim=2).values  # (B, L, 2, *S): [first, second]
+    return top2[:, :, 0] - top2[:, :, 1]  # (B, L, *S)
+
+
+def pixel_entropy(probs: Tensor) -> Tensor:
+    """One minus the entropy normalised by log C at every position (0 log 0 = 0)."""
+    n_classes = probs.shape[2]
+    if n_classes < 2:
+        return probs.new_ones(probs.shape[:2] + probs.shape[3:])
+    normalised = torch.special.entr(probs).sum(dim=2) / math.log(n_classes)  # (B, L, *S)
+    return (1.0 - normalised).clamp(0.0, 1.0)
+
+
 def max_softmax(probs: Tensor) -> Tensor:
     """Top-1 probability (the paper's default)."""
-    return _mean_over_positions(probs.amax(dim=2))  # (B, L)
+    return _mean_over_positions(pixel_max_softmax(probs))  # (B, L)
 
 
 def margin(probs: Tensor) -> Tensor:
     """Top-1 minus top-2 probability."""
-    if probs.shape[2] < 2:
-        return probs.new_ones(probs.shape[:2])
-    top2 = probs.topk(2, dim=2).values  # (B, L, 2, *S): [first, second]
-    return _mean_over_positions(top2[:, :, 0] - top2[:, :, 1])  # (B, L)
+    return _mean_over_positions(pixel_margin(probs))  # (B, L)
 
 
 def entropy(probs: Tensor) -> Tensor:
     """One minus the entropy normalised by log C (0 log 0 = 0)."""
-    n_classes = probs.shape[2]
-    if n_classes < 2:
-        return probs.new_ones(probs.shape[:2])
-    normalised = torch.special.entr(probs).sum(dim=2) / math.log(n_classes)  # (B, L, *S)
-    return _mean_over_positions((1.0 - normalised).clamp(0.0, 1.0))  # (B, L)
+    return _mean_over_positions(pixel_entropy(probs))  # (B, L)
 
 
 def patience(probs: Tensor, *, k: int = 2) -> Tensor:
@@ -80,6 +97,101 @@ CONFIDENCES: dict[str, ConfidenceFn] = {
 """The built-in measures by name."""
 
 _POINTWISE: frozenset[ConfidenceFn] = frozenset({max_softmax, margin, entropy})
+
+PIXEL_CONFIDENCES: dict[str, ConfidenceFn] = {
+    "max_softmax": pixel_max_softmax,
+    "margin": pixel_margin,
+    "entropy": pixel_entropy,
+}
+"""Per-pixel measures of dense outputs, (B, L, C, H, W) -> (B, L, H, W), by name."""
+
+AGGREGATIONS = ("mean", "quantile", "patch")
+"""How :func:`aggregate` turns per-pixel confidences into one score per image."""
+
+
+def aggregate(
+    scores: Tensor, *, aggregation: str = "mean", q: float = 0.25, window: int = 16
+) -> Tensor:
+    """One confidence per image and exit from per-pixel confidences: (B, L, H, W) -> (B, L).
+
+    ``"mean"``: the mean over pixels. ``"quantile"``: the ``q``-quantile over pixels (linear
+    interpolation, as ``numpy.quantile``); a low ``q`` asks most of the image to be confident.
+    ``"patch"``: the minimum over all ``window`` x ``window`` sliding windows (stride 1) of
+    the window's mean, the paper's patch rule: no region may be unsure as a whole. A window
+    larger than the image is clipped to the image.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"`aggregation` must be one of {', '.join(map(repr, AGGREGATIONS))}; "
+            f"got {aggregation!r}."
+        )
+    if scores.ndim != 4:
+        raise ValueError(f"`scores` must have shape (B, L, H, W); got {tuple(scores.shape)}.")
+    flat = scores.flatten(2)  # (B, L, H*W)
+    if aggregation == "mean":
+        return flat.mean(dim=-1)
+    if aggregation == "quantile":
+        if not 0.0 <= float(q) <= 1.0:
+            raise ValueError(f"`q` must lie in [0, 1]; got {q!r}.")
+        return torch.quantile(flat, float(q), dim=-1)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"`window` must be an integer >= 1; got {window!r}.")
+    batch, n_exits, height, width = scores.shape
+    kernel = (min(window, height), min(window, width))
+    means = F.avg_pool2d(scores.reshape(batch * n_exits, 1, height, width), kernel, stride=1)
+    return means.flatten(1).amin(dim=-1).reshape(batch, n_exits)  # (B, L)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfidence:
+    """A per-image confidence for dense outputs: a per-pixel measure, then an aggregation.
+
+    Called on probabilities (B, L, C, H, W), it returns (B, L) in [0, 1]. It is pointwise
+    (exit ``l`` needs exit ``l`` only), so :meth:`EarlyExitNetwork.infer` evaluates it on the
+    current exit alone. Its name (e.g. ``"margin/patch(window=16)"``) is what a calibrated
+    policy records.
+
+    Examples
+    --------
+    >>> import torch
+    >>> measure = DenseConfidence("max_softmax", "quantile", q=0.25)
+    >>> measure.__name__
+    'max_softmax/quantile(q=0.25)'
+    >>> measure(torch.full((2, 3, 4, 5, 5), 0.25)).shape
+    torch.Size([2, 3])
+    """
+
+    pixel: str = "max_softmax"
+    aggregation: str = "mean"
+    q: float = 0.25
+    window: int = 16
+    pointwise: bool = dataclasses.field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        if self.pixel not in PIXEL_CONFIDENCES:
+            raise ValueError(
+                f"`pixel` must be one of {', '.join(map(repr, PIXEL_CONFIDENCES))}; "
+                f"got {self.pixel!r}."
+            )
+        aggregate(
+            torch.zeros(1, 1, 1, 1), aggregation=self.aggregation, q=self.q, window=self.window
+        )
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        if self.aggregation == "quantile":
+            return f"{self.pixel}/quantile(q={self.q:g})"
+        if self.aggregation == "patch":
+            return f"{self.pixel}/patch(window={self.window})"
+        return f"{self.pixel}/mean"
+
+    def __call__(self, probs: Tensor) -> Tensor:
+        if probs.ndim != 5:
+            raise ValueError(
+                f"a dense confidence needs probabilities (B, L, C, H, W); got {tuple(probs.shape)}."
+            )
+        scores = PIXEL_CONFIDENCES[self.pixel](probs)  # (B, L, H, W)
+        return aggregate(scores, aggregation=self.aggregation, q=self.q, window=self.window)
 
 
 def is_pointwise(measure: ConfidenceFn) -> bool:

@@ -9,7 +9,6 @@ for real against the full model.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import exitguard
 from exitguard.calibration import build_table, calibrate
@@ -32,6 +31,7 @@ from exitguard.nn import (
     count_flops,
     train_exits,
 )
+from exitguard.nn.blocks import BasicBlock
 from exitguard.report import write_report
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
@@ -39,9 +39,9 @@ from exitguard.tasks.common import (
     PROCEDURES,
     cached_model,
     evaluate_risk,
-    median_seconds,
     progress_bar,
     results_header,
+    time_inference,
 )
 
 TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
@@ -50,28 +50,6 @@ CACHE_FORMAT = "exitguard.classifier/1"
 
 
 # --------------------------------------------------------------------------- the model
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm and a residual connection (ResNet)."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))  # (B, C_out, H', W')
-        out = self.bn2(self.conv2(out))  # (B, C_out, H', W')
-        return torch.relu(out + self.shortcut(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,34 +176,6 @@ def load_or_train(
     if not isinstance(network, EarlyExitNetwork):  # pragma: no cover - build() makes one
         raise TypeError("the cached classifier is not an EarlyExitNetwork")
     return TrainedModel(network, cached.metadata, cached.from_cache)
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def time_inference(
-    network: EarlyExitNetwork,
-    images: Tensor,
-    threshold: float,
-    *,
-    batch_size: int,
-    repeats: int,
-) -> dict[str, float]:
-    """Median seconds per image of early-exit and full-model inference, run side by side."""
-    batches = list(torch.split(images, batch_size))
-
-    def run(value: float) -> None:
-        for batch in batches:
-            network.infer(batch, value)
-
-    full = median_seconds(lambda: run(math.inf), repeats=repeats)
-    early = median_seconds(lambda: run(threshold), repeats=repeats)
-    return {
-        "batch_size": batch_size,
-        "full_ms_per_image": 1000 * full / len(images),
-        "early_exit_ms_per_image": 1000 * early / len(images),
-        "measured_speedup": full / early,
-    }
 
 
 # ------------------------------------------------------------------------------- demo

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -21,10 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import exitguard
 from exitguard.evaluation import evaluate
+from exitguard.nn import EarlyExitNetwork
 from exitguard.report import RESULTS_SCHEMA
 
 PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
@@ -146,6 +148,31 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_inference(
+    network: EarlyExitNetwork,
+    images: Tensor,
+    threshold: float,
+    *,
+    batch_size: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Median seconds per image of early-exit and full-model inference, run side by side."""
+    batches = list(torch.split(images, batch_size))
+
+    def run(value: float) -> None:
+        for batch in batches:
+            network.infer(batch, value)
+
+    full = median_seconds(lambda: run(math.inf), repeats=repeats)
+    early = median_seconds(lambda: run(threshold), repeats=repeats)
+    return {
+        "batch_size": batch_size,
+        "full_ms_per_image": 1000 * full / len(images),
+        "early_exit_ms_per_image": 1000 * early / len(images),
+        "measured_speedup": full / early,
+    }
 
 
 def progress_bar(iterable: Iterable[Any], *, enabled: bool, desc: str) -> Iterable[Any]:
