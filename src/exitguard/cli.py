@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -176,18 +177,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_TASKS = ("classification", "segmentation", "diffusion", "calm")
+DEFAULT_N_CAL = {"classification": 100, "segmentation": 400, "diffusion": 500, "calm": 100}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: the classification demo, or the paper's CALM experiment."""
+    """The main job: a vision task end to end, or the paper's CALM experiment."""
+    if args.n_cal is None:
+        args.n_cal = DEFAULT_N_CAL[args.task]
     if args.task == "calm":
         return demo_calm(args)
     try:
-        from exitguard.tasks.classification import DemoConfig, run_demo
+        module = importlib.import_module(f"exitguard.tasks.{args.task}")
     except ImportError as error:
         raise CommandError(
-            f"the classification demo needs PyTorch and the data extras ({error}); install "
+            f"the {args.task} demo needs PyTorch and the data extras ({error}); install "
             'them with: pip install torch==2.13.0 && pip install "exitguard[torch,plot,data]"'
         ) from error
-    config = DemoConfig(
+    config = module.DemoConfig(
         dataset=args.dataset,
         dataset_path=args.data_path,
         out=args.out or "exitguard-report",
@@ -199,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     start = time.perf_counter()
-    results = run_demo(config)
+    results = module.run_demo(config)
     print()
     for line in results["summary"]:
         print(f"- {line}")
@@ -282,17 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main experiment on embedded real data")
     demo.add_argument(
         "--task",
-        choices=("classification", "calm"),
+        choices=DEMO_TASKS,
         default="classification",
-        help="classification: train, calibrate and time a multi-exit CNN and write a report; "
-        "calm: the paper's language-modelling experiment on its released loss table",
+        help="classification, segmentation, diffusion: train (or load) a multi-exit network on "
+        "real images, calibrate, time it and write a report; calm: the paper's "
+        "language-modelling experiment on its released loss table",
     )
     demo.add_argument(
         "--dataset", choices=("digits", "mnist-5k", "fashion-mnist"), default="digits"
     )
-    demo.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files")
+    demo.add_argument(
+        "--data-path", help="folder of the Fashion-MNIST IDX files (for --dataset fashion-mnist)"
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.add_argument("--n-cal", type=int, default=100)
+    demo.add_argument(
+        "--n-cal",
+        type=int,
+        default=None,
+        help="calibration size (default: 100; 400 for segmentation and 500 for diffusion, "
+        "as in the paper)",
+    )
     demo.add_argument("--trials", type=int, default=100)
     demo.add_argument("--delta", type=float, default=0.1)
     demo.add_argument("--seed", type=int, default=0)

@@ -3,8 +3,8 @@
 Each scene is a square canvas holding ``min_items`` to ``max_items`` real items (Fashion-MNIST
 clothes, or digits) pasted at random places. The mask comes from each item's own pixels: a
 pixel brighter than ``threshold`` gets the item's class + 1, everything else is background 0.
-Items pasted later lie on top (their pixels win in the image, via the maximum, and in the
-mask). Nothing is synthetic but the layout.
+Items pasted later lie on top: their foreground pixels replace what was there, in the image
+and in the mask alike, so the two always agree. Nothing is synthetic but the layout.
 
 =====================  =======================  =====================================
 name                   scenes                   items from
@@ -147,9 +147,10 @@ def make_scenes(
         rows = top[scenes, slot][:, None, None] + dy  # (A, h, 1)
         cols = left[scenes, slot][:, None, None] + dx  # (A, 1, w)
         at = (scenes[:, None, None], rows, cols)
-        canvas[at] = np.maximum(canvas[at], patch)
+        foreground = patch > threshold  # (A, h, w)
+        canvas[at] = np.where(foreground, patch, canvas[at])
         labels = items.labels[picks[scenes, slot]][:, None, None] + 1  # (A, 1, 1)
-        masks[at] = np.where(patch > threshold, labels, masks[at])
+        masks[at] = np.where(foreground, labels, masks[at])
     return SceneDataset(
         name or f"scenes-{items.name}",
         canvas[:, None],  # (n, 1, S, S)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from exitguard.report.plots import RISK_TITLES, check_figures, draw_all
+from exitguard.report.plots import check_figures, draw_all, risk_title
 
 RESULTS_SCHEMA = "exitguard.DemoResults"
 
@@ -97,7 +97,7 @@ def render_html(results: Mapping[str, Any]) -> str:
     sections = []
     for risk, data in results["risks"].items():
         sections.append(
-            f"<h3>{html.escape(RISK_TITLES.get(risk, risk))} (B = {data['loss_bound']:g})</h3>"
+            f"<h3>{html.escape(risk_title(results, risk))} (B = {data['loss_bound']:g})</h3>"
             + _risk_table(data, shown)
         )
     exit_rows = [
@@ -110,6 +110,7 @@ def render_html(results: Mapping[str, Any]) -> str:
             )
         )
     ]
+    accuracy_label = str(model.get("accuracy_label", "held-out accuracy"))
     timing_rows = [[k.replace("_", " "), v] for k, v in timing.items() if not isinstance(v, dict)]
     pictures = "".join(
         f"<h3>{html.escape(str(spec.get('title', '')))}</h3>"
@@ -148,7 +149,7 @@ test split's own noise); the binomial p-value tests "population violation rate â
 <h2>Tables</h2>{extra_tables}{"".join(sections)}
 <h2>Model and data</h2>
 <p>{html.escape(str(model.get("description", "")))}</p>
-{_table(["exit", "FLOPs to reach and decide", "held-out accuracy"], exit_rows)}
+{_table(["exit", "FLOPs to reach and decide", accuracy_label], exit_rows)}
 <p class="note">Dataset: {html.escape(str(dataset.get("name")))}
 ({html.escape(str(dataset.get("source", "")))}); {_cell(dataset.get("n_train"))} training and
 {_cell(dataset.get("n_heldout"))} held-out images. Created {html.escape(results.get("created", ""))}

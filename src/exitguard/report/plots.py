@@ -28,6 +28,11 @@ RISK_TITLES = {
 }
 
 
+def risk_title(results: Mapping[str, Any], risk: str) -> str:
+    """The title of a risk: the results' own ``risk_titles`` first, then the defaults."""
+    return str(results.get("risk_titles", {}).get(risk) or RISK_TITLES.get(risk, risk))
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -93,7 +98,7 @@ def plot_test_risk(results: Mapping[str, Any], path: Path) -> Path:
             axis.fill_between(eps, mean - sd, mean + sd, color=style.get("color"), alpha=0.12)
             top = max(top, float(np.nanmax(eps)))
         axis.plot([0, top], [0, top], color="black", linewidth=0.8, label="risk = target")
-        axis.set_title(RISK_TITLES.get(risk, risk))
+        axis.set_title(risk_title(results, risk))
         axis.set_xlabel("target risk ε")
         axis.set_ylabel("test risk")
     axes[0].legend(fontsize=8)
@@ -116,7 +121,7 @@ def plot_violations(results: Mapping[str, Any], path: Path) -> Path:
             )
         axis.axhline(delta, color="black", linewidth=0.8, linestyle="--", label=f"δ = {delta:g}")
         axis.set_ylim(-0.02, 1.02)
-        axis.set_title(RISK_TITLES.get(risk, risk))
+        axis.set_title(risk_title(results, risk))
         axis.set_xlabel("target risk ε")
         axis.set_ylabel("violation rate")
     axes[0].legend(fontsize=8)
@@ -139,7 +144,7 @@ def plot_efficiency(results: Mapping[str, Any], path: Path) -> Path:
             axes[0, column].plot(eps, mean_exit, label=procedure, markersize=3, **style)
             eps, saving = _series(flops_rows, procedure, "relative_saving")
             axes[1, column].plot(eps, 100 * saving, label=procedure, markersize=3, **style)
-        axes[0, column].set_title(RISK_TITLES.get(risk, risk))
+        axes[0, column].set_title(risk_title(results, risk))
         axes[0, column].set_ylim(0.8, n_exits + 0.2)
         axes[0, column].set_ylabel("mean exit (1 = first)")
         axes[1, column].set_ylabel("FLOPs saved (%)")
@@ -162,7 +167,7 @@ def plot_exit_histogram(results: Mapping[str, Any], path: Path) -> Path:
     axis.set_ylabel("share of test samples")
     axis.set_title(
         f"{histogram['procedure']} at ε = {histogram['target_risk']:g} on "
-        f"{RISK_TITLES.get(histogram['risk'], histogram['risk'])}"
+        f"{risk_title(results, histogram['risk'])}"
     )
     return _save(figure, path)
 
