@@ -479,15 +479,113 @@ def scenes_for(config: DemoConfig) -> tuple[SceneDataset, SceneDataset]:
     return train, heldout
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class Prepared:
+    """A trained segmenter with its per-exit confidences and losses on the held-out scenes."""
+
+    train: SceneDataset
+    heldout: SceneDataset
+    network: EarlyExitNetwork
+    metadata: dict[str, Any]
+    from_cache: bool
+    model_config: SegmenterConfig
+    training: SegmenterTraining
+    measures: tuple[DenseConfidence, ...]
+    outputs: SegmentationOutputs
+    flops: FlopsTable
+
+    @property
+    def exit_flops(self) -> NDArray[np.float64]:
+        """(L,) FLOPs of an image that leaves at each exit (heads on the way included)."""
+        return self.flops.to_exit.astype(np.float64)
+
+    def tables(self, risk: str, measure: str | None = None) -> dict[str, NDArray[Any]]:
+        """Loss, FLOPs and exit tables of ``risk`` (default measure: top-1 + mean)."""
+        return segmentation_tables(
+            self.outputs,
+            risk=risk,
+            measure=measure or self.measures[0].__name__,
+            exit_flops=self.exit_flops,
+            full_flops=float(self.flops.full),
+        )
+
+
+def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepared:
+    """Build the scenes, train or load the segmenter, and run every exit on the held-out set."""
+    setup = _setup(config)
+    train, heldout = scenes_for(config)
+    log(f"data: {heldout!r}; {len(train)} training and {len(heldout)} held-out scenes")
+    model_config = SegmenterConfig()
+    network, metadata, from_cache = load_or_train(
+        train,
+        model_config=model_config,
+        settings=setup.training,
+        cache_dir=config.cache_dir,
+        progress=config.progress,
+        log=log,
+    )
+    log("model: " + ("loaded from cache" if from_cache else "trained and cached"))
+    measures = confidence_measures(q=config.quantile, window=setup.size // 4)
+    outputs = collect_segmentation(network, heldout, measures=measures, seed=config.seed)
+    flops = count_flops(network, torch.from_numpy(heldout.images[:1]))
+    return Prepared(
+        train,
+        heldout,
+        network,
+        metadata,
+        from_cache,
+        model_config,
+        setup.training,
+        measures,
+        outputs,
+        flops,
+    )
+
+
+def table_one(
+    prepared: Prepared,
+    *,
+    risk: str = "prediction_consistency",
+    target_risks: Sequence[float] = TABLE_TARGET_RISKS,
+    procedure: str = "ucb-wsr",
+    delta: float = 0.1,
+    n_cal: int = 400,
+    trials: int = 100,
+    seed: int = 0,
+) -> dict[str, dict[str, Evaluation]]:
+    """The paper's Table 1: one procedure on one risk for every confidence x aggregation.
+
+    Returns ``{measure: {"flops": Evaluation, "exits": Evaluation}}``; the FLOPs evaluation's
+    ``relative_saving`` is the FLOPs saving, the exits evaluation's the share of layers saved.
+    """
+    found = {}
+    for measure in prepared.measures:
+        tables = prepared.tables(risk, measure.__name__)
+        common: dict[str, Any] = dict(
+            procedures=procedure,
+            target_risks=tuple(target_risks),
+            delta=delta,
+            n_cal=n_cal,
+            trials=trials,
+            loss_bound=LOSS_BOUNDS[risk],
+            seed=seed,
+        )
+        found[measure.__name__] = {
+            "flops": evaluate(tables["losses"], cost=tables["cost"], **common),
+            "exits": evaluate(tables["losses"], cost=tables["exits"] + 1.0, **common),
+        }
+    return found
+
+
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def _ucb_cells(evaluation: Evaluation, evaluation_exits: Evaluation, eps: float) -> list[str]:
-    row = evaluation.row("ucb-wsr", eps)
-    layers = evaluation_exits.row("ucb-wsr", eps)
+def _saving_cells(by_flops: Evaluation, by_exit: Evaluation, eps: float) -> list[str]:
+    """Layers saved, FLOPs saved and mean test risk of UCB-WSR at ``eps``."""
+    row = by_flops.row("ucb-wsr", eps)
     return [
-        _percent(layers.relative_saving),
+        _percent(by_exit.row("ucb-wsr", eps).relative_saving),
         _percent(row.relative_saving),
         f"{row.mean_test_risk:.4f}",
     ]
@@ -504,26 +602,13 @@ def _mask_cell(mask: NDArray[Any], n_classes: int) -> dict[str, Any]:
 
 def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or load) the segmenter, calibrate image-level exits, run them, write the report."""
-    setup = _setup(config)
-    train, heldout = scenes_for(config)
-    log(f"data: {heldout!r}; {len(train)} training and {len(heldout)} held-out scenes")
-    model_config = SegmenterConfig()
-    network, metadata, from_cache = load_or_train(
-        train,
-        model_config=model_config,
-        settings=setup.training,
-        cache_dir=config.cache_dir,
-        progress=config.progress,
-        log=log,
-    )
-    log("model: " + ("loaded from cache" if from_cache else "trained and cached"))
-    size = setup.size
-    measures = confidence_measures(q=config.quantile, window=size // 4)
-    outputs = collect_segmentation(network, heldout, measures=measures, seed=config.seed)
+    prepared = prepare(config, log=log)
+    train, heldout, network = prepared.train, prepared.heldout, prepared.network
+    outputs, measures, model_config = prepared.outputs, prepared.measures, prepared.model_config
+    size = heldout.image_shape[-1]
     images = torch.from_numpy(heldout.images)
-    flops: FlopsTable = count_flops(network, images[:1])
-    exit_flops = flops.to_exit.astype(np.float64)
-    full_flops = float(flops.full)
+    exit_flops = prepared.exit_flops
+    full_flops = float(prepared.flops.full)
     n_exits = network.n_exits
     base = measures[0].__name__  # top-1 + mean, the paper's default
     n_cal = min(config.n_cal, len(heldout) - 10)
@@ -534,9 +619,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     # The four risks with top-1 + mean, every procedure over the whole target grid.
     risks: dict[str, Any] = {}
     for risk in progress_bar(SEGMENTATION_RISKS, enabled=config.progress, desc="risks"):
-        tables = segmentation_tables(
-            outputs, risk=risk, measure=base, exit_flops=exit_flops, full_flops=full_flops
-        )
+        tables = prepared.tables(risk)
         risks[risk] = evaluate_risk(
             tables["losses"],
             cost=tables["cost"],
@@ -554,41 +637,25 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         for eps in table_eps
         for what in ("layers saved", "FLOPs saved", "test risk")
     ]
-    measure_rows = []
-    for measure in progress_bar(measures, enabled=config.progress, desc="Table 1"):
-        tables = segmentation_tables(
-            outputs,
-            risk="prediction_consistency",
-            measure=measure.__name__,
-            exit_flops=exit_flops,
-            full_flops=full_flops,
-        )
-        by_flops = evaluate(
-            tables["losses"],
-            procedures="ucb-wsr",
-            target_risks=table_eps,
-            cost=tables["cost"],
-            **common,
-        )
-        by_exit = evaluate(
-            tables["losses"],
-            procedures="ucb-wsr",
-            target_risks=table_eps,
-            cost=tables["exits"] + 1.0,
-            **common,
-        )
-        measure_rows.append(
-            [measure.__name__]
-            + [cell for eps in table_eps for cell in _ucb_cells(by_flops, by_exit, eps)]
-        )
-    risk_rows = []
-    for risk, data in risks.items():
-        by_flops = Evaluation.from_dict(data["evaluation"])
-        by_exit = Evaluation.from_dict(data["evaluation_exits"])
-        risk_rows.append(
-            [RISK_TITLES[risk]]
-            + [cell for eps in table_eps for cell in _ucb_cells(by_flops, by_exit, eps)]
-        )
+    per_measure = table_one(prepared, target_risks=table_eps, **common)
+    measure_rows = [
+        [name]
+        + [cell for eps in table_eps for cell in _saving_cells(ev["flops"], ev["exits"], eps)]
+        for name, ev in per_measure.items()
+    ]
+    risk_rows = [
+        [RISK_TITLES[risk]]
+        + [
+            cell
+            for eps in table_eps
+            for cell in _saving_cells(
+                Evaluation.from_dict(data["evaluation"]),
+                Evaluation.from_dict(data["evaluation_exits"]),
+                eps,
+            )
+        ]
+        for risk, data in risks.items()
+    ]
     extra_tables = [
         {
             "title": "UCB-WSR savings on the miscoverage risk, per confidence and aggregation",
@@ -612,13 +679,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         np.random.default_rng(config.seed + 1).permutation(len(heldout)), [n_cal]
     )
     policy_measure = measures[0]
-    tables = segmentation_tables(
-        outputs,
-        risk=config.policy_risk,
-        measure=policy_measure.__name__,
-        exit_flops=exit_flops,
-        full_flops=full_flops,
-    )
+    tables = prepared.tables(config.policy_risk, policy_measure.__name__)
     policy: ExitPolicy = calibrate_table(
         tables["losses"][:, cal_idx],
         target_risk=config.policy_target_risk,
@@ -644,7 +705,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     repeats = config.timing_repeats or (3 if config.quick else 7)
     timing = time_inference(network, test_images, threshold, batch_size=64, repeats=repeats)
     timing_batch1 = time_inference(
-        network, test_images[:100], threshold, batch_size=1, repeats=max(1, repeats // 2)
+        network,
+        test_images[: 20 if config.quick else 100],
+        threshold,
+        batch_size=1,
+        repeats=max(1, repeats // 2),
     )
     miscoverage_test = float((early_masks != full_masks).mean(axis=(1, 2)).mean())
     timing_summary = {
@@ -737,7 +802,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
             "description": f"encoder-decoder: stage widths {list(model_config.widths)}, strides "
             f"{list(model_config.strides)}, dilations {list(model_config.dilations)}; a dense "
             f"head (1x1 conv, width {model_config.head_width}, then bilinear upsampling) per "
-            f"stage; trained jointly with self-distillation ({setup.training.epochs} epochs).",
+            f"stage; trained jointly with self-distillation ({prepared.training.epochs} epochs).",
             "n_exits": n_exits,
             "flops_per_exit": exit_flops.tolist(),
             "full_flops": full_flops,
@@ -745,8 +810,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
             "accuracy_label": "held-out mIoU",
             "pixel_accuracy_per_exit": accuracy.tolist(),
             "fingerprint": network.fingerprint,
-            "from_cache": from_cache,
-            "train_seconds": metadata.get("train_seconds"),
+            "from_cache": prepared.from_cache,
+            "train_seconds": prepared.metadata.get("train_seconds"),
         },
         "settings": {
             "delta": config.delta,
