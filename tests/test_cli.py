@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import numpy as np
@@ -168,3 +169,29 @@ def test_demo_quick(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "ucb-wsr" in text and "layers" in text
     assert json.loads(out_file.read_text())["trials"] == 20
+
+
+@pytest.mark.parametrize(("task", "n_cal"), [("classification", 100), ("segmentation", 400)])
+def test_demo_passes_its_options_to_the_task(monkeypatch, capsys, task, n_cal):
+    pytest.importorskip("torch")
+    module = importlib.import_module(f"exitguard.tasks.{task}")
+    seen = {}
+
+    def fake_run_demo(config):
+        seen["config"] = config
+        return {"summary": ["ran"]}
+
+    monkeypatch.setattr(module, "run_demo", fake_run_demo)
+    argv = ["demo", "--task", task, "--quick", "--seed", "3", "--out", "rep", "--no-progress"]
+    assert main(argv) == 0
+    config = seen["config"]
+    assert isinstance(config, module.DemoConfig)
+    assert (config.n_cal, config.seed, config.out, config.quick, config.progress) == (
+        n_cal,
+        3,
+        "rep",
+        True,
+        False,
+    )
+    assert main([*argv, "--n-cal", "50"]) == 0 and seen["config"].n_cal == 50
+    assert "- ran" in capsys.readouterr().out

@@ -546,6 +546,7 @@ def table_one(
     prepared: Prepared,
     *,
     risk: str = "prediction_consistency",
+    measures: Sequence[str] | None = None,
     target_risks: Sequence[float] = TABLE_TARGET_RISKS,
     procedure: str = "ucb-wsr",
     delta: float = 0.1,
@@ -557,10 +558,12 @@ def table_one(
 
     Returns ``{measure: {"flops": Evaluation, "exits": Evaluation}}``; the FLOPs evaluation's
     ``relative_saving`` is the FLOPs saving, the exits evaluation's the share of layers saved.
+    ``measures`` names the measures to evaluate (all of ``prepared.measures`` by default).
     """
     found = {}
-    for measure in prepared.measures:
-        tables = prepared.tables(risk, measure.__name__)
+    names = [m.__name__ for m in prepared.measures] if measures is None else list(measures)
+    for name in names:
+        tables = prepared.tables(risk, name)
         common: dict[str, Any] = dict(
             procedures=procedure,
             target_risks=tuple(target_risks),
@@ -570,7 +573,7 @@ def table_one(
             loss_bound=LOSS_BOUNDS[risk],
             seed=seed,
         )
-        found[measure.__name__] = {
+        found[name] = {
             "flops": evaluate(tables["losses"], cost=tables["cost"], **common),
             "exits": evaluate(tables["losses"], cost=tables["exits"] + 1.0, **common),
         }

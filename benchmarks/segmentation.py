@@ -1,0 +1,165 @@
+"""Savings of certified image-level exits on segmentation, in the shape of the paper's Table 1.
+
+For every confidence x aggregation: UCB-WSR on the miscoverage risk R^C(ŷ) at each target
+risk, with the share of layers and of FLOPs saved and the test risk over repeated random
+splits; then the four risks with top-1 + mean; then one calibrated policy run for real against
+the full model (median of repeated runs after a warm-up, both measured side by side here).
+
+    python benchmarks/segmentation.py --dataset fashion-mnist --n-cal 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import exitguard
+from exitguard.tasks.common import time_inference
+from exitguard.tasks.segmentation import (
+    LOSS_BOUNDS,
+    RISK_TITLES,
+    SEGMENTATION_RISKS,
+    DemoConfig,
+    prepare,
+    table_one,
+)
+
+
+def _cells(by_flops: exitguard.Evaluation, by_exit: exitguard.Evaluation, eps: float) -> dict:
+    row = by_flops.row("ucb-wsr", eps)
+    return {
+        "layer_saving": by_exit.row("ucb-wsr", eps).relative_saving,
+        "flops_saving": row.relative_saving,
+        "mean_test_risk": row.mean_test_risk,
+        "violation_rate": row.violation_rate,
+        "population_violation_rate": row.population_violation_rate,
+    }
+
+
+def _print_row(name: str, cells: list[dict]) -> None:
+    text = "".join(
+        f"{100 * c['layer_saving']:>8.1f}%{100 * c['flops_saving']:>7.1f}%"
+        f"{c['mean_test_risk']:>8.4f}{c['population_violation_rate']:>6.2f}"
+        for c in cells
+    )
+    print(f"{name:<34}{text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--n-cal", type=int, default=400)
+    parser.add_argument("--target-risk", type=float, nargs="+", default=[0.01, 0.05, 0.1])
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    prepared = prepare(DemoConfig(dataset=args.dataset, seed=args.seed, progress=False))
+    heldout, network = prepared.heldout, prepared.network
+    common = dict(delta=args.delta, n_cal=args.n_cal, trials=args.trials, seed=args.seed)
+    eps_list = list(args.target_risk)
+    print(
+        f"{heldout.name}: {len(heldout)} held-out scenes, {network.n_exits} exits, UCB-WSR, "
+        f"delta = {args.delta}, n_cal = {args.n_cal}, {args.trials} splits"
+    )
+    head = "".join(
+        f"{'ε=' + format(e, 'g'):>10}{'FLOPs':>7}{'risk':>8}{'viol':>6}" for e in eps_list
+    )
+    print(f"{'miscoverage: confidence/aggregation':<34}{head}")
+    measures = {}
+    for name, evaluations in table_one(prepared, target_risks=eps_list, **common).items():
+        cells = [_cells(evaluations["flops"], evaluations["exits"], e) for e in eps_list]
+        measures[name] = dict(zip(map(str, eps_list), cells, strict=True))
+        _print_row(name, cells)
+    print(f"\n{'risk (top-1 + mean)':<34}{head}")
+    risks = {}
+    for risk in SEGMENTATION_RISKS:
+        evaluations = table_one(prepared, risk=risk, target_risks=eps_list, **common)[
+            prepared.measures[0].__name__
+        ]
+        cells = [_cells(evaluations["flops"], evaluations["exits"], e) for e in eps_list]
+        risks[risk] = dict(zip(map(str, eps_list), cells, strict=True))
+        _print_row(RISK_TITLES[risk], cells)
+
+    # One calibrated policy (miscoverage, top-1 + mean, ε = 0.05) run for real.
+    eps = 0.05 if 0.05 in eps_list else eps_list[0]
+    tables = prepared.tables("prediction_consistency")
+    order = np.random.default_rng(args.seed + 1).permutation(len(heldout))
+    cal, test = order[: args.n_cal], order[args.n_cal :]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        policy = exitguard.calibrate_table(
+            tables["losses"][:, cal],
+            target_risk=eps,
+            delta=args.delta,
+            procedure="ucb-wsr",
+            loss_bound=LOSS_BOUNDS["prediction_consistency"],
+            thresholds=tables["thresholds"],
+        )
+    threshold = math.inf if policy.threshold is None else float(policy.threshold)
+    network.confidence = prepared.measures[0]
+    images = torch.from_numpy(heldout.images[test])
+    timing = {
+        f"batch_{batch}": time_inference(
+            network,
+            images if batch > 1 else images[:100],
+            threshold,
+            batch_size=batch,
+            repeats=args.repeats,
+        )
+        for batch in (64, 1)
+    }
+    ideal = float(prepared.flops.full) / float(np.mean(tables["cost"][policy.index, test]))
+    print(
+        f"\npolicy at ε = {eps:g} (threshold {threshold:.4g}, mean exit "
+        f"{tables['exits'][policy.index, test].mean() + 1:.2f}): measured speed-up "
+        f"{timing['batch_64']['measured_speedup']:.2f}x at batch 64, "
+        f"{timing['batch_1']['measured_speedup']:.2f}x at batch 1; FLOPs ideal {ideal:.2f}x"
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent / "results" / f"segmentation-{args.dataset}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "dataset": heldout.name,
+        "n_heldout": len(heldout),
+        "n_exits": network.n_exits,
+        "miou_per_exit": prepared.outputs.miou.mean(axis=0).tolist(),
+        "pixel_accuracy_per_exit": prepared.outputs.pixel_accuracy.mean(axis=0).tolist(),
+        "flops_per_exit": prepared.exit_flops.tolist(),
+        "full_flops": float(prepared.flops.full),
+        "settings": {**common, "target_risks": eps_list, "procedure": "ucb-wsr"},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+        "miscoverage_by_measure": measures,
+        "risks_top1_mean": risks,
+        "timed_policy": {
+            "target_risk": eps,
+            "threshold": threshold,
+            "flops_speedup_ideal": ideal,
+            **timing,
+        },
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
