@@ -128,3 +128,34 @@ def test_tables_row_zero_is_loss_free_and_charged_the_backbone():
         segmentation_tables(
             outputs, risk="distribution_gap", measure="x", exit_flops=flops, full_flops=4.0
         )
+
+
+def test_collection_does_not_depend_on_the_batch_size():
+    from exitguard.data.images import load_dataset
+    from exitguard.data.scenes import make_scenes
+    from exitguard.tasks.segmentation import (
+        SegmenterConfig,
+        build_segmenter,
+        collect_segmentation,
+        confidence_measures,
+    )
+
+    scenes = make_scenes(load_dataset("digits"), n=20, size=16, seed=0)
+    torch.manual_seed(0)
+    network = build_segmenter(SegmenterConfig(), image_shape=(1, 16, 16), num_classes=11)
+    measures = confidence_measures(window=4)
+    a = collect_segmentation(network, scenes, measures=measures, batch_size=7, seed=1)
+    b = collect_segmentation(network, scenes, measures=measures, batch_size=20, seed=1)
+    c = collect_segmentation(network, scenes, measures=measures, batch_size=20, seed=2)
+    for risk in SEGMENTATION_RISKS:
+        np.testing.assert_allclose(a.losses[risk], b.losses[risk], atol=1e-5)
+    for name in a.confidences:
+        np.testing.assert_allclose(a.confidences[name], b.confidences[name], atol=1e-5)
+    assert a.confidences[measures[0].__name__].shape == (20, 4)
+    # the seed only moves the pseudo-labels of the consistency risk
+    assert not np.allclose(
+        a.losses["distribution_consistency"], c.losses["distribution_consistency"]
+    )
+    np.testing.assert_allclose(
+        a.losses["distribution_gap"], c.losses["distribution_gap"], atol=1e-5
+    )

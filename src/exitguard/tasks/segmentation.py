@@ -434,7 +434,8 @@ class _Setup:
 
 def _setup(config: DemoConfig) -> _Setup:
     if config.dataset == "fashion-mnist":
-        setup = _Setup(64, 1, 8000, 2000, SegmenterTraining(epochs=6 if config.quick else 12))
+        training = SegmenterTraining(epochs=4 if config.quick else 8, batch_size=64)
+        setup = _Setup(64, 1, 4000, 2000, training)
     elif config.dataset == "mnist-5k":
         setup = _Setup(64, 1, 4000, 1500, SegmenterTraining(epochs=6 if config.quick else 12))
     else:
