@@ -141,7 +141,7 @@ def per_exit_losses(
     The table entry of a risk is the loss at the exit taken minus the last exit's (see
     :func:`exitguard.risk.losses.loss_table`); miscoverage is 0 at the last exit.
     """
-    predictions = probs.argmax(dim=2)  # (B, L, H, W)
+    predictions = probs.max(dim=2).indices  # (B, L, H, W)
     pseudo = sample_pixel_labels(probs[:, -1], uniform)  # (B, H, W)
     return {
         "prediction_consistency": miscoverage(predictions),
@@ -342,7 +342,7 @@ def collect_segmentation(
         masks = torch.from_numpy(scenes.masks[start : start + batch_size])  # (B, H, W)
         uniform = torch.from_numpy(rng.random(masks.shape))  # (B, H, W) float64
         probs = network(images).softmax(dim=2)  # (B, L, C, H, W)
-        predictions = probs.argmax(dim=2)  # (B, L, H, W)
+        predictions = probs.max(dim=2).indices  # (B, L, H, W)
         batch = {f"conf:{measure.__name__}": measure(probs.double()) for measure in measures}
         batch.update(per_exit_losses(probs, masks, uniform, num_classes=scenes.num_classes))
         batch["pixel_accuracy"] = (predictions == masks.unsqueeze(1)).flatten(2).double().mean(-1)
@@ -434,8 +434,8 @@ class _Setup:
 
 def _setup(config: DemoConfig) -> _Setup:
     if config.dataset == "fashion-mnist":
-        training = SegmenterTraining(epochs=4 if config.quick else 8, batch_size=64)
-        setup = _Setup(64, 1, 4000, 2000, training)
+        training = SegmenterTraining(epochs=5 if config.quick else 10)
+        setup = _Setup(64, 1, 6000, 2000, training)
     elif config.dataset == "mnist-5k":
         setup = _Setup(64, 1, 4000, 1500, SegmenterTraining(epochs=6 if config.quick else 12))
     else:
