@@ -6,10 +6,19 @@ import importlib
 import pytest
 
 MODULES = ["exitguard.calibration", "exitguard.risk.exits"]
+TORCH_MODULES = [
+    "exitguard.nn.attach",
+    "exitguard.nn.confidence",
+    "exitguard.nn.flops",
+    "exitguard.nn.network",
+    "exitguard.tasks.diffusion.model",
+]
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", MODULES + TORCH_MODULES)
 def test_docstring_examples(name):
+    if name in TORCH_MODULES:
+        pytest.importorskip("torch")
     module = importlib.import_module(name)
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0

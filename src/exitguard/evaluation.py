@@ -113,7 +113,7 @@ class Evaluation:
         )
         lines = [header, "-" * len(header)]
         for r in self.rows:
-            cost = "-" if r.mean_cost is None else f"{r.mean_cost:.3f}"
+            cost = "-" if r.mean_cost is None else f"{r.mean_cost:.4g}"
             saving = "-" if r.relative_saving is None else f"{100 * r.relative_saving + 0.0:.1f}%"
             lines.append(
                 f"{r.procedure:<15}{r.target_risk:>6.3f}{r.mean_test_risk:>11.4f}"

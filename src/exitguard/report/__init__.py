@@ -111,6 +111,9 @@ def render_html(results: Mapping[str, Any]) -> str:
         )
     ]
     accuracy_label = str(model.get("accuracy_label", "held-out accuracy"))
+    flops_label = "FLOPs to reach and decide" + (
+        f" ({model['flops_unit']})" if model.get("flops_unit") else ""
+    )
     timing_rows = [[k.replace("_", " "), v] for k, v in timing.items() if not isinstance(v, dict)]
     pictures = "".join(
         f"<h3>{html.escape(str(spec.get('title', '')))}</h3>"
@@ -149,7 +152,7 @@ test split's own noise); the binomial p-value tests "population violation rate â
 <h2>Tables</h2>{extra_tables}{"".join(sections)}
 <h2>Model and data</h2>
 <p>{html.escape(str(model.get("description", "")))}</p>
-{_table(["exit", "FLOPs to reach and decide", accuracy_label], exit_rows)}
+{_table(["exit", flops_label, accuracy_label], exit_rows)}
 <p class="note">Dataset: {html.escape(str(dataset.get("name")))}
 ({html.escape(str(dataset.get("source", "")))}); {_cell(dataset.get("n_train"))} training and
 {_cell(dataset.get("n_heldout"))} held-out images. Created {html.escape(results.get("created", ""))}

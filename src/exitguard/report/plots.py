@@ -33,6 +33,14 @@ def risk_title(results: Mapping[str, Any], risk: str) -> str:
     return str(results.get("risk_titles", {}).get(risk) or RISK_TITLES.get(risk, risk))
 
 
+def _target_axis(axis: Any, results: Mapping[str, Any]) -> None:
+    """Label the target-risk axis; log scale when the targets span more than 20x."""
+    targets = [float(e) for e in results.get("settings", {}).get("target_risks", []) if e]
+    if targets and max(targets) / min(targets) > 20:
+        axis.set_xscale("log")
+    axis.set_xlabel("target risk ε")
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -89,17 +97,17 @@ def plot_test_risk(results: Mapping[str, Any], path: Path) -> Path:
     figure, axes = _grid(plt, len(risks))
     for axis, (risk, data) in zip(axes, risks.items(), strict=True):
         rows = data["evaluation"]["rows"]
-        top = 0.0
+        eps_all = np.array([r["target_risk"] for r in rows], dtype=float)
         for procedure in _procedures(rows):
             eps, mean = _series(rows, procedure, "mean_test_risk")
             _, sd = _series(rows, procedure, "sd_test_risk")
             style = PROCEDURE_STYLE.get(procedure, {})
             axis.plot(eps, mean, label=procedure, markersize=3, **style)
             axis.fill_between(eps, mean - sd, mean + sd, color=style.get("color"), alpha=0.12)
-            top = max(top, float(np.nanmax(eps)))
-        axis.plot([0, top], [0, top], color="black", linewidth=0.8, label="risk = target")
+        line = np.linspace(eps_all.min(), eps_all.max(), 50)  # a curve, straight on any scale
+        axis.plot(line, line, color="black", linewidth=0.8, label="risk = target")
         axis.set_title(risk_title(results, risk))
-        axis.set_xlabel("target risk ε")
+        _target_axis(axis, results)
         axis.set_ylabel("test risk")
     axes[0].legend(fontsize=8)
     figure.suptitle("Risk control: test risk stays under the diagonal (shaded: ±1 sd over splits)")
@@ -122,7 +130,7 @@ def plot_violations(results: Mapping[str, Any], path: Path) -> Path:
         axis.axhline(delta, color="black", linewidth=0.8, linestyle="--", label=f"δ = {delta:g}")
         axis.set_ylim(-0.02, 1.02)
         axis.set_title(risk_title(results, risk))
-        axis.set_xlabel("target risk ε")
+        _target_axis(axis, results)
         axis.set_ylabel("violation rate")
     axes[0].legend(fontsize=8)
     figure.suptitle("Violations: share of calibration draws with risk > ε (on all held-out data)")
@@ -148,7 +156,8 @@ def plot_efficiency(results: Mapping[str, Any], path: Path) -> Path:
         axes[0, column].set_ylim(0.8, n_exits + 0.2)
         axes[0, column].set_ylabel("mean exit (1 = first)")
         axes[1, column].set_ylabel("FLOPs saved (%)")
-        axes[1, column].set_xlabel("target risk ε")
+        _target_axis(axes[0, column], results)
+        _target_axis(axes[1, column], results)
     axes[0, 0].legend(fontsize=8)
     figure.suptitle("Efficiency: how early the certified policies exit")
     return _save(figure, path)
@@ -164,7 +173,7 @@ def plot_exit_histogram(results: Mapping[str, Any], path: Path) -> Path:
     axis.bar(exits, counts / max(counts.sum(), 1), color="#d62728", alpha=0.8)
     axis.set_xticks(exits)
     axis.set_xlabel("exit (the last one is the full model)")
-    axis.set_ylabel("share of test samples")
+    axis.set_ylabel(f"share of {histogram.get('unit', 'test samples')}")
     axis.set_title(
         f"{histogram['procedure']} at ε = {histogram['target_risk']:g} on "
         f"{risk_title(results, histogram['risk'])}"

@@ -209,32 +209,41 @@ def _split(n: int, n_heldout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[n_heldout:]), np.sort(order[:n_heldout])
 
 
-def _data_for(config: DemoConfig) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
-    """(full dataset, training part, held-out part)."""
-    data = load_dataset(config.dataset, path=config.dataset_path)
-    if config.dataset == "fashion-mnist":
+def classifier_data(
+    dataset: str, *, path: str | None = None, seed: int = 0
+) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """(full dataset, training part, held-out part) as the classification demo splits them.
+
+    Fashion-MNIST keeps its own split (60000 / 10000); the others are split at random by
+    ``seed`` (half held out for digits, 40% for MNIST-5k).
+    """
+    data = load_dataset(dataset, path=path)
+    if dataset == "fashion-mnist":
         n_train = 60000
         train = data.subset(np.arange(n_train))
         heldout = data.subset(np.arange(n_train, len(data)))
     else:
-        fraction = 0.5 if config.dataset == "digits" else 0.4
-        train_idx, held_idx = _split(len(data), int(len(data) * fraction), config.seed)
+        fraction = 0.5 if dataset == "digits" else 0.4
+        train_idx, held_idx = _split(len(data), int(len(data) * fraction), seed)
         train, heldout = data.subset(train_idx), data.subset(held_idx)
     return data, train, heldout
 
 
-def _settings_for(config: DemoConfig) -> tuple[CNNConfig, TrainSettings]:
-    if config.dataset == "fashion-mnist":
+def classifier_settings(
+    dataset: str, *, quick: bool = False, seed: int = 0
+) -> tuple[CNNConfig, TrainSettings]:
+    """The CNN and its training for a dataset, as the classification demo uses them."""
+    if dataset == "fashion-mnist":
         model = CNNConfig(widths=(24, 32, 48, 64, 96), strides=(1, 2, 1, 2, 1))
-        train = TrainSettings(epochs=3 if config.quick else 6, batch_size=128, lr=2e-3)
-    elif config.dataset == "mnist-5k":
+        train = TrainSettings(epochs=3 if quick else 6, batch_size=128, lr=2e-3)
+    elif dataset == "mnist-5k":
         model = CNNConfig()
-        train = TrainSettings(epochs=4 if config.quick else 10)
+        train = TrainSettings(epochs=4 if quick else 10)
     else:
         # Thin early stages: on 8x8 digits a wide first stage already sees the whole image.
         model = CNNConfig(widths=(8, 12, 16, 32, 64), strides=(1, 1, 2, 1, 2))
-        train = TrainSettings(epochs=4 if config.quick else 15)
-    return model, dataclasses.replace(train, seed=config.seed)
+        train = TrainSettings(epochs=4 if quick else 15)
+    return model, dataclasses.replace(train, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -262,8 +271,12 @@ class Prepared:
 
 def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepared:
     """Load the data, train or load the model, and collect every exit's held-out outputs."""
-    data, train, heldout = _data_for(config)
-    model_config, settings = _settings_for(config)
+    data, train, heldout = classifier_data(
+        config.dataset, path=config.dataset_path, seed=config.seed
+    )
+    model_config, settings = classifier_settings(
+        config.dataset, quick=config.quick, seed=config.seed
+    )
     if config.epochs is not None:
         settings = dataclasses.replace(settings, epochs=config.epochs)
     log(f"data: {data!r}; {len(train)} training and {len(heldout)} held-out images")

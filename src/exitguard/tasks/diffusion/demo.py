@@ -1,0 +1,580 @@
+"""Early-exit diffusion sampling end to end: train (or load), sweep, calibrate, measure.
+
+``run_demo(DemoConfig())`` trains a small U-ViT denoiser with DeeDiff's exits and
+uncertainty modules (or loads it from the cache), places a threshold grid on pilot noise seeds,
+samples N noise seeds under every threshold (the loss table), checks the calibrated policies
+of naive, CRC, UCB-WSR and LTT over repeated calibration/test splits for every loss, runs one
+calibrated policy for real against the full model (samples per second at batch 64), and returns
+the results dict that :func:`exitguard.report.write_report` turns into a report. It writes no
+file itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from exitguard.calibration import calibrate_table
+from exitguard.data.images import ImageDataset, load_dataset
+from exitguard.evaluation import Evaluation
+from exitguard.policy import ExitPolicy
+from exitguard.report import write_report
+from exitguard.tasks.common import (
+    PROCEDURES,
+    evaluate_risk,
+    median_seconds,
+    results_header,
+)
+from exitguard.tasks.diffusion.losses import LOSSES, FeatureDistance, ssim_loss
+from exitguard.tasks.diffusion.model import Denoiser, DenoiserConfig, describe
+from exitguard.tasks.diffusion.sample import SampleResult, generate, to_unit
+from exitguard.tasks.diffusion.sweep import (
+    DiffusionSweep,
+    exit_counts,
+    pilot_thresholds,
+    sweep,
+    write_table,
+)
+from exitguard.tasks.diffusion.train import TrainedDenoiser, TrainSettings, load_or_train
+
+# Bounded image losses between samples from the same noise are small: on 8 x 8 digits even
+# the most aggressive policy changes (1 - SSIM) / 2 by 0.002 on average, and with n = 500 no
+# procedure can certify a risk below about B / n = 0.002. The grid is dense where the
+# certified policies change.
+TARGET_RISKS = (0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1)
+TABLE_TARGET_RISKS = (0.003, 0.005, 0.01, 0.02, 0.05, 0.1)
+FIGURE_TARGET_RISKS = (0.005, 0.006, 0.05)
+LOSS_TITLES = {
+    "ssim": "(1 - SSIM) / 2 against the full model's image",
+    "features": "1 - cosine of classifier features against the full model's image",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Settings of :func:`run_demo`.
+
+    ``n_samples`` noise seeds are tabulated (default 1000, 200 with ``quick``); ``n_cal`` of
+    them calibrate and the rest test, so ``n_cal`` is capped at half of ``n_samples``.
+    ``model`` and ``train`` override the architecture and training settings chosen for the
+    dataset (``train_iterations`` only the number of iterations).
+    """
+
+    dataset: str = "digits"
+    dataset_path: str | None = None
+    out: str = "exitguard-report"
+    seed: int = 0
+    n_cal: int = 500
+    n_samples: int | None = None
+    trials: int = 100
+    delta: float = 0.1
+    procedures: tuple[str, ...] = PROCEDURES
+    target_risks: tuple[float, ...] = TARGET_RISKS
+    losses: tuple[str, ...] = LOSSES
+    policy_loss: str = "ssim"
+    policy_procedure: str = "ucb-wsr"
+    policy_target_risk: float = 0.05
+    figure_target_risks: tuple[float, ...] = FIGURE_TARGET_RISKS
+    earliest_exit: int = 1
+    n_thresholds: int = 20
+    pilot_samples: int = 64
+    batch_size: int = 64
+    timing_samples: int = 128
+    timing_repeats: int | None = None
+    quick: bool = False
+    progress: bool = True
+    cache_dir: str | None = None
+    model: DenoiserConfig | None = None
+    train: TrainSettings | None = None
+    train_iterations: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.losses) - set(LOSSES))
+        if unknown or not self.losses:
+            raise ValueError(f"`losses` must name some of {LOSSES}; got {self.losses!r}.")
+        if self.policy_loss not in self.losses:
+            raise ValueError(
+                f"`policy_loss` must be one of `losses` {self.losses}; got {self.policy_loss!r}."
+            )
+
+
+# ------------------------------------------------------------------------- settings
+
+
+def model_settings(dataset: str, *, quick: bool, seed: int) -> tuple[DenoiserConfig, TrainSettings]:
+    """The denoiser and its training for a dataset (8 x 8 digits or a 28 x 28 set).
+
+    On 8 x 8 digits: patch 2 (16 tokens), width 64, 7 blocks, T = 100, 3000 AdamW iterations
+    at batch 128 (600 with ``quick``). On 28 x 28 images: patch 4 (49 tokens), width 96.
+    """
+    if dataset == "digits":
+        model = DenoiserConfig(image_size=8, patch_size=2, width=64, depth=7, n_heads=4)
+        train = TrainSettings(iterations=600 if quick else 3000, batch_size=128, lr=2e-3)
+    else:
+        model = DenoiserConfig(image_size=28, patch_size=4, width=96, depth=7, n_heads=4)
+        train = TrainSettings(iterations=1000 if quick else 6000, batch_size=128, lr=1e-3)
+    return model, dataclasses.replace(train, seed=seed)
+
+
+def training_images(data: ImageDataset) -> tuple[ImageDataset, torch.Tensor]:
+    """The training part (all of digits; the 60000 training images of 28 x 28 sets), and its
+    images scaled to [-1, 1]."""
+    if data.name == "fashion-mnist":
+        data = data.subset(np.arange(60000))
+    return data, torch.from_numpy(data.images) * 2.0 - 1.0  # (N, C, H, W)
+
+
+def feature_distance(
+    dataset: str,
+    *,
+    path: str | None,
+    seed: int,
+    cache_dir: str | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> FeatureDistance:
+    """The ``features`` loss: the project's multi-exit classifier trained on the same dataset.
+
+    The split and settings are those of ``exitguard demo`` (classification) on that dataset
+    (:func:`exitguard.tasks.classification.classifier_data` and ``classifier_settings``), so
+    a classifier it already cached is reused.
+    """
+    from exitguard.tasks.classification import classifier_data, classifier_settings
+    from exitguard.tasks.classification import load_or_train as load_classifier
+
+    _, train, _ = classifier_data(dataset, path=path, seed=seed)
+    config, settings = classifier_settings(dataset, seed=seed)
+    trained = load_classifier(
+        train,
+        model_config=config,
+        settings=settings,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        progress=progress,
+        log=log,
+    )
+    log("feature classifier: " + ("loaded from cache" if trained.from_cache else "trained"))
+    return FeatureDistance(trained.network)
+
+
+# ------------------------------------------------------------------------- pieces
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Prepared:
+    """A trained denoiser, its threshold grid and its sweep."""
+
+    data: ImageDataset
+    train: ImageDataset
+    trained: TrainedDenoiser
+    config: DenoiserConfig
+    settings: TrainSettings
+    thresholds: np.ndarray
+    sweep: DiffusionSweep
+    n_cal: int
+    trials: int
+
+    @property
+    def model(self) -> Denoiser:
+        return self.trained.model
+
+
+def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepared:
+    """Load the data, train or load the denoiser, place the grid on pilot seeds, sweep."""
+    data = load_dataset(config.dataset, path=config.dataset_path)
+    train, images = training_images(data)
+    model_config, settings = model_settings(config.dataset, quick=config.quick, seed=config.seed)
+    model_config = config.model or dataclasses.replace(
+        model_config, channels=data.image_shape[0], image_size=data.image_shape[1]
+    )
+    settings = config.train or settings
+    if config.train_iterations is not None:
+        settings = dataclasses.replace(settings, iterations=config.train_iterations)
+    log(f"data: {data!r}; {len(train)} training images")
+    trained = load_or_train(
+        images,
+        dataset=data.name,
+        data_fingerprint=train.fingerprint,
+        config=model_config,
+        settings=settings,
+        cache_dir=config.cache_dir,
+        progress=config.progress,
+        log=log,
+    )
+    log("denoiser: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
+    n_samples = config.n_samples or (200 if config.quick else 1000)
+    n_cal = min(config.n_cal, n_samples // 2)
+    trials = min(config.trials, 20) if config.quick else config.trials
+    count = min(config.n_thresholds, 12) if config.quick else config.n_thresholds
+    thresholds = pilot_thresholds(
+        trained.model,
+        seed=config.seed,
+        n=config.pilot_samples,
+        count=count,
+        earliest_exit=config.earliest_exit,
+    )
+    loss_fns: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+    for name in config.losses:  # a loop over the few losses
+        if name == "ssim":
+            loss_fns[name] = ssim_loss
+        else:
+            loss_fns[name] = feature_distance(
+                config.dataset,
+                path=config.dataset_path,
+                seed=config.seed,
+                cache_dir=config.cache_dir,
+                progress=config.progress,
+                log=log,
+            )
+    table = sweep(
+        trained.model,
+        n=n_samples,
+        seed=config.seed,
+        thresholds=thresholds,
+        earliest_exit=config.earliest_exit,
+        losses=loss_fns,
+        batch_size=max(1, min(config.batch_size, 2048 // max(1, thresholds.size))),
+        progress=config.progress,
+    )
+    log(f"sweep: {thresholds.size} thresholds x {n_samples} samples in {table.seconds:.0f} s")
+    return Prepared(data, train, trained, model_config, settings, thresholds, table, n_cal, trials)
+
+
+def calibrated(
+    prepared: Prepared,
+    cal: np.ndarray,
+    *,
+    loss: str,
+    target_risk: float,
+    delta: float,
+    procedure: str,
+) -> ExitPolicy:
+    """A policy calibrated on the sweep's columns ``cal`` (the full model when none is
+    certified), recording the model."""
+    table = prepared.sweep
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an uncertified policy is reported, not warned about
+        policy = calibrate_table(
+            table.table(loss)[:, cal],
+            target_risk=target_risk,
+            delta=delta,
+            procedure=procedure,
+            cost=table.cost[:, cal],
+            thresholds=table.thresholds,
+            risk=loss,
+            confidence="uem",
+        )
+    return policy.with_model(
+        n_exits=prepared.model.n_exits,
+        model_fingerprint=prepared.model.fingerprint,
+        confidence="uem",
+    )
+
+
+def time_sampling(
+    model: Denoiser,
+    indices: np.ndarray,
+    threshold: float,
+    *,
+    seed: int,
+    earliest_exit: int,
+    batch_size: int,
+    repeats: int,
+) -> tuple[dict[str, float], SampleResult, SampleResult]:
+    """Samples per second of early-exit and full-model sampling, run side by side.
+
+    Both generate the same samples from the same noise; the median of ``repeats`` runs after
+    a warm-up. Returns the timings and the two runs' results.
+    """
+    runs: dict[str, SampleResult] = {}
+
+    def run(value: float, key: str) -> None:
+        runs[key] = generate(
+            model,
+            indices,
+            seed=seed,
+            threshold=value,
+            earliest_exit=earliest_exit,
+            batch_size=batch_size,
+        )
+
+    full = median_seconds(lambda: run(math.inf, "full"), repeats=repeats)
+    early = median_seconds(lambda: run(threshold, "early"), repeats=repeats)
+    n = len(indices)
+    timing = {
+        "batch_size": batch_size,
+        "samples": n,
+        "full_samples_per_second": n / full,
+        "early_exit_samples_per_second": n / early,
+        "measured_speedup": full / early,
+    }
+    return timing, runs["full"], runs["early"]
+
+
+def _cell(image: np.ndarray, *, cmap: str, vmin: float, vmax: float) -> dict[str, Any]:
+    return {
+        "image": np.asarray(image, dtype=np.float64).round(4).tolist(),
+        "cmap": cmap,
+        "vmin": vmin,
+        "vmax": vmax,
+    }
+
+
+def figures(
+    prepared: Prepared,
+    policies: Sequence[ExitPolicy],
+    shown: np.ndarray,
+    *,
+    heat_samples: np.ndarray,
+) -> list[dict[str, Any]]:
+    """The picture grids of the report: samples beside early-exit samples, and exit maps."""
+    table = prepared.sweep
+    last = table.n_exits - 1
+    labels = [f"ε = {p.target_risk:g}" + ("" if p.certified else " (full model)") for p in policies]
+    rows = []
+    for i in shown.tolist():  # a few example samples
+        cells = [_cell(table.images[0, i, 0], cmap="gray", vmin=0.0, vmax=1.0)]
+        cells += [
+            _cell(table.images[p.index, i, 0], cmap="gray", vmin=0.0, vmax=1.0) for p in policies
+        ]
+        rows.append({"label": f"seed {i}", "cells": cells})
+    samples = {
+        "file": "diffusion_samples.png",
+        "title": "Full-model samples beside early-exit samples from the same noise",
+        "caption": (
+            f"Each row starts from the same noise (test seeds); columns: the full model, then "
+            f"the {policies[0].procedure} policy calibrated at each ε (δ = "
+            f"{policies[0].delta:g}, n = {policies[0].n}) on the "
+            f"{policies[0].risk} loss."
+        ),
+        "columns": ["full model", *labels],
+        "rows": rows,
+    }
+    heat_rows = []
+    means = []
+    for policy, label in zip(policies, labels, strict=True):
+        depth = table.exits[policy.index][heat_samples].astype(np.float64)  # (S, T)
+        means.append(f"{label}: {float(table.exits[policy.index].mean() + 1):.2f}")
+        heat_rows.append(
+            {
+                "label": label.replace(" (full model)", " (full)"),
+                "cells": [_cell(depth, cmap="viridis", vmin=0.0, vmax=float(last))],
+            }
+        )
+    steps = table.exits.shape[-1]
+    heat = {
+        "file": "diffusion_exits.png",
+        "title": "Exit taken at every denoising step",
+        "caption": (
+            f"Rows of each map: {heat_samples.size} test samples; columns: the {steps} steps from "
+            f"t = {steps - 1} (pure noise, left) to t = 0 (right). Colour: the 0-based exit "
+            f"(0 = after the first block, {last} = the full model). Mean exit (1 = first) over "
+            f"all samples and steps: {'; '.join(means)}."
+        ),
+        "columns": [f"exit per step ({heat_samples.size} samples x {steps} steps)"],
+        "rows": heat_rows,
+        "colorbar": "exit",
+    }
+    return [samples, heat]
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the diffusion task end to end, write its report to ``config.out``, return the results.
+
+    See :func:`write_demo_table` for the loss table as npz.
+    """
+    started = time.perf_counter()
+    prepared = prepare(config, log=log)
+    model, table, data = prepared.model, prepared.sweep, prepared.data
+    n_cal, trials = prepared.n_cal, prepared.trials
+    n_samples = table.indices.size
+    flops = table.flops
+
+    risks: dict[str, Any] = {}
+    for loss in config.losses:  # a loop over the few losses
+        risks[loss] = evaluate_risk(
+            table.table(loss),
+            cost=table.cost,
+            exits=table.mean_exit,
+            loss_bound=1.0,
+            procedures=config.procedures,
+            target_risks=config.target_risks,
+            delta=config.delta,
+            n_cal=n_cal,
+            trials=trials,
+            seed=config.seed,
+        )
+
+    order = np.random.default_rng(config.seed + 1).permutation(n_samples)
+    cal, test = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+
+    def policy_at(target_risk: float) -> ExitPolicy:
+        return calibrated(
+            prepared,
+            cal,
+            loss=config.policy_loss,
+            target_risk=target_risk,
+            delta=config.delta,
+            procedure=config.policy_procedure,
+        )
+
+    policy = policy_at(config.policy_target_risk)
+    shown_policies = [policy_at(eps) for eps in config.figure_target_risks]
+    threshold = math.inf if policy.threshold is None else float(policy.threshold)
+
+    timed = test[: min(config.timing_samples, test.size)]
+    repeats = config.timing_repeats or (1 if config.quick else 3)
+    timing, full_run, early_run = time_sampling(
+        model,
+        timed,
+        threshold,
+        seed=config.seed,
+        earliest_exit=config.earliest_exit,
+        batch_size=config.batch_size,
+        repeats=repeats,
+    )
+    timed_loss = ssim_loss(to_unit(early_run.images), to_unit(full_run.images)).numpy()
+    sweep_exits = table.exits[policy.index][timed].astype(np.int64)  # (S, T)
+    steps = model.config.steps
+    step_flops = np.asarray(flops["to_exit"], dtype=np.float64)
+    full_cost = float(flops["full"]) * steps
+    early_cost = (
+        full_cost
+        if math.isinf(threshold)
+        else float(step_flops[early_run.exits.numpy()].sum(axis=1).mean())
+    )
+    test_losses = table.table(config.policy_loss)[policy.index, test]
+    timing_summary: dict[str, Any] = {
+        "policy": f"{policy.procedure}, {config.policy_loss}, ε = {policy.target_risk:g}, "
+        f"δ = {policy.delta:g}, threshold = "
+        + ("never (full model)" if policy.is_full_model else f"{threshold:.4g}"),
+        "certified": policy.certified,
+        "samples timed": int(timed.size),
+        "batch size": config.batch_size,
+        "denoising steps": steps,
+        "mean exit (1 = first)": float(early_run.exits.double().mean() + 1),
+        "FLOPs saving": 1.0 - early_cost / full_cost,
+        "FLOPs speed-up": full_cost / early_cost,
+        "full model samples/s": timing["full_samples_per_second"],
+        "early exit samples/s": timing["early_exit_samples_per_second"],
+        "measured speed-up": timing["measured_speedup"],
+        "test risk (sweep, test split)": float(test_losses.mean()),
+        "test risk (timed samples, SSIM loss)": float(timed_loss.mean()),
+        "exits equal to the sweep's": float(
+            (early_run.exits.numpy() == sweep_exits).mean() if not policy.is_full_model else 1.0
+        ),
+    }
+
+    row = Evaluation.from_dict(risks[config.policy_loss]["evaluation"]).row(
+        config.policy_procedure, config.policy_target_risk
+    )
+    history = prepared.trained.metadata.get("history", {})
+    final_losses = {key: values[-1] for key, values in history.items() if key != "iteration"}
+    summary = [
+        (
+            f"{data.name}: a {model.n_exits}-exit U-ViT denoiser (DeeDiff exits and uncertainty "
+            f"modules), T = {steps} ancestral DDPM steps; {n_samples} generated samples "
+            f"tabulated under {table.thresholds.size} thresholds."
+        ),
+        (
+            f"{config.policy_procedure} on the {config.policy_loss} loss at ε = "
+            f"{config.policy_target_risk:g}, δ = {config.delta:g}, n = {n_cal}: mean test risk "
+            f"{row.mean_test_risk:.4f}, population violation rate "
+            f"{row.population_violation_rate:.2f} over {trials} splits, "
+            f"{100 * (row.relative_saving or 0):.1f}% of FLOPs saved."
+        ),
+        (
+            f"Real sampling at that policy (batch {config.batch_size}): "
+            f"{timing['early_exit_samples_per_second']:.1f} samples/s against "
+            f"{timing['full_samples_per_second']:.1f} for the full model "
+            f"({timing['measured_speedup']:.2f}x; FLOPs ideal "
+            f"{timing_summary['FLOPs speed-up']:.2f}x), loss {timed_loss.mean():.4f}."
+        ),
+    ]
+    rng = np.random.default_rng(config.seed + 2)
+    shown = np.sort(rng.choice(test, size=min(6, test.size), replace=False))
+    heat_samples = np.sort(rng.choice(test, size=min(16, test.size), replace=False))
+    results: dict[str, Any] = {
+        **results_header("diffusion", f"exitguard: certified early-exit sampling on {data.name}"),
+        "summary": summary,
+        "dataset": {
+            "name": data.name,
+            "source": data.source,
+            "n_train": len(prepared.train),
+            "n_heldout": n_samples,
+            "heldout_note": "generated samples (noise seeds), not dataset images",
+            "image_shape": list(data.image_shape),
+            "classes": list(data.class_names),
+        },
+        "model": {
+            "description": describe(prepared.config)
+            + f" Trained with DeeDiff's losses for {prepared.settings.iterations} iterations "
+            f"(batch {prepared.settings.batch_size}, EMA {prepared.settings.ema}).",
+            "n_exits": model.n_exits,
+            "flops_per_exit": [float(v) for v in flops["to_exit"]],
+            "full_flops": float(flops["full"]),
+            "flops_unit": "per sample and denoising step",
+            "flops": flops,
+            "steps": steps,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "fingerprint": model.fingerprint,
+            "from_cache": prepared.trained.from_cache,
+            "train_seconds": prepared.trained.metadata.get("train_seconds"),
+            "final_train_losses": final_losses,
+            "config": dataclasses.asdict(prepared.config),
+            "train": dataclasses.asdict(prepared.settings),
+        },
+        "settings": {
+            "delta": config.delta,
+            "n_cal": n_cal,
+            "trials": trials,
+            "target_risks": list(config.target_risks),
+            "table_target_risks": list(TABLE_TARGET_RISKS),
+            "procedures": list(config.procedures),
+            "seed": config.seed,
+            "confidence": "uem",
+            "losses": {name: LOSS_TITLES[name] for name in config.losses},
+            "earliest_exit": config.earliest_exit,
+            "thresholds": [
+                "never" if math.isinf(v) else float(v) for v in table.thresholds.tolist()
+            ],
+            "n_samples": n_samples,
+            "sweep_seconds": table.seconds,
+        },
+        "risks": risks,
+        "exit_histogram": {
+            "risk": config.policy_loss,
+            "procedure": config.policy_procedure,
+            "target_risk": config.policy_target_risk,
+            "threshold": policy.threshold if not policy.is_full_model else "never",
+            "counts": exit_counts(early_run.exits.numpy(), model.n_exits),
+            "unit": "(sample, denoising step) pairs",
+        },
+        "timing": timing_summary,
+        "policy": policy.to_dict(),
+        "figures": figures(prepared, shown_policies, shown, heat_samples=heat_samples),
+        "seconds": time.perf_counter() - started,
+    }
+    write_report(results, Path(config.out))
+    return results
+
+
+def write_demo_table(
+    config: DemoConfig,
+    path: str | Path,
+    *,
+    loss: str = "ssim",
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train or load the demo's model, sweep, and write the loss table npz (``write_table``)."""
+    return write_table(prepare(config, log=log).sweep, path, loss=loss)

@@ -1,0 +1,392 @@
+"""Loss and cost tables for early-exit diffusion sampling, by sweeping a threshold grid.
+
+A policy changes the trajectory it denoises, so the table comes from sampling every noise
+seed once per candidate threshold (DESIGN.md). Every threshold sees the same noise per sample
+and step (:func:`exitguard.tasks.diffusion.sample.sample_noise`), so row ``k`` differs from
+row 0 (``inf``, the full model) only through the exits taken. Per-sample losses compare each
+row's image with the full model's image from the same noise (:mod:`.losses`); row 0 is
+loss-free by construction. Cost: FLOPs of one sample summed over the ``T`` steps.
+
+One call samples a batch of noise seeds under all K thresholds at once, as ``K x b`` rows of
+one early-exit sampler (rows leave the batch at each step as they exit), so only row 0 runs
+the full model; the other rows pay for the blocks they use.
+
+The threshold grid is chosen on a *pilot* set of noise seeds (stream 1, never used for
+calibration or testing, which use stream 0): :func:`pilot_thresholds` runs the full model on
+them, records every candidate exit's confidence at every step, and places thresholds at
+quantiles of the best candidate confidence per (sample, step), so that the k-th threshold
+lets a share ``q_k`` of the pilot's steps leave early. The shares are evenly spaced in
+log-odds from ``smallest_share`` to ``1 - smallest_share``: dense at the safe end, where
+small target risks are decided, and at the aggressive end, where the last (least noisy)
+steps start to exit and the losses grow fastest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+from torch import Tensor
+
+from exitguard.tasks.common import progress_bar
+from exitguard.tasks.diffusion.losses import LOSSES, ssim_loss
+from exitguard.tasks.diffusion.model import Denoiser, exit_flops
+from exitguard.tasks.diffusion.sample import sample, sample_noise, simulate, to_unit
+
+PILOT_STREAM = 1
+"""The noise stream of the pilot samples that place the threshold grid."""
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def grid_from_confidences(
+    confidence: ArrayLike,
+    *,
+    earliest_exit: int,
+    count: int = 24,
+    smallest_share: float = 0.002,
+) -> NDArray[np.float64]:
+    """A threshold grid from pilot confidences: ``inf``, then ``count - 1`` decreasing values.
+
+    Parameters
+    ----------
+    confidence : array of shape (..., L - 1)
+        Every intermediate exit's confidence, e.g. (samples, steps, L - 1) from
+        :func:`exitguard.tasks.diffusion.sample.simulate` on the full model.
+    earliest_exit : int
+        Exits before it never fire, so their confidences are ignored.
+    count : int
+        Grid size K (>= 3), ``inf`` and the final 0 included; duplicates (ties in the
+        confidences) are dropped, so the grid can come out shorter.
+    smallest_share : float in (0, 0.5)
+        The share of pilot steps that exit early under the safest finite threshold (and
+        that stay under the most aggressive one before 0).
+
+    Returns
+    -------
+    float64 array of shape (K',)
+        ``[inf, t_1, ..., t_{K-2}, 0.0]``, strictly decreasing: ``t_k`` is the ``1 - q_k``
+        quantile of the best candidate confidence per step, with ``q_k`` evenly spaced in
+        log-odds from ``smallest_share`` to ``1 - smallest_share``.
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    if conf.ndim < 1 or conf.shape[-1] < 1:
+        raise ValueError(f"`confidence` must be (..., L - 1) with L >= 2; got {conf.shape}.")
+    if isinstance(earliest_exit, bool) or not 0 <= earliest_exit < conf.shape[-1]:
+        raise ValueError(
+            f"`earliest_exit` must be an integer in [0, {conf.shape[-1] - 1}] for a grid (a "
+            f"later exit is the last one, which never exits early); got {earliest_exit!r}."
+        )
+    if isinstance(count, bool) or not isinstance(count, int) or count < 3:
+        raise ValueError(f"`count` must be an integer >= 3; got {count!r}.")
+    if not 0.0 < smallest_share < 0.5:
+        raise ValueError(f"`smallest_share` must be a float in (0, 0.5); got {smallest_share!r}.")
+    best = conf[..., earliest_exit:].max(axis=-1).ravel()  # (M,) best candidate per step
+    edge = math.log(smallest_share / (1.0 - smallest_share))
+    shares = 1.0 / (1.0 + np.exp(-np.linspace(edge, -edge, count - 2)))  # (K-2,) increasing
+    values = np.quantile(best, 1.0 - shares)  # (K-2,) decreasing
+    finite = np.unique(np.clip(np.round(np.append(values, 0.0), 10), 0.0, 1.0))[::-1]
+    return np.concatenate([[math.inf], finite])
+
+
+def pilot_thresholds(
+    model: Denoiser,
+    *,
+    seed: int,
+    n: int = 64,
+    count: int = 24,
+    earliest_exit: int = 1,
+    smallest_share: float = 0.002,
+) -> NDArray[np.float64]:
+    """The threshold grid of :func:`grid_from_confidences` on ``n`` pilot samples.
+
+    The pilot samples are noise stream :data:`PILOT_STREAM` of ``seed``, disjoint from the
+    samples a sweep tabulates (stream 0), so the grid is chosen without looking at them.
+    """
+    noise = sample_noise(
+        np.arange(n),
+        seed=seed,
+        steps=model.config.steps,
+        image_shape=model.config.image_shape,
+        stream=PILOT_STREAM,
+    )
+    pilot = simulate(model, noise, threshold=math.inf, earliest_exit=earliest_exit)
+    if pilot.confidence is None:  # pragma: no cover - simulate records them
+        raise RuntimeError("simulate returned no confidences")
+    return grid_from_confidences(
+        pilot.confidence.numpy(),
+        earliest_exit=earliest_exit,
+        count=count,
+        smallest_share=smallest_share,
+    )
+
+
+def step_costs(flops: Mapping[str, Any]) -> NDArray[np.float64]:
+    """(L,) FLOPs of a step that leaves at each exit, from :func:`exit_flops`."""
+    return np.asarray(flops["to_exit"], dtype=np.float64)
+
+
+def sample_costs(
+    exits: ArrayLike, thresholds: ArrayLike, flops: Mapping[str, Any]
+) -> NDArray[np.float64]:
+    """FLOPs per sample summed over steps.
+
+    Parameters
+    ----------
+    exits : int array of shape (K, N, T)
+        The exit of each sample at each step under each threshold.
+    thresholds : array of shape (K,)
+        Rows whose threshold is ``inf`` run no UEM: each step costs ``flops["full"]``.
+    flops : mapping
+        From :func:`exitguard.tasks.diffusion.model.exit_flops`.
+
+    Returns
+    -------
+    float64 array of shape (K, N)
+    """
+    taken = np.asarray(exits, dtype=np.int64)  # (K, N, T)
+    grid = np.asarray(thresholds, dtype=np.float64)  # (K,)
+    cost = step_costs(flops)[taken].sum(axis=-1)  # (K, N)
+    cost[np.isposinf(grid)] = float(flops["full"]) * taken.shape[-1]
+    return cost
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class DiffusionSweep:
+    """Losses and costs of every noise seed under every threshold.
+
+    Attributes
+    ----------
+    thresholds : float64 array of shape (K,)
+        The grid, ``thresholds[0] = inf`` (the full model), then decreasing.
+    losses : mapping of str to float64 arrays of shape (K, N)
+        Each of :data:`~exitguard.tasks.diffusion.losses.LOSSES` that was computed; row 0 is
+        zero, every value lies in [0, 1].
+    cost : float64 array of shape (K, N)
+        FLOPs per sample, summed over the T steps.
+    exits : int8 array of shape (K, N, T)
+        The exit of each sample at each step (step ``s`` denoises timestep ``T - 1 - s``).
+    images : float32 array of shape (K, N, C, H, W)
+        The generated images in [0, 1].
+    indices : int64 array of shape (N,)
+        The sample indices (noise seeds ``[seed, stream, index]``).
+    seed, stream, earliest_exit, n_exits : int
+    flops : dict
+        :func:`exitguard.tasks.diffusion.model.exit_flops` of the model.
+    seconds : float
+        Wall time of the sweep.
+    """
+
+    thresholds: NDArray[np.float64]
+    losses: dict[str, NDArray[np.float64]]
+    cost: NDArray[np.float64]
+    exits: NDArray[np.int8]
+    images: NDArray[np.float32]
+    indices: NDArray[np.int64]
+    seed: int
+    stream: int
+    earliest_exit: int
+    n_exits: int
+    flops: dict[str, Any]
+    seconds: float
+
+    def __repr__(self) -> str:
+        k, n, steps = self.exits.shape
+        means = {name: np.round(table.mean(1), 4).tolist() for name, table in self.losses.items()}
+        return (
+            f"DiffusionSweep(K={k}, N={n}, T={steps}, "
+            f"mean_exit={np.round(self.mean_exit.mean(1), 2).tolist()}, mean_losses={means})"
+        )
+
+    @property
+    def mean_exit(self) -> NDArray[np.float64]:
+        """(K, N) float64: each sample's exit averaged over the steps (0-based)."""
+        return self.exits.mean(axis=-1, dtype=np.float64)
+
+    def table(self, loss: str = "ssim") -> NDArray[np.float64]:
+        """The (K, N) losses of one computed loss."""
+        if loss not in self.losses:
+            raise ValueError(
+                f"`loss` must be one of the computed losses {sorted(self.losses)}; got {loss!r}."
+            )
+        return self.losses[loss]
+
+    def save(self, path: str | os.PathLike[str], *, loss: str = "ssim") -> Path:
+        """Write the table in the risk core's npz format (see :func:`write_table`)."""
+        return write_table(self, path, loss=loss)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DiffusionSweep:
+        """Read a table written by :meth:`save` (images are not stored: empty array)."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            losses = {
+                key.removeprefix("loss_"): data[key] for key in data.files if key[:5] == "loss_"
+            }
+            losses.pop("bound", None)
+            meta = json.loads(str(data["settings"]))
+            return cls(
+                thresholds=data["thresholds"],
+                losses=losses,
+                cost=data["cost"],
+                exits=data["exits"],
+                images=np.zeros((0,), dtype=np.float32),
+                indices=data["indices"],
+                seed=int(meta["seed"]),
+                stream=int(meta["stream"]),
+                earliest_exit=int(meta["earliest_exit"]),
+                n_exits=int(meta["n_exits"]),
+                flops=meta["flops"],
+                seconds=float(meta["seconds"]),
+            )
+
+
+def write_table(sweep: DiffusionSweep, path: str | os.PathLike[str], *, loss: str = "ssim") -> Path:
+    """Write a sweep as npz that ``exitguard calibrate FILE`` / ``evaluate FILE`` read.
+
+    Keys: ``losses`` (K, N) of the chosen loss, ``cost`` (K, N) FLOPs, ``thresholds`` (K,),
+    and extras: ``loss_<name>`` for every computed loss, ``exits`` (K, N, T) int8,
+    ``mean_exit`` (K, N), ``indices`` (N,), ``loss_bound`` (1.0), ``risk`` (the chosen loss)
+    and ``settings`` (JSON: seed, stream, earliest exit, FLOPs). No pickles.
+    """
+    target = Path(path)
+    arrays: dict[str, Any] = {
+        "losses": sweep.table(loss),
+        "cost": sweep.cost,
+        "thresholds": sweep.thresholds,
+        "exits": sweep.exits,
+        "mean_exit": sweep.mean_exit,
+        "indices": sweep.indices,
+        "loss_bound": np.float64(1.0),
+        "risk": np.str_(loss),
+        "settings": np.str_(
+            json.dumps(
+                {
+                    "seed": sweep.seed,
+                    "stream": sweep.stream,
+                    "earliest_exit": sweep.earliest_exit,
+                    "n_exits": sweep.n_exits,
+                    "flops": sweep.flops,
+                    "seconds": sweep.seconds,
+                    "cost_unit": "FLOPs per sample, summed over the denoising steps",
+                },
+                sort_keys=True,
+            )
+        ),
+    }
+    for name, table in sweep.losses.items():
+        arrays[f"loss_{name}"] = table
+    with target.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return target
+
+
+def sweep(
+    model: Denoiser,
+    *,
+    n: int,
+    seed: int,
+    thresholds: ArrayLike,
+    earliest_exit: int = 1,
+    losses: Mapping[str, LossFn] | None = None,
+    batch_size: int = 32,
+    stream: int = 0,
+    progress: bool = False,
+) -> DiffusionSweep:
+    """Sample noise seeds ``0..n-1`` under every threshold and tabulate losses and costs.
+
+    Parameters
+    ----------
+    model : Denoiser
+    n : int
+        Number of samples N (noise seeds ``[seed, stream, i]``, ``i < n``).
+    seed, stream : int
+        The noise (see :func:`exitguard.tasks.diffusion.sample.sample_noise`).
+    thresholds : array of shape (K,)
+        Strictly decreasing; ``inf`` (the full model) is put in front when missing.
+    earliest_exit : int
+        No sample leaves before this exit.
+    losses : mapping of name to callable, optional
+        ``fn(images, reference)`` on images in [0, 1] (B, C, H, W) -> (B,) losses in [0, 1];
+        names from :data:`~exitguard.tasks.diffusion.losses.LOSSES`. Default: ``ssim`` only.
+    batch_size : int
+        Noise seeds per call; each call samples ``K * batch_size`` rows.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    DiffusionSweep
+    """
+    import time
+
+    from exitguard.risk.exits import as_threshold_grid
+
+    grid = as_threshold_grid(thresholds)  # (K,)
+    earliest_exit = model.check_earliest_exit(earliest_exit)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be a positive integer; got {n!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    loss_fns: Mapping[str, LossFn] = {"ssim": ssim_loss} if losses is None else losses
+    unknown = sorted(set(loss_fns) - set(LOSSES))
+    if unknown or not loss_fns:
+        raise ValueError(f"`losses` must name some of {LOSSES}; got {sorted(loss_fns)}.")
+    config = model.config
+    k, steps = grid.size, config.steps
+    flops = exit_flops(model, earliest_exit=earliest_exit)
+    tables = {name: np.zeros((k, n)) for name in loss_fns}
+    exits = np.zeros((k, n, steps), dtype=np.int8)
+    images = np.zeros((k, n, *config.image_shape), dtype=np.float32)
+    limits = torch.as_tensor(grid)  # (K,)
+    start_time = time.perf_counter()
+    starts = range(0, n, batch_size)
+    for start in progress_bar(starts, enabled=progress, desc=f"sweep of {k} thresholds"):
+        ids = np.arange(start, min(n, start + batch_size))
+        b = ids.size
+        noise = sample_noise(
+            ids, seed=seed, steps=steps, image_shape=config.image_shape, stream=stream
+        )  # (b, T, C, H, W)
+        rows = noise.repeat(k, 1, 1, 1, 1)  # (K*b, T, C, H, W): row k*b + j is sample j
+        result = sample(
+            model, rows, threshold=limits.repeat_interleave(b), earliest_exit=earliest_exit
+        )
+        pictures = to_unit(result.images).view(k, b, *config.image_shape)  # (K, b, C, H, W)
+        reference = pictures[:1].expand_as(pictures).reshape(k * b, *config.image_shape)
+        for name, fn in loss_fns.items():  # a loop over the few losses
+            values = fn(pictures.reshape(k * b, *config.image_shape), reference)  # (K*b,)
+            tables[name][:, ids] = values.view(k, b).double().numpy()
+        exits[:, ids] = result.exits.view(k, b, steps).numpy().astype(np.int8)
+        images[:, ids] = pictures.numpy()
+    for name, table in tables.items():  # bounded losses, checked once
+        if table.min() < 0.0 or table.max() > 1.0 or not np.all(table[0] == 0.0):
+            raise ValueError(
+                f"loss {name!r} must lie in [0, 1] and be 0 for the full model; got values in "
+                f"[{table.min():g}, {table.max():g}], row 0 max {table[0].max():g}."
+            )
+    return DiffusionSweep(
+        thresholds=grid,
+        losses=tables,
+        cost=sample_costs(exits, grid, flops),
+        exits=exits,
+        images=images,
+        indices=np.arange(n, dtype=np.int64),
+        seed=seed,
+        stream=stream,
+        earliest_exit=earliest_exit,
+        n_exits=model.n_exits,
+        flops=flops,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def exit_counts(exits: ArrayLike, n_exits: int) -> list[int]:
+    """Number of (sample, step) pairs that left at each exit; length ``n_exits``."""
+    return np.bincount(np.asarray(exits, dtype=np.int64).ravel(), minlength=n_exits).tolist()
