@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--timing-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-thresholds", type=int, default=20, help="size of the grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model and table (smoke run)")
     parser.add_argument("--out", default=None)
@@ -64,10 +65,9 @@ def main() -> None:
         tiny = {
             "model": DenoiserConfig(width=32, depth=5, n_heads=2, steps=12, reference_steps=120),
             "train": TrainSettings(iterations=40, batch_size=32, warmup=5, seed=args.seed),
-            "n_thresholds": 8,
             "pilot_samples": 8,
         }
-        args.n_samples, args.n_cal, args.trials = 40, 20, 5
+        args.n_samples, args.n_cal, args.trials, args.n_thresholds = 40, 20, 5, 8
         args.timing_samples, args.batch_size, args.repeats = 16, 8, 1
     config = DemoConfig(
         dataset=args.dataset,
@@ -79,6 +79,7 @@ def main() -> None:
         losses=tuple(args.losses),
         policy_loss=args.losses[0],
         batch_size=args.batch_size,
+        n_thresholds=args.n_thresholds,
         progress=False,
         **tiny,  # type: ignore[arg-type]
     )
