@@ -171,7 +171,9 @@ def test_demo_quick(capsys, tmp_path):
     assert json.loads(out_file.read_text())["trials"] == 20
 
 
-@pytest.mark.parametrize(("task", "n_cal"), [("classification", 100), ("segmentation", 400)])
+@pytest.mark.parametrize(
+    ("task", "n_cal"), [("classification", 100), ("segmentation", 400), ("diffusion", 500)]
+)
 def test_demo_passes_its_options_to_the_task(monkeypatch, capsys, task, n_cal):
     pytest.importorskip("torch")
     module = importlib.import_module(f"exitguard.tasks.{task}")
