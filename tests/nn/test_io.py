@@ -96,3 +96,20 @@ def test_io_type_errors(make_policy, tmp_path):
         save_weights(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match=r"`network` must be an EarlyExitNetwork; got NoneType"):
         save_policy(make_policy(0.5), tmp_path / "p.json", network=None)
+
+
+def test_weights_files_get_the_usual_mode(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    from exitguard.nn import EarlyExitNetwork, save_weights
+
+    network = EarlyExitNetwork(
+        [torch.nn.Linear(2, 3), torch.nn.Linear(3, 3)], [torch.nn.Linear(3, 3)]
+    )
+    path = save_weights(network, tmp_path / "w.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -27,6 +27,13 @@ def _safetensors() -> Any:
     return safetensors
 
 
+def default_file_mode(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the mode a new file gets from the umask (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _check_network(network: Any) -> EarlyExitNetwork:
     if not isinstance(network, EarlyExitNetwork):
         raise TypeError(f"`network` must be an EarlyExitNetwork; got {type(network).__name__}.")
@@ -48,6 +55,7 @@ def save_weights(network: EarlyExitNetwork, path: str | os.PathLike[str]) -> Pat
         "confidence": network.confidence,
     }
     _safetensors().torch.save_model(network, str(target), metadata=metadata)
+    default_file_mode(target)
     return target
 
 

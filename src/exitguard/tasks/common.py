@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import exitguard
 from exitguard.evaluation import evaluate
 from exitguard.nn import EarlyExitNetwork
+from exitguard.nn.io import default_file_mode
 from exitguard.report import RESULTS_SCHEMA
 
 PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
@@ -125,6 +126,7 @@ def cached_model(
     folder.mkdir(parents=True, exist_ok=True)
     temporary = weights_path.with_name(f".{weights_path.name}.tmp")
     safetensors.torch.save_model(module, str(temporary))
+    default_file_mode(temporary)
     os.replace(temporary, weights_path)
     metadata = {
         "description": canonical,
