@@ -68,3 +68,8 @@ def test_second_run_loads_the_cached_model(demo):
     again = run_demo(dataclasses.replace(config, trials=2), log=lambda line: None)
     assert again["model"]["from_cache"] is True and first["model"]["from_cache"] is False
     assert again["model"]["fingerprint"] == first["model"]["fingerprint"]
+
+
+def test_the_table_procedure_is_required():
+    with pytest.raises(ValueError, match="`procedures` must include 'ucb-wsr'"):
+        DemoConfig(procedures=("crc",))

@@ -431,6 +431,13 @@ class DemoConfig:
     epochs: int | None = None
     timing_repeats: int | None = None
 
+    def __post_init__(self) -> None:
+        if "ucb-wsr" not in self.procedures:
+            raise ValueError(
+                "`procedures` must include 'ucb-wsr' (the report's Table-1 columns use it); "
+                f"got {self.procedures!r}."
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class _Setup:
