@@ -102,6 +102,6 @@ def test_corrupted_cache_is_detected_and_rebuilt(tmp_path):
     )
     assert not rebuilt.from_cache and "unusable" in logs[0]
     reference = build_classifier(model, image_shape=(1, 8, 8))
-    assert rebuilt.network.fingerprint == reference.fingerprint
-    for key, value in first.network.state_dict().items():  # seeded: the same weights again
-        assert np.array_equal(value.numpy(), rebuilt.network.state_dict()[key].numpy()), key
+    assert rebuilt.module.fingerprint == reference.fingerprint
+    for key, value in first.module.state_dict().items():  # seeded: the same weights again
+        assert np.array_equal(value.numpy(), rebuilt.module.state_dict()[key].numpy()), key

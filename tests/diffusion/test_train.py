@@ -114,10 +114,10 @@ def test_training_is_seeded_and_cached(tmp_path):
     )
     assert not first.from_cache and second.from_cache
     for a, b in zip(
-        first.model.state_dict().values(), second.model.state_dict().values(), strict=True
+        first.module.state_dict().values(), second.module.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
     assert first.metadata["description"]["model"]["depth"] == 5
     assert len(first.metadata["history"]["uncertainty"]) == 3
     with pytest.raises(ValueError, match=r"`images` must have shape \(N, 1, 8, 8\)"):
-        train_denoiser(first.model, torch.zeros(4, 1, 6, 6), settings=settings)
+        train_denoiser(first.module, torch.zeros(4, 1, 6, 6), settings=settings)

@@ -19,8 +19,8 @@ def test_one_item_scene_by_hand():
     items = tiny_items()
     scenes = make_scenes(items, n=50, size=4, min_items=1, max_items=1, seed=3)
     assert scenes.class_names == ("background", "a", "b")
-    assert scenes.images.shape == (50, 1, 4, 4) and scenes.masks.shape == (50, 4, 4)
-    for image, mask in zip(scenes.images[:, 0], scenes.masks, strict=True):
+    assert scenes.images.shape == (50, 1, 4, 4) and scenes.labels.shape == (50, 4, 4)
+    for image, mask in zip(scenes.images[:, 0], scenes.labels, strict=True):
         ys, xs = np.nonzero(image)
         top, left = ys.min(), xs.min()
         patch = image[top : top + 2, left : left + 2]
@@ -35,7 +35,7 @@ def test_one_item_scene_by_hand():
 def test_later_items_lie_on_top_in_image_and_mask_alike():
     items = tiny_items()  # item "a" is 0.9 everywhere, item "b" 0.5 on three pixels
     scenes = make_scenes(items, n=400, size=3, min_items=2, max_items=3, seed=0)
-    image, mask = scenes.images[:, 0], scenes.masks
+    image, mask = scenes.images[:, 0], scenes.labels
     expected = np.select([np.isclose(image, 0.9), np.isclose(image, 0.5)], [1, 2], 0)
     np.testing.assert_array_equal(mask, expected)  # the visible item owns every pixel
     both = ((mask == 1).any(axis=(1, 2)) & (mask == 2).any(axis=(1, 2))).mean()
@@ -48,7 +48,7 @@ def test_deterministic_from_the_seed():
     b = make_scenes(upscale(items, 2), n=20, size=32, seed=5)
     c = make_scenes(upscale(items, 2), n=20, size=32, seed=6)
     np.testing.assert_array_equal(a.images, b.images)
-    np.testing.assert_array_equal(a.masks, b.masks)
+    np.testing.assert_array_equal(a.labels, b.labels)
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert a.image_shape == (1, 32, 32) and a.num_classes == 11
 

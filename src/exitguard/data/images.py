@@ -49,7 +49,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class ImageDataset:
-    """Images (N, 1, H, W) float32 in [0, 1], labels (N,) int64, and where they came from."""
+    """Images (N, 1, H, W) float32 in [0, 1], labels int64, and where they came from.
+
+    Labels are (N,) for classification, or dense (N, H, W) masks for segmentation (see
+    :func:`exitguard.data.scenes.make_scenes`).
+    """
 
     name: str
     images: NDArray[np.float32]

@@ -20,51 +20,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from numpy.typing import NDArray
 
 from exitguard.data.images import ImageDataset
-from exitguard.policy import fingerprint
 
 BACKGROUND = "background"
-
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class SceneDataset:
-    """Images (N, 1, S, S) float32 in [0, 1], masks (N, S, S) int64 in [0, C), class names.
-
-    Class 0 is the background; class ``k + 1`` is the items' class ``k``.
-    """
-
-    name: str
-    images: NDArray[np.float32]
-    masks: NDArray[np.int64]
-    class_names: tuple[str, ...]
-    source: str
-
-    def __repr__(self) -> str:
-        return (
-            f"SceneDataset({self.name!r}, images={tuple(self.images.shape)}, "
-            f"classes={len(self.class_names)}, source={self.source!r})"
-        )
-
-    def __len__(self) -> int:
-        return int(self.masks.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.images.shape[1:]
-        return int(c), int(h), int(w)
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.images, self.masks)
-
-    def subset(self, indices: NDArray[np.int64]) -> SceneDataset:
-        return dataclasses.replace(self, images=self.images[indices], masks=self.masks[indices])
 
 
 def upscale(items: ImageDataset, factor: int) -> ImageDataset:
@@ -87,7 +46,7 @@ def make_scenes(
     threshold: float = 20 / 255,
     seed: int = 0,
     name: str | None = None,
-) -> SceneDataset:
+) -> ImageDataset:
     """Paste real items at random places on ``n`` blank ``size`` x ``size`` canvases.
 
     Parameters
@@ -107,8 +66,9 @@ def make_scenes(
 
     Returns
     -------
-    SceneDataset
-        ``len(items.class_names) + 1`` classes, background first.
+    ImageDataset
+        Images (n, 1, size, size) and dense labels, the masks (n, size, size) int64, with
+        ``len(items.class_names) + 1`` classes, background (0) first.
     """
     for value, label, low in (
         (n, "n", 1),
@@ -151,7 +111,7 @@ def make_scenes(
         canvas[at] = np.where(foreground, patch, canvas[at])
         labels = items.labels[picks[scenes, slot]][:, None, None] + 1  # (A, 1, 1)
         masks[at] = np.where(foreground, labels, masks[at])
-    return SceneDataset(
+    return ImageDataset(
         name or f"scenes-{items.name}",
         canvas[:, None],  # (n, 1, S, S)
         masks,

@@ -511,13 +511,4 @@ class EarlyExitNetwork(nn.Module):
         confidence = conf.gather(1, exits[:, None])[:, 0]  # (B,)
         if math.isinf(threshold) and not self._confidence_pointwise:
             confidence = torch.full_like(confidence, math.nan)  # as in infer
-        return InferenceResult(
-            predictions=chosen_probs.max(dim=1).indices,
-            probs=chosen_probs,
-            logits=chosen_logits,
-            exits=exits,
-            confidence=confidence,
-            threshold=threshold,
-            measure=self.confidence,
-            n_exits=self.n_exits,
-        )
+        return self._result(chosen_logits, chosen_probs, exits, confidence, threshold)

@@ -26,10 +26,8 @@ from exitguard.nn import (
     EarlyExitNetwork,
     ExitOutputs,
     FlopsTable,
-    TrainConfig,
     collect,
     count_flops,
-    train_exits,
 )
 from exitguard.nn.blocks import BasicBlock
 from exitguard.report import write_report
@@ -37,11 +35,14 @@ from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
 from exitguard.tasks.common import (
     PROCEDURES,
+    CachedModel,
     cached_model,
     evaluate_risk,
+    model_description,
     progress_bar,
     results_header,
     time_inference,
+    train_jointly,
 )
 
 TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
@@ -109,13 +110,6 @@ class TrainSettings:
     max_train: int | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-    network: EarlyExitNetwork
-    metadata: dict[str, Any]
-    from_cache: bool
-
-
 def load_or_train(
     train: ImageDataset,
     *,
@@ -124,7 +118,7 @@ def load_or_train(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> TrainedModel:
+) -> CachedModel[EarlyExitNetwork]:
     """Train the classifier, or reuse a cached one trained on the same data with the same setup.
 
     See :func:`exitguard.tasks.common.cached_model` for the cache entry and its checks.
@@ -133,37 +127,21 @@ def load_or_train(
     def build() -> EarlyExitNetwork:
         return build_classifier(model_config, image_shape=train.image_shape)
 
-    def fit(network: nn.Module) -> dict[str, Any]:
+    def fit(network: EarlyExitNetwork) -> dict[str, Any]:
         images, labels = train.images, train.labels
         if settings.max_train is not None:
             images, labels = images[: settings.max_train], labels[: settings.max_train]
-        history = train_exits(
-            network,  # type: ignore[arg-type]
-            torch.from_numpy(images),
-            labels=torch.from_numpy(labels),
-            config=TrainConfig(
-                mode="joint",
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                lr=settings.lr,
-                weight_decay=settings.weight_decay,
-                distill=settings.distill,
-                seed=settings.seed,
-            ),
-            progress=progress,
-        )
-        return {"history": history.to_dict()}
+        return train_jointly(network, images, labels, settings=settings, progress=progress)
 
-    description = {
-        "format": CACHE_FORMAT,
-        "dataset": train.name,
-        "data_fingerprint": train.fingerprint,
-        "model": dataclasses.asdict(model_config),
-        "train": dataclasses.asdict(settings),
-        "architecture": build().fingerprint,
-        "torch": torch.__version__.split("+")[0],
-    }
-    cached = cached_model(
+    description = model_description(
+        CACHE_FORMAT,
+        dataset=train.name,
+        data_fingerprint=train.fingerprint,
+        model=model_config,
+        train=settings,
+        architecture=build().fingerprint,
+    )
+    return cached_model(
         f"classifier-{train.name}",
         description,
         build=build,
@@ -172,10 +150,6 @@ def load_or_train(
         cache_dir=cache_dir,
         log=log,
     )
-    network = cached.module
-    if not isinstance(network, EarlyExitNetwork):  # pragma: no cover - build() makes one
-        raise TypeError("the cached classifier is not an EarlyExitNetwork")
-    return TrainedModel(network, cached.metadata, cached.from_cache)
 
 
 # ------------------------------------------------------------------------------- demo
@@ -253,7 +227,7 @@ class Prepared:
     data: ImageDataset
     train: ImageDataset
     heldout: ImageDataset
-    trained: TrainedModel
+    trained: CachedModel[EarlyExitNetwork]
     model_config: CNNConfig
     settings: TrainSettings
     outputs: ExitOutputs
@@ -261,7 +235,7 @@ class Prepared:
 
     @property
     def network(self) -> EarlyExitNetwork:
-        return self.trained.network
+        return self.trained.module
 
     @property
     def exit_flops(self) -> np.ndarray:
@@ -290,8 +264,8 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
     )
     log("model: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
     images = torch.from_numpy(heldout.images)
-    outputs = collect(trained.network, images, labels=heldout.labels, batch_size=256)
-    flops = count_flops(trained.network, images[:1])
+    outputs = collect(trained.module, images, labels=heldout.labels, batch_size=256)
+    flops = count_flops(trained.module, images[:1])
     return Prepared(data, train, heldout, trained, model_config, settings, outputs, flops)
 
 

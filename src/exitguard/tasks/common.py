@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import exitguard
 from exitguard.evaluation import evaluate
-from exitguard.nn import EarlyExitNetwork
+from exitguard.nn import EarlyExitNetwork, TrainConfig, train_exits
 from exitguard.nn.io import default_file_mode
 from exitguard.report import RESULTS_SCHEMA
 
@@ -50,25 +50,91 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
 @dataclasses.dataclass(frozen=True)
-class CachedModel:
+class CachedModel(Generic[M]):
     """A trained module, the metadata of its cache entry, and whether it came from the cache."""
 
-    module: nn.Module
+    module: M
     metadata: dict[str, Any]
     from_cache: bool
+
+
+def model_description(
+    cache_format: str,
+    *,
+    dataset: str,
+    data_fingerprint: str,
+    model: Any,
+    train: Any,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What determines a trained model's weights, as a cache entry records it.
+
+    ``model`` and ``train`` are the architecture and training dataclasses; ``extra`` adds
+    task-specific entries (e.g. the architecture fingerprint). The torch version is included.
+    """
+    return {
+        "format": cache_format,
+        "dataset": dataset,
+        "data_fingerprint": data_fingerprint,
+        "model": dataclasses.asdict(model),
+        "train": dataclasses.asdict(train),
+        **extra,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+class JointTraining(Protocol):
+    """The training settings :func:`train_jointly` reads."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    distill: float
+    seed: int
+
+
+def train_jointly(
+    network: EarlyExitNetwork,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    settings: JointTraining,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train stages and heads together (self-distillation from the last exit); the history."""
+    history = train_exits(
+        network,
+        torch.from_numpy(images),
+        labels=torch.from_numpy(labels),
+        config=TrainConfig(
+            mode="joint",
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            distill=settings.distill,
+            seed=settings.seed,
+        ),
+        progress=progress,
+    )
+    return {"history": history.to_dict()}
 
 
 def cached_model(
     name: str,
     description: Mapping[str, Any],
     *,
-    build: Callable[[], nn.Module],
-    train: Callable[[nn.Module], Mapping[str, Any]],
+    build: Callable[[], M],
+    train: Callable[[M], Mapping[str, Any]],
     seed: int,
     cache_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] = print,
-) -> CachedModel:
+) -> CachedModel[M]:
     """Load a trained model from the cache, or train it and cache it.
 
     The entry ``<name>-<key>.safetensors`` (weights) with ``<name>-<key>.json`` (description,

@@ -38,16 +38,14 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from exitguard.calibration import calibrate_table
-from exitguard.data.images import load_dataset
-from exitguard.data.scenes import SceneDataset, make_scenes, upscale
+from exitguard.data.images import ImageDataset, load_dataset
+from exitguard.data.scenes import make_scenes, upscale
 from exitguard.evaluation import Evaluation, evaluate
 from exitguard.nn import (
     DenseHead,
     EarlyExitNetwork,
     FlopsTable,
-    TrainConfig,
     count_flops,
-    train_exits,
 )
 from exitguard.nn.blocks import BasicBlock
 from exitguard.nn.confidence import AGGREGATIONS, PIXEL_CONFIDENCES, DenseConfidence
@@ -57,11 +55,14 @@ from exitguard.risk.exits import exit_index, exit_indices
 from exitguard.risk.losses import loss_table
 from exitguard.tasks.common import (
     PROCEDURES,
+    CachedModel,
     cached_model,
     evaluate_risk,
+    model_description,
     progress_bar,
     results_header,
     time_inference,
+    train_jointly,
 )
 
 RISK_TITLES = {
@@ -219,52 +220,35 @@ class SegmenterTraining:
 
 
 def load_or_train(
-    scenes: SceneDataset,
+    scenes: ImageDataset,
     *,
     model_config: SegmenterConfig,
     settings: SegmenterTraining,
     cache_dir: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> tuple[EarlyExitNetwork, dict[str, Any], bool]:
-    """Train the segmenter jointly (per-pixel cross-entropy with self-distillation), or load it.
-
-    Returns the network, its cache metadata and whether it came from the cache.
-    """
+) -> CachedModel[EarlyExitNetwork]:
+    """Train the segmenter jointly (per-pixel cross-entropy with self-distillation), or load it."""
 
     def build() -> EarlyExitNetwork:
         return build_segmenter(
             model_config, image_shape=scenes.image_shape, num_classes=scenes.num_classes
         )
 
-    def fit(network: nn.Module) -> dict[str, Any]:
-        history = train_exits(
-            network,  # type: ignore[arg-type]
-            torch.from_numpy(scenes.images),
-            labels=torch.from_numpy(scenes.masks),
-            config=TrainConfig(
-                mode="joint",
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                lr=settings.lr,
-                weight_decay=settings.weight_decay,
-                distill=settings.distill,
-                seed=settings.seed,
-            ),
-            progress=progress,
+    def fit(network: EarlyExitNetwork) -> dict[str, Any]:
+        return train_jointly(
+            network, scenes.images, scenes.labels, settings=settings, progress=progress
         )
-        return {"history": history.to_dict()}
 
-    description = {
-        "format": CACHE_FORMAT,
-        "dataset": scenes.name,
-        "data_fingerprint": scenes.fingerprint,
-        "model": dataclasses.asdict(model_config),
-        "train": dataclasses.asdict(settings),
-        "architecture": build().fingerprint,
-        "torch": torch.__version__.split("+")[0],
-    }
-    cached = cached_model(
+    description = model_description(
+        CACHE_FORMAT,
+        dataset=scenes.name,
+        data_fingerprint=scenes.fingerprint,
+        model=model_config,
+        train=settings,
+        architecture=build().fingerprint,
+    )
+    return cached_model(
         f"segmenter-{scenes.name}",
         description,
         build=build,
@@ -273,10 +257,6 @@ def load_or_train(
         cache_dir=cache_dir,
         log=log,
     )
-    network = cached.module
-    if not isinstance(network, EarlyExitNetwork):  # pragma: no cover - build() makes one
-        raise TypeError("the cached segmenter is not an EarlyExitNetwork")
-    return network, cached.metadata, cached.from_cache
 
 
 # ----------------------------------------------------------------------- collection
@@ -327,7 +307,7 @@ class SegmentationOutputs:
 @torch.inference_mode()
 def collect_segmentation(
     network: EarlyExitNetwork,
-    scenes: SceneDataset,
+    scenes: ImageDataset,
     *,
     measures: Sequence[DenseConfidence],
     batch_size: int = 64,
@@ -345,7 +325,7 @@ def collect_segmentation(
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, n, batch_size):
         images = torch.from_numpy(scenes.images[start : start + batch_size])  # (B, 1, H, W)
-        masks = torch.from_numpy(scenes.masks[start : start + batch_size])  # (B, H, W)
+        masks = torch.from_numpy(scenes.labels[start : start + batch_size])  # (B, H, W)
         uniform = torch.from_numpy(rng.random(masks.shape))  # (B, H, W) float64
         probs = network(images).softmax(dim=2)  # (B, L, C, H, W)
         predictions = probs.max(dim=2).indices  # (B, L, H, W)
@@ -467,7 +447,7 @@ def _setup(config: DemoConfig) -> _Setup:
     )
 
 
-def scenes_for(config: DemoConfig) -> tuple[SceneDataset, SceneDataset]:
+def scenes_for(config: DemoConfig) -> tuple[ImageDataset, ImageDataset]:
     """(training scenes, held-out scenes), built from disjoint item pools."""
     setup = _setup(config)
     items = load_dataset(config.dataset, path=config.dataset_path)
@@ -500,16 +480,18 @@ def scenes_for(config: DemoConfig) -> tuple[SceneDataset, SceneDataset]:
 class Prepared:
     """A trained segmenter with its per-exit confidences and losses on the held-out scenes."""
 
-    train: SceneDataset
-    heldout: SceneDataset
-    network: EarlyExitNetwork
-    metadata: dict[str, Any]
-    from_cache: bool
+    train: ImageDataset
+    heldout: ImageDataset
+    trained: CachedModel[EarlyExitNetwork]
     model_config: SegmenterConfig
     training: SegmenterTraining
     measures: tuple[DenseConfidence, ...]
     outputs: SegmentationOutputs
     flops: FlopsTable
+
+    @property
+    def network(self) -> EarlyExitNetwork:
+        return self.trained.module
 
     @property
     def exit_flops(self) -> NDArray[np.float64]:
@@ -533,7 +515,7 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
     train, heldout = scenes_for(config)
     log(f"data: {heldout!r}; {len(train)} training and {len(heldout)} held-out scenes")
     model_config = SegmenterConfig()
-    network, metadata, from_cache = load_or_train(
+    trained = load_or_train(
         train,
         model_config=model_config,
         settings=setup.training,
@@ -541,16 +523,15 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
         progress=config.progress,
         log=log,
     )
-    log("model: " + ("loaded from cache" if from_cache else "trained and cached"))
+    log("model: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
     measures = confidence_measures(q=config.quantile, window=setup.size // 4)
+    network = trained.module
     outputs = collect_segmentation(network, heldout, measures=measures, seed=config.seed)
     flops = count_flops(network, torch.from_numpy(heldout.images[:1]))
     return Prepared(
         train,
         heldout,
-        network,
-        metadata,
-        from_cache,
+        trained,
         model_config,
         setup.training,
         measures,
@@ -721,7 +702,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     full = network.infer(test_images, math.inf)
     early_masks = result.predictions.numpy()  # (T, H, W)
     full_masks = full.predictions.numpy()  # (T, H, W)
-    test_masks = heldout.masks[test_idx]
+    test_masks = heldout.labels[test_idx]
     repeats = config.timing_repeats or (3 if config.quick else 7)
     timing = time_inference(network, test_images, threshold, batch_size=64, repeats=repeats)
     timing_batch1 = time_inference(
@@ -830,8 +811,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
             "accuracy_label": "held-out mIoU",
             "pixel_accuracy_per_exit": accuracy.tolist(),
             "fingerprint": network.fingerprint,
-            "from_cache": prepared.from_cache,
-            "train_seconds": prepared.metadata.get("train_seconds"),
+            "from_cache": prepared.trained.from_cache,
+            "train_seconds": prepared.trained.metadata.get("train_seconds"),
         },
         "settings": {
             "delta": config.delta,

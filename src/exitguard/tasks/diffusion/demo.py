@@ -29,6 +29,7 @@ from exitguard.policy import ExitPolicy
 from exitguard.report import write_report
 from exitguard.tasks.common import (
     PROCEDURES,
+    CachedModel,
     evaluate_risk,
     median_seconds,
     results_header,
@@ -43,7 +44,7 @@ from exitguard.tasks.diffusion.sweep import (
     sweep,
     write_table,
 )
-from exitguard.tasks.diffusion.train import TrainedDenoiser, TrainSettings, load_or_train
+from exitguard.tasks.diffusion.train import TrainSettings, load_or_train
 
 # Bounded image losses between samples from the same noise are small: on 8 x 8 digits even
 # the most aggressive policy changes (1 - SSIM) / 2 by 0.002 on average, and with n = 500 no
@@ -162,7 +163,7 @@ def feature_distance(
         log=log,
     )
     log("feature classifier: " + ("loaded from cache" if trained.from_cache else "trained"))
-    return FeatureDistance(trained.network)
+    return FeatureDistance(trained.module)
 
 
 # ------------------------------------------------------------------------- pieces
@@ -174,7 +175,7 @@ class Prepared:
 
     data: ImageDataset
     train: ImageDataset
-    trained: TrainedDenoiser
+    trained: CachedModel[Denoiser]
     config: DenoiserConfig
     settings: TrainSettings
     thresholds: np.ndarray
@@ -184,7 +185,7 @@ class Prepared:
 
     @property
     def model(self) -> Denoiser:
-        return self.trained.model
+        return self.trained.module
 
 
 def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepared:
@@ -215,7 +216,7 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
     trials = min(config.trials, 20) if config.quick else config.trials
     count = min(config.n_thresholds, 12) if config.quick else config.n_thresholds
     thresholds = pilot_thresholds(
-        trained.model,
+        trained.module,
         seed=config.seed,
         n=config.pilot_samples,
         count=count,
@@ -235,7 +236,7 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
                 log=log,
             )
     table = sweep(
-        trained.model,
+        trained.module,
         n=n_samples,
         seed=config.seed,
         thresholds=thresholds,

@@ -29,7 +29,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from exitguard.tasks.common import cached_model, progress_bar
+from exitguard.tasks.common import CachedModel, cached_model, model_description, progress_bar
 from exitguard.tasks.diffusion.model import Denoiser, DenoiserConfig
 from exitguard.tasks.diffusion.sample import Schedule
 
@@ -187,13 +187,6 @@ def train_denoiser(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainedDenoiser:
-    model: Denoiser
-    metadata: dict[str, Any]
-    from_cache: bool
-
-
 def load_or_train(
     images: Tensor,
     *,
@@ -204,7 +197,7 @@ def load_or_train(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> TrainedDenoiser:
+) -> CachedModel[Denoiser]:
     """Train the denoiser on ``images`` (N, C, H, W) in [-1, 1], or reuse a cached one.
 
     The cache entry (see :func:`exitguard.tasks.common.cached_model`) is keyed by the
@@ -214,22 +207,19 @@ def load_or_train(
     def build() -> Denoiser:
         return Denoiser(config)
 
-    def fit(module: torch.nn.Module) -> dict[str, Any]:
-        if not isinstance(module, Denoiser):  # pragma: no cover - build() makes one
-            raise TypeError("the module to train is not a Denoiser")
+    def fit(module: Denoiser) -> dict[str, Any]:
         history = train_denoiser(module, images, settings=settings, progress=progress)
         return {"history": history.to_dict()}
 
-    description = {
-        "format": CACHE_FORMAT,
-        "dataset": dataset,
-        "data_fingerprint": data_fingerprint,
-        "n_train": int(images.shape[0]),
-        "model": dataclasses.asdict(config),
-        "train": dataclasses.asdict(settings),
-        "torch": torch.__version__.split("+")[0],
-    }
-    cached = cached_model(
+    description = model_description(
+        CACHE_FORMAT,
+        dataset=dataset,
+        data_fingerprint=data_fingerprint,
+        model=config,
+        train=settings,
+        n_train=int(images.shape[0]),
+    )
+    return cached_model(
         f"denoiser-{dataset}",
         description,
         build=build,
@@ -238,7 +228,3 @@ def load_or_train(
         cache_dir=cache_dir,
         log=log,
     )
-    model = cached.module
-    if not isinstance(model, Denoiser):  # pragma: no cover - build() makes one
-        raise TypeError("the cached denoiser is not a Denoiser")
-    return TrainedDenoiser(model, cached.metadata, cached.from_cache)
