@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import exitguard
 from exitguard.risk.losses import RISKS
 from exitguard.tasks.classification import DemoConfig, prepare, risk_tables, time_inference
+from exitguard.tasks.common import machine_info
 
 
 def main() -> None:
@@ -134,11 +134,7 @@ def main() -> None:
         .tolist(),
         "flops_per_exit": prepared.exit_flops.tolist(),
         "full_flops": full_flops,
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-        },
+        "machine": machine_info(),
         "rows": rows,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")

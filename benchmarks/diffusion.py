@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 import exitguard
+from exitguard.tasks.common import machine_info
 from exitguard.tasks.diffusion.demo import DemoConfig, calibrated, prepare
 from exitguard.tasks.diffusion.losses import ssim_loss
 from exitguard.tasks.diffusion.model import DenoiserConfig
@@ -229,11 +229,7 @@ def main() -> None:
         "timing_samples": len(timed),
         "repeats": args.repeats,
         "sweep_seconds": table.seconds,
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-        },
+        "machine": machine_info(),
         "rows": rows,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 import exitguard
-from exitguard.tasks.common import time_inference
+from exitguard.tasks.common import machine_info, time_inference
 from exitguard.tasks.segmentation import (
     LOSS_BOUNDS,
     RISK_TITLES,
@@ -143,11 +142,7 @@ def main() -> None:
         "flops_per_exit": prepared.exit_flops.tolist(),
         "full_flops": float(prepared.flops.full),
         "settings": {**common, "target_risks": eps_list, "procedure": "ucb-wsr"},
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-        },
+        "machine": machine_info(),
         "miscoverage_by_measure": measures,
         "risks_top1_mean": risks,
         "timed_policy": {

@@ -254,6 +254,15 @@ def progress_bar(iterable: Iterable[Any], *, enabled: bool, desc: str) -> Iterab
     return tqdm(iterable, desc=desc, leave=False)
 
 
+def machine_info() -> dict[str, Any]:
+    """Python and torch versions and torch's thread count, for result files."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def results_header(task: str, title: str) -> dict[str, Any]:
     """The fields every demo's results dict starts with (schema, versions, machine)."""
     return {
@@ -263,11 +272,7 @@ def results_header(task: str, title: str) -> dict[str, Any]:
         "title": title,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "exitguard_version": exitguard.__version__,
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
     }
 
 

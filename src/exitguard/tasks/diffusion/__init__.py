@@ -20,8 +20,7 @@ Everything here needs torch; names are imported lazily.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from exitguard.tasks import lazy_exports
 
 _EXPORTS = {
     "Denoiser": "model",
@@ -57,15 +56,4 @@ _EXPORTS = {
     "write_demo_table": "demo",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -17,8 +17,7 @@ line can register ``exitguard lm`` without importing them.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from exitguard.tasks import lazy_exports
 
 _EXPORTS = {
     "EarlyExitLM": "decode",
@@ -45,15 +44,4 @@ _EXPORTS = {
     "add_lm_parser": "cli",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
