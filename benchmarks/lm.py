@@ -28,18 +28,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _pad_batch(prompts, pad):
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
-
-
 def time_generation(lm, prompts, *, batch, run, max_new_tokens, pad):
     """Seconds to generate ``max_new_tokens`` for every prompt, in batches; and the exit depth.
 
@@ -48,9 +36,11 @@ def time_generation(lm, prompts, *, batch, run, max_new_tokens, pad):
     """
     import torch
 
+    from exitguard.tasks.language.sweep import left_pad
+
     seconds, depth = 0.0, []
     for start in range(0, len(prompts) - batch + 1, batch):
-        ids, mask = _pad_batch(prompts[start : start + batch], pad)
+        ids, mask = left_pad(prompts[start : start + batch], pad)
         began = time.perf_counter()
         if run is None:
             with torch.inference_mode():

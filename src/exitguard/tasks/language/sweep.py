@@ -178,7 +178,8 @@ def prompt_set(
     return prompts, references
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ragged prompts, left-padded to the longest: (b, P) each."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (b, P)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (b, P)
@@ -262,7 +263,7 @@ def sweep(
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     for chunk in tqdm(batches, desc=f"sweep {n_grid} thresholds", disable=not progress):
-        ids, mask = _left_pad([prompts[i] for i in chunk], pad)
+        ids, mask = left_pad([prompts[i] for i in chunk], pad)
         result = lm.generate(
             ids,
             attention_mask=mask,
