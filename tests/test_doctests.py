@@ -13,12 +13,20 @@ TORCH_MODULES = [
     "exitguard.nn.network",
     "exitguard.tasks.diffusion.model",
 ]
+LM_MODULES = [
+    "exitguard.tasks.language.rouge",
+    "exitguard.tasks.language.heads",
+    "exitguard.tasks.language.decode",
+    "exitguard.tasks.language.sweep",
+]
 
 
-@pytest.mark.parametrize("name", MODULES + TORCH_MODULES)
+@pytest.mark.parametrize("name", MODULES + TORCH_MODULES + LM_MODULES)
 def test_docstring_examples(name):
-    if name in TORCH_MODULES:
+    if name in TORCH_MODULES or name in LM_MODULES:
         pytest.importorskip("torch")
+    if name in LM_MODULES:
+        pytest.importorskip("transformers")
     module = importlib.import_module(name)
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0

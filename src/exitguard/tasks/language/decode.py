@@ -51,6 +51,11 @@ def decayed_threshold(threshold: float, *, step: int, decay: float, horizon: int
 
     ``decay = 0`` keeps the threshold constant; larger values relax it along the sequence, so
     that early tokens (which condition everything after them) face the strictest threshold.
+
+    >>> decayed_threshold(0.9, step=0, decay=4.0, horizon=10)
+    0.9
+    >>> round(decayed_threshold(0.9, step=10, decay=4.0, horizon=10), 4)
+    0.8116
     """
     if decay == 0.0 or math.isinf(threshold):
         return threshold
@@ -129,6 +134,33 @@ class EarlyExitLM:
     Prompts of different lengths are left-padded; positions follow ``attention_mask`` as in
     ``model.generate``. Attention over the cache is not counted in the layer cost (it is
     small for short sequences next to the projections and the MLP).
+
+    Examples
+    --------
+    A tiny random Llama with exits after layers 1 and 3 (untrained heads: the logit lens).
+    Never exiting reproduces ``model.generate``; threshold 0 leaves every token at the first
+    exit, after two layers, except the first, which comes from the prompt's full pass:
+
+    >>> import torch, transformers
+    >>> from exitguard.tasks.language.heads import ExitHeads, ExitHeadsConfig
+    >>> config = transformers.LlamaConfig(
+    ...     vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+    ...     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(config).eval()
+    >>> heads = ExitHeads(ExitHeadsConfig(exit_layers=(1, 3), hidden_size=32, rank=4))
+    >>> lm = EarlyExitLM(model, heads)
+    >>> lm.exit_layers
+    (1, 3, 5)
+    >>> prompt = torch.tensor([[5, 17, 42, 8]])  # (B=1, P=4)
+    >>> full = lm.generate(prompt, max_new_tokens=6)
+    >>> reference = model.generate(prompt, max_new_tokens=6, do_sample=False, min_length=0,
+    ...                            pad_token_id=0)
+    >>> bool((full.tokens == reference[:, 4:]).all())
+    True
+    >>> fast = lm.generate(prompt, max_new_tokens=6, threshold=0.0, confidence="softmax")
+    >>> fast.layers.tolist()
+    [[6, 2, 2, 2, 2, 2]]
     """
 
     def __init__(self, model: Any, heads: ExitHeads | None = None) -> None:

@@ -89,6 +89,11 @@ def default_exit_layers(n_layers: int, *, every: int = 3) -> tuple[int, ...]:
     """Exits after every ``every``-th layer: ``every-1, 2*every-1, ...`` before the last layer.
 
     For SmolLM2's 30 layers and ``every=3``: after layers 2, 5, ..., 26 (nine early exits).
+
+    >>> default_exit_layers(30)
+    (2, 5, 8, 11, 14, 17, 20, 23, 26)
+    >>> default_exit_layers(8, every=2)
+    (1, 3, 5)
     """
     if every < 1 or n_layers < 2:
         raise ValueError(f"`every` must be >= 1 and `n_layers` >= 2; got {every!r}, {n_layers!r}.")

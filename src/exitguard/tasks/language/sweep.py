@@ -43,6 +43,9 @@ def lm_thresholds(confidence: str = "learned", *, count: int = 20) -> NDArray[np
 
     The gaps ``1 - threshold`` run from 1e-3 (softmax, margin, learned) or 1e-5 (``state``:
     the cosine of consecutive residual states is close to 1 for most tokens) up to 1.
+
+    >>> lm_thresholds(count=4).tolist()
+    [inf, 1.0, 0.999, 0.96837722, 0.0]
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 2:
         raise ValueError(f"`count` must be an integer >= 2; got {count!r}.")
