@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["exitguard.calibration", "exitguard.risk.exits"]
+MODULES = ["exitguard.calibration", "exitguard.risk.exits", "exitguard.tasks.language.rouge"]
 TORCH_MODULES = [
     "exitguard.nn.attach",
     "exitguard.nn.confidence",
@@ -14,7 +14,6 @@ TORCH_MODULES = [
     "exitguard.tasks.diffusion.model",
 ]
 LM_MODULES = [
-    "exitguard.tasks.language.rouge",
     "exitguard.tasks.language.heads",
     "exitguard.tasks.language.decode",
     "exitguard.tasks.language.sweep",
