@@ -21,7 +21,9 @@ asks what *any* head and confidence of that kind could reach, on the text the po
    mean exit depth, token error rate (top-1 differs from the full model's) and the share of
    continuations with at least one wrong token. Until its first wrong token an early-exit run
    with an exact cache *is* the full model's run, so a continuation without a wrong token is
-   exactly the full model's output, and one with a wrong token differs from it.
+   exactly the full model's output, and one with a wrong token differs from it. The signals
+   take the layer just below as "the previous exit" and the one classifier serves both exit
+   layouts, which favours the every-3rd-layer layout (its real exits see less): a ceiling.
 5. Cost. Decoder-layer multiply-adds per token with deciding counted as free (a lower bound on
    any real policy): depth + the vocabulary head, against 30 layers + the vocabulary head.
 
