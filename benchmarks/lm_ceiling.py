@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+THRESHOLDS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.5)
 SIGNALS = (
     "top1_probability",
     "top1_minus_top2",
@@ -166,23 +167,29 @@ def exit_signals(lm, states, maps, *, chunk=1024):
     )
 
 
-def simulate(confidence, agree, *, exits, threshold, n_layers):
-    """Exit at the first exit whose confidence >= threshold: depth (N,) and wrong token (N,)."""
-    depth = np.full(confidence.shape[1], float(n_layers))
-    wrong = np.zeros(confidence.shape[1], dtype=bool)
-    for layer in exits[::-1]:  # the first qualifying exit wins, so the shallowest is set last
-        leave = confidence[layer] >= threshold
-        depth[leave] = layer + 1
-        wrong[leave] = ~agree[layer][leave]
+def simulate(confidence, agree, *, exits, thresholds, n_layers):
+    """The exit rule (:func:`exitguard.risk.exits.exit_indices`) at the given layers.
+
+    ``confidence`` and ``agree`` are (L-1, N) over the early layers; ``exits`` the layers that
+    have an exit. Returns depth (K, N) and wrong token (K, N) for the K thresholds.
+    """
+    from exitguard.risk.exits import exit_indices
+
+    n = confidence.shape[1]
+    scores = np.concatenate([confidence[exits].T, np.ones((n, 1))], axis=1)  # (N, E+1)
+    index = exit_indices(scores, thresholds)[1:]  # (K, N); row 0 (never) dropped
+    depth = np.append(np.asarray(exits) + 1.0, n_layers)[index]  # (K, N)
+    early = np.append(agree[exits], np.ones((1, n), dtype=bool), axis=0)  # (E+1, N)
+    wrong = ~np.take_along_axis(early, index, axis=0)  # (K, N)
     return depth, wrong
 
 
 def oracle_depth(agree, *, exits, n_layers):
-    """Depth when every token leaves at the first exit whose top-1 is right."""
-    depth = np.full(agree.shape[1], float(n_layers))
-    for layer in exits[::-1]:
-        depth[agree[layer]] = layer + 1
-    return depth
+    """Depth when every token leaves at the first exit whose top-1 is right: (N,)."""
+    depth, _ = simulate(
+        agree.astype(np.float64), agree, exits=exits, thresholds=[1.0], n_layers=n_layers
+    )
+    return depth[0]
 
 
 def main(argv=None) -> int:
@@ -268,10 +275,10 @@ def main(argv=None) -> int:
             _row(layout, "oracle (perfect, free)", None, depth, None, owner, full_cost, head_cost)
         )
         for name, confidence in confidences.items():
-            for threshold in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.5):
-                depth, wrong = simulate(
-                    confidence, test_agree, exits=exits, threshold=threshold, n_layers=n_layers
-                )
+            depths, wrongs = simulate(
+                confidence, test_agree, exits=exits, thresholds=THRESHOLDS, n_layers=n_layers
+            )  # (K, N) each
+            for threshold, depth, wrong in zip(THRESHOLDS, depths, wrongs, strict=True):
                 rows.append(
                     _row(layout, name, threshold, depth, wrong, owner, full_cost, head_cost)
                 )
