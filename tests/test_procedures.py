@@ -125,7 +125,7 @@ def test_vectorised_selection_equals_single_calls(procedure, rng):
     eps = np.array([0.02, 0.1, 0.3])
     index, certified = selections(table[None], eps, procedure=procedure, delta=0.1, loss_bound=1.0)
     for e, target in enumerate(eps):
-        policy = pick(table, procedure, target)
+        policy = pick(table, procedure, target, order="given")
         assert (policy.index, policy.certified) == (index[0, e], certified[0, e])
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import stats
 
-from exitguard.policy import ExitPolicy, fingerprint, guarantee_text
+from exitguard.policy import ExitPolicy, fingerprint
 from exitguard.risk import procedures
 from exitguard.risk._validation import (
     as_float_array,
+    check_choice,
     check_int,
     check_loss_range,
     check_open_unit,
@@ -78,31 +79,137 @@ def check_table(
     return table, cost_array, grid
 
 
-def monotonicity_violation(losses: Array, *, level: float = 0.01) -> tuple[int, float] | None:
-    """The row whose empirical risk falls most significantly below an earlier row, if any.
+@dataclasses.dataclass(frozen=True)
+class MonotonicityCheck:
+    """Evidence that the risk falls along the grid (see :func:`monotonicity_check`).
 
-    For every row k, the earlier row j with the highest empirical risk is compared with k by
-    a one-sided paired z-test; a violation is reported when the largest z exceeds the
-    Bonferroni-corrected normal quantile at ``level``. Returns (row, z) or None.
+    Attributes
+    ----------
+    earlier, later : int
+        The pair of rows (earlier < later) whose empirical risk falls most significantly.
+    z : float
+        Studentised drop ``sqrt(n) (mean[earlier] - mean[later]) / sd`` of that pair.
+    p_value : float
+        Multiplier-bootstrap p-value of the largest studentised drop over all pairs of rows,
+        under the least favourable monotone risk (all rows equal).
+    drop : float
+        ``mean[earlier] - mean[later]``.
     """
-    n_rows, n = losses.shape
-    if n_rows < 3:
+
+    earlier: int
+    later: int
+    z: float
+    p_value: float
+    drop: float
+
+
+_CHECK_COLUMNS = 5000  # samples read by the monotonicity check (a random subset beyond that)
+_CHECK_DRAWS = 500  # bootstrap draws
+_CHECK_ELEMENTS = 2_000_000  # bootstrap draws x K x K held at once
+
+
+def monotonicity_check(losses: ArrayLike, *, seed: int = 0) -> MonotonicityCheck | None:
+    """Test whether the risk is monotone (non-decreasing) along the grid.
+
+    The statistic is the largest studentised drop ``sqrt(n) (mean_j - mean_k) / sd_jk`` over
+    all pairs of rows ``j < k`` (``sd_jk`` the standard deviation of the paired differences);
+    its null distribution under the least favourable monotone risk (all rows equal) comes from
+    a Gaussian multiplier bootstrap, which accounts for the strong correlation between the
+    rows of a grid (Chernozhukov, Chetverikov and Kato, 2019, "Inference on causal and
+    structural parameters using many moment inequalities"). Tables wider than 5000 samples are
+    checked on a seeded random subset of 5000.
+
+    Returns None for tables with fewer than 3 rows or no pair of distinct rows.
+    """
+    table = as_float_array(losses, "losses", ndim=2)  # (K, n)
+    n_rows, n = table.shape
+    if n_rows < 3 or n < 2:
         return None
-    means = losses.mean(axis=1)  # (K,)
-    earlier = np.maximum.accumulate(means)[:-1]  # (K-1,) max over rows < k
-    # First row attaining the running maximum (what argmax over rows <= k returns), vectorised.
-    rows = np.arange(n_rows)
-    new_peak = means > np.concatenate([[-np.inf], np.maximum.accumulate(means)[:-1]])  # (K,)
-    best = np.maximum.accumulate(np.where(new_peak, rows, 0))[:-1]  # (K-1,)
-    diff = losses[best] - losses[1:]  # (K-1, n), earlier peak minus row k
-    spread = diff.std(axis=1, ddof=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(spread > 0, (earlier - means[1:]) / (spread / math.sqrt(n)), 0.0)
-    critical = stats.norm.isf(level / (n_rows - 1))
-    worst = int(np.argmax(z))
-    if z[worst] > critical:
-        return worst + 1, float(z[worst])
-    return None
+    rng = np.random.default_rng(seed)
+    if n > _CHECK_COLUMNS:
+        table = table[:, np.sort(rng.choice(n, _CHECK_COLUMNS, replace=False))]
+        n = _CHECK_COLUMNS
+    means = table.mean(axis=1)  # (K,)
+    centred = table - means[:, None]  # (K, n)
+    cov = centred @ centred.T / (n - 1)  # (K, K)
+    var = np.diag(cov)
+    pair_sd = np.sqrt(np.clip(var[:, None] + var[None, :] - 2.0 * cov, 0.0, None))  # (K, K)
+    valid = np.triu(pair_sd > 1e-12, k=1)  # pairs j < k that differ
+    if not valid.any():
+        return None
+    scale = np.where(valid, pair_sd, 1.0)
+
+    def largest(centred_means: Array) -> Array:
+        """Largest studentised drop over valid pairs; (..., K) -> (...,)."""
+        drops = (centred_means[..., :, None] - centred_means[..., None, :]) / scale
+        return np.where(valid, drops, -np.inf).max(axis=(-2, -1))
+
+    z = np.where(valid, math.sqrt(n) * (means[:, None] - means[None, :]) / scale, -np.inf)
+    earlier, later = np.unravel_index(int(np.argmax(z)), z.shape)
+    observed = float(z[earlier, later])
+    exceed = 0
+    chunk = max(1, _CHECK_ELEMENTS // (n_rows * n_rows))
+    # Bootstrap draws in chunks to bound memory at chunk x K x K.
+    for start in range(0, _CHECK_DRAWS, chunk):
+        size = min(chunk, _CHECK_DRAWS - start)
+        weights = rng.standard_normal((size, n))  # (b, n)
+        draws = weights @ centred.T / math.sqrt(n)  # (b, K)
+        exceed += int(np.sum(largest(draws) >= observed))
+    return MonotonicityCheck(
+        earlier=int(earlier),
+        later=int(later),
+        z=observed,
+        p_value=(1 + exceed) / (1 + _CHECK_DRAWS),
+        drop=float(means[earlier] - means[later]),
+    )
+
+
+def _skipped_rows(passed: NDArray[np.bool_], index: int) -> NDArray[np.int64]:
+    """Rows before the selected one that fail the test (the selection jumped over them)."""
+    return np.flatnonzero(~passed[1:index]) + 1
+
+
+def _warn_non_monotone(
+    table: Array, selection: procedures.Selection, name: str, *, level: float = 0.01
+) -> None:
+    skipped = _skipped_rows(selection.passed, selection.index)
+    check = monotonicity_check(table)
+    significant = check is not None and check.p_value <= level
+    if skipped.size == 0 and not significant:
+        return
+    parts = []
+    if skipped.size:
+        parts.append(
+            f"row {selection.index} was selected although {skipped.size} earlier row(s) fail "
+            f"the test (first: row {skipped[0]})"
+        )
+    if check is not None:
+        parts.append(
+            f"the empirical risk falls by {check.drop:.4g} from row {check.earlier} to row "
+            f"{check.later} (z = {check.z:.2f}, bootstrap p = {check.p_value:.3g})"
+        )
+    assumes = (
+        "assumes a risk monotone along the grid"
+        if procedures.get_procedure(name).needs_monotone_risk
+        else "carries no guarantee"
+    )
+    warnings.warn(
+        f"the risk does not look monotone along the grid: {'; '.join(parts)}. {name!r} "
+        f"{assumes}; procedure='crc' (monotonised losses) and the UCB/LTT procedures "
+        "(fixed-sequence testing, e.g. procedure='ltt') do not need it.",
+        NonMonotoneRiskWarning,
+        stacklevel=3,
+    )
+
+
+ORDERS = ("random", "given")
+
+
+def order_seed(seed: int | None) -> int:
+    """A seed for the reading order: ``seed`` checked, or fresh entropy (53 bits) when None."""
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(11))
+    return check_int(seed, "seed", minimum=0)
 
 
 def _expected_cost(cost: Array | None, index: int) -> float | None:
@@ -123,6 +230,8 @@ def calibrate_table(
     bet_cap: float | None = None,
     risk: str | None = None,
     confidence: str | None = None,
+    order: str = "random",
+    seed: int | None = None,
 ) -> ExitPolicy:
     """Pick the most aggressive row of a loss table whose risk is controlled.
 
@@ -136,8 +245,8 @@ def calibrate_table(
         Epsilon, the tolerated risk.
     delta : float in (0, 1)
         For high-probability procedures, the allowed probability of a violation.
-    procedure : str
-        One of ``naive, crc, ucb-hoeffding, ucb-hb, ucb-wsr, ucb-binomial, ltt,
+    procedure : str or Procedure
+        One of ``naive, crc, crc-marginal, ucb-hoeffding, ucb-hb, ucb-wsr, ucb-binomial, ltt,
         ltt-bonferroni`` (``"ucb"`` means ``"ucb-wsr"``).
     loss_bound : float
         B (1 for 0-1 losses, 2 for Brier summed over classes).
@@ -150,6 +259,16 @@ def calibrate_table(
         ``1 / (2 * loss_bound)`` is the paper's Prop. 3.
     risk, confidence : str, optional
         Names recorded in the policy.
+    order : {"random", "given"}
+        How an order-dependent bound (``ucb-wsr``) reads the samples: ``"random"`` (default)
+        in a seeded uniformly random permutation, so the guarantee holds for exchangeable data
+        in any file order (sorted by class, date or difficulty included); ``"given"`` in the
+        order of the columns, valid only when that order is itself random (e.g. to compare
+        with other code). Procedures that depend only on row means ignore it.
+    seed : int, optional
+        Seed of the permutation; default: fresh entropy. The seed used is recorded in the
+        policy (``order_seed``), so the calibration can be repeated exactly. With a given seed
+        the selection depends only on the set of samples, not on their order in the file.
 
     Returns
     -------
@@ -161,15 +280,23 @@ def calibrate_table(
         When a procedure with a guarantee certifies no early-exit row (the full model is
         returned with ``certified=False``).
     NonMonotoneRiskWarning
-        For naive and crc, when the empirical risk is far from monotone along the grid.
+        For naive and crc-marginal, when the selection jumps over rows that fail the test or
+        the risk falls significantly along the grid (see :func:`monotonicity_check`).
 
     Notes
     -----
+    All guarantees are over the draw of the calibration set (and of the reading order), for
+    calibration and test data that are exchangeable (e.g. i.i.d.):
+
     * naive: no guarantee.
-    * crc: ``E[R] <= target_risk`` over calibration draws; needs i.i.d. (exchangeable) data
-      and a risk monotone along the grid (marginal monotonicity of the network).
-    * ucb-* and ltt*: ``P(R <= target_risk) >= 1 - delta`` over calibration draws; need
-      i.i.d. data. See :mod:`exitguard.risk.procedures`.
+    * crc: ``E[R] <= target_risk``, on per-sample monotonised losses (each sample's loss at a
+      row replaced by its maximum over the rows before it), with no further assumption.
+    * crc-marginal: ``E[R] <= target_risk`` if the risk is monotone along the grid (marginal
+      monotonicity of the network), which cannot be checked from the data; a
+      :class:`NonMonotoneRiskWarning` reports evidence against it.
+    * ucb-* and ltt*: ``P(R <= target_risk) >= 1 - delta``; no monotonicity needed.
+
+    See :mod:`exitguard.risk.procedures`.
 
     References
     ----------
@@ -183,7 +310,8 @@ def calibrate_table(
     >>> policy.index, policy.certified
     (1, True)
     """
-    name = procedures.canonical_procedure(procedure)
+    chosen = procedures.get_procedure(procedure)
+    name = chosen.name
     epsilon = check_open_unit(target_risk, "target_risk")
     level = check_open_unit(delta, "delta")
     table, cost_array, grid = check_table(
@@ -192,22 +320,22 @@ def calibrate_table(
     bound = float(loss_bound)
     if bet_cap is not None:
         check_positive(bet_cap, "bet_cap")
-    if name in ("naive", "crc"):
-        violation = monotonicity_violation(table)
-        if violation is not None:
-            row, z = violation
-            warnings.warn(
-                f"the empirical risk at row {row} is far below an earlier row (z = {z:.1f}): "
-                f"the risk does not look monotone along the grid, which {name!r} assumes. "
-                "Use procedure='ltt' (fixed-sequence testing), which does not need it.",
-                NonMonotoneRiskWarning,
-                stacklevel=2,
-            )
+    check_choice(order, "order", ORDERS)
+    sample_order = used_seed = None
+    read = table
+    if chosen.order_dependent:
+        sample_order = order
+        if order == "random":
+            used_seed = order_seed(seed)
+            generator = np.random.default_rng(used_seed)
+            read = procedures.in_order(table, procedures.reading_order(table, generator))
     selection = procedures.run(
-        table, target_risk=epsilon, delta=level, procedure=name, loss_bound=bound, bet_cap=bet_cap
+        read, target_risk=epsilon, delta=level, procedure=chosen, loss_bound=bound, bet_cap=bet_cap
     )
     index = selection.index
-    if not selection.certified and procedures.has_guarantee(name):
+    if chosen.needs_monotone_risk or name == "naive":
+        _warn_non_monotone(table, selection, name)
+    if not selection.certified and chosen.has_guarantee:
         warnings.warn(
             f"no early-exit policy could be certified by {name!r} at target_risk={epsilon:g}, "
             f"delta={level:g} with n={table.shape[1]} samples: using the full model. "
@@ -215,11 +343,9 @@ def calibrate_table(
             RiskNotControlledWarning,
             stacklevel=2,
         )
-    upper = None
+    upper = selection.upper_bound
     p_value = None
-    if selection.upper_bound is not None:
-        upper = float(selection.upper_bound[index])
-    elif name == "crc":
+    if chosen.test == "crc":
         upper = float(selection.statistic[index])
     if name.startswith("ltt"):
         p_value = float(selection.statistic[index])
@@ -227,12 +353,11 @@ def calibrate_table(
         threshold: float | None = float(grid[index])
     else:
         threshold = math.inf if index == 0 else None
-    full_cost = _expected_cost(cost_array, 0)
     return ExitPolicy(
         threshold=threshold,
         index=index,
         procedure=name,
-        guarantee=guarantee_text(name, epsilon, level),
+        guarantee=chosen.guarantee_text(epsilon, level),
         target_risk=epsilon,
         delta=level,
         n=int(table.shape[1]),
@@ -240,12 +365,14 @@ def calibrate_table(
         upper_bound=upper,
         p_value=p_value,
         expected_cost=_expected_cost(cost_array, index),
-        full_cost=full_cost,
+        full_cost=_expected_cost(cost_array, 0),
         certified=selection.certified,
         loss_bound=bound,
         risk=risk,
         confidence=confidence,
         data_fingerprint=fingerprint(table),
+        sample_order=sample_order,
+        order_seed=used_seed,
     )
 
 

@@ -13,10 +13,15 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-from exitguard.calibration import as_procedure_list, check_table
+from exitguard.calibration import ORDERS, as_procedure_list, check_table
 from exitguard.policy import fingerprint
 from exitguard.risk import procedures as proc
-from exitguard.risk._validation import check_int, check_open_unit, check_open_unit_list
+from exitguard.risk._validation import (
+    check_choice,
+    check_int,
+    check_open_unit,
+    check_open_unit_list,
+)
 
 Array = NDArray[np.float64]
 
@@ -65,6 +70,9 @@ class Evaluation:
     full_cost: float | None
     seed: int | None
     data_fingerprint: str
+    sample_order: str = "random"
+    selections: dict[str, tuple[tuple[int, ...], ...]] | None = None
+    order_seeds: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -92,7 +100,29 @@ class Evaluation:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
         values["rows"] = tuple(EvaluationRow(**r) for r in data["rows"])
+        if values.get("selections") is not None:
+            values["selections"] = {
+                name: tuple(tuple(int(i) for i in split) for split in rows)
+                for name, rows in values["selections"].items()
+            }
+        if values.get("order_seeds") is not None:
+            values["order_seeds"] = tuple(int(s) for s in values["order_seeds"])
         return cls(**values)
+
+    def selected_rows(self, procedure: str) -> NDArray[np.int64]:
+        """Row selected in every split at every target risk; shape (trials, E).
+
+        Only available when :func:`evaluate` ran with ``return_selections=True``.
+        """
+        if self.selections is None:
+            raise ValueError(
+                "this evaluation holds no per-split selections; run evaluate(..., "
+                "return_selections=True)."
+            )
+        name = proc.canonical_procedure(procedure)
+        if name not in self.selections:
+            raise KeyError(f"no selections for procedure={name!r}.")
+        return np.asarray(self.selections[name], dtype=np.int64)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         target = Path(path)
@@ -133,27 +163,55 @@ def selections(
     cal_losses: Array,
     target_risks: Array,
     *,
-    procedure: str,
+    procedure: str | proc.Procedure,
     delta: float,
     loss_bound: float,
     bet_cap: float | None = None,
+    order_seeds: ArrayLike | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
     """Selected rows for many calibration tables at once.
 
-    ``cal_losses`` (T, K, n) -> selected row and certified flag, each (T, E).
+    ``cal_losses`` (T, K, n) -> selected row and certified flag, each (T, E). With
+    ``order_seeds`` (T,), an order-dependent procedure reads table ``t`` in the order of
+    :func:`exitguard.risk.procedures.reading_order` seeded by ``order_seeds[t]``, exactly as
+    ``calibrate_table(cal_losses[t], seed=order_seeds[t])`` does; without it, in the order
+    given.
     """
-    stats_ = proc.statistics(
-        cal_losses,
-        target_risks,
-        procedure=procedure,
-        delta=delta,
-        loss_bound=loss_bound,
-        bet_cap=bet_cap,
+    chosen = proc.get_procedure(procedure)
+    read = cal_losses
+    if order_seeds is not None and chosen.order_dependent:
+        seeds = np.asarray(order_seeds, dtype=np.int64).reshape(-1)
+        generators = [np.random.default_rng(int(s)) for s in seeds]
+        read = proc.in_order(cal_losses, proc.reading_order(cal_losses, generators))
+    stats_ = chosen.statistic(
+        read, target_risks, delta=delta, loss_bound=loss_bound, bet_cap=bet_cap
     )  # (T, E, K)
-    ok = proc.passes(
-        stats_, target_risks, procedure=procedure, delta=delta, n_rows=cal_losses.shape[-2]
-    )
-    return proc.select(ok, procedure=procedure)
+    ok = chosen.passes(stats_, target_risks, delta=delta, n_rows=cal_losses.shape[-2])
+    return chosen.select(ok)
+
+
+def check_splits(splits: ArrayLike, n_total: int) -> NDArray[np.int64]:
+    """Validate user splits: calibration indices (T, n_cal), distinct within a split."""
+    array = np.asarray(splits)
+    if array.ndim != 2 or array.shape[0] < 1:
+        raise ValueError(
+            f"`splits` must be a 2-D array (trials, n_cal) of calibration indices; got shape "
+            f"{array.shape}."
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"`splits` must hold integer sample indices; got dtype {array.dtype}.")
+    if array.size and (array.min() < 0 or array.max() >= n_total):
+        raise ValueError(
+            f"`splits` must hold indices in [0, {n_total - 1}] (the table has {n_total} "
+            f"samples); got values in [{array.min()}, {array.max()}]."
+        )
+    ordered = np.sort(array, axis=1)
+    repeated = np.flatnonzero((np.diff(ordered, axis=1) == 0).any(axis=1))
+    if repeated.size:
+        raise ValueError(
+            f"`splits` must not repeat a sample within a split; split {repeated[0]} does."
+        )
+    return array.astype(np.int64)
 
 
 def evaluate(
@@ -168,6 +226,9 @@ def evaluate(
     cost: ArrayLike | None = None,
     seed: int | np.random.Generator | None = 0,
     bet_cap: float | None = None,
+    order: str = "random",
+    splits: ArrayLike | None = None,
+    return_selections: bool = False,
 ) -> Evaluation:
     """Calibrate on random subsets and measure risk and cost on the rest.
 
@@ -191,29 +252,54 @@ def evaluate(
     cost : array of shape (K,) or (K, N), optional
         Compute per row; reported as the mean over the test split.
     seed : int or numpy Generator
-        The only source of randomness.
+        The only source of randomness: the splits, then one reading-order seed per split.
     bet_cap : float, optional
         WSR bet cap (default ``1 / loss_bound``).
+    order : {"random", "given"}
+        How order-dependent bounds read each calibration split (as in
+        :func:`exitguard.calibrate_table`): in a random permutation seeded per split
+        (``order_seeds``), or in the order of ``splits`` (the given order).
+    splits : int array of shape (trials, n_cal), optional
+        Your own calibration indices, one row per split (the test split is the rest);
+        ``n_cal`` and ``trials`` then come from its shape.
+    return_selections : bool
+        Keep the row selected in every split (:meth:`Evaluation.selected_rows`) and the
+        reading-order seed of every split, so single calibrations can be compared split by
+        split: ``calibrate_table(losses[:, splits[t]], seed=order_seeds[t], ...)`` selects
+        the same row as split ``t``.
 
     Returns
     -------
     Evaluation
     """
     names = as_procedure_list(procedures)
+    chosen_procedures = [proc.get_procedure(name) for name in names]
     epsilons = check_open_unit_list(target_risks, "target_risks")
     level = check_open_unit(delta, "delta")
+    check_choice(order, "order", ORDERS)
     table, cost_array, _ = check_table(losses, loss_bound=loss_bound, cost=cost)
     n_rows, n_total = table.shape
-    n_cal = check_int(n_cal, "n_cal", minimum=2)
-    if n_cal >= n_total:
-        raise ValueError(
-            f"`n_cal` must be below the number of samples ({n_total}) to leave a test split; "
-            f"got {n_cal}."
-        )
-    trials = check_int(trials, "trials", minimum=1)
     seed_value = seed if isinstance(seed, int) else None
     rng = np.random.default_rng(seed)
-    indices = split_indices(n_total, n_cal, trials, rng)  # (T, n)
+    if splits is None:
+        n_cal = check_int(n_cal, "n_cal", minimum=2)
+        if n_cal >= n_total:
+            raise ValueError(
+                f"`n_cal` must be below the number of samples ({n_total}) to leave a test "
+                f"split; got {n_cal}."
+            )
+        trials = check_int(trials, "trials", minimum=1)
+        indices = split_indices(n_total, n_cal, trials, rng)  # (T, n)
+    else:
+        indices = check_splits(splits, n_total)
+        trials, n_cal = indices.shape
+        if n_cal < 2 or n_cal >= n_total:
+            raise ValueError(
+                f"`splits` must hold between 2 and {n_total - 1} calibration indices per split "
+                f"to leave a test split; got {n_cal}."
+            )
+    # Drawn after the splits, so the splits of a seed are the same as without reading orders.
+    order_seeds = rng.integers(0, 2**53, size=trials)  # (T,)
     n_test = n_total - n_cal
     total = table.sum(axis=1)  # (K,)
     population = table.mean(axis=1)  # (K,)
@@ -236,12 +322,18 @@ def evaluate(
             else:
                 test_cost[start : start + chunk] = cost_array[None]
         # One pass per procedure over the chunk (few procedures; each is vectorised).
-        for name in names:
+        for procedure in chosen_procedures:
             index, ok = selections(
-                cal, epsilons, procedure=name, delta=level, loss_bound=loss_bound, bet_cap=bet_cap
+                cal,
+                epsilons,
+                procedure=procedure,
+                delta=level,
+                loss_bound=loss_bound,
+                bet_cap=bet_cap,
+                order_seeds=order_seeds[start : start + chunk] if order == "random" else None,
             )
-            chosen[name][start : start + chunk] = index
-            certified[name][start : start + chunk] = ok
+            chosen[procedure.name][start : start + chunk] = index
+            certified[procedure.name][start : start + chunk] = ok
     full_cost = None
     if cost_array is not None:
         full_cost = float(cost_array[0].mean()) if cost_array.ndim == 2 else float(cost_array[0])
@@ -281,6 +373,11 @@ def evaluate(
                     certified_rate=float(certified[name][:, e].mean()),
                 )
             )
+    kept = None
+    if return_selections:
+        kept = {
+            name: tuple(tuple(int(i) for i in split) for split in chosen[name]) for name in names
+        }
     return Evaluation(
         rows=tuple(rows),
         delta=level,
@@ -291,4 +388,7 @@ def evaluate(
         full_cost=full_cost,
         seed=seed_value,
         data_fingerprint=fingerprint(table),
+        sample_order=order,
+        selections=kept,
+        order_seeds=tuple(int(s) for s in order_seeds) if return_selections else None,
     )

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from exitguard.risk.procedures import get_procedure
+
 SCHEMA_VERSION = 1
 _SCHEMA_NAME = "exitguard.ExitPolicy"
 
@@ -33,34 +35,9 @@ def fingerprint(*arrays: NDArray[Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-_GUARANTEES = {
-    "naive": "none: the empirical calibration risk is at most the target, with no guarantee "
-    "on new data",
-    "crc": "E[R] <= {eps:g} in expectation over calibration sets (conformal risk control; "
-    "needs exchangeable data and a risk monotone along the grid)",
-    "ucb": "P(R <= {eps:g}) >= {conf:g} over calibration sets (upper confidence bound, "
-    "{bound}; needs exchangeable data)",
-    "ltt": "P(R <= {eps:g}) >= {conf:g} over calibration sets (Learn-then-Test, {fwer}; "
-    "needs exchangeable data)",
-}
-
-
 def guarantee_text(procedure: str, target_risk: float, delta: float) -> str:
     """The guarantee of a procedure, in words, for the given epsilon and delta."""
-    family, _, detail = procedure.partition("-")
-    bounds = {
-        "hoeffding": "Hoeffding",
-        "hb": "Hoeffding-Bentkus",
-        "wsr": "Waudby-Smith-Ramdas",
-        "binomial": "exact binomial",
-    }
-    text = _GUARANTEES[family]
-    return text.format(
-        eps=target_risk,
-        conf=1 - delta,
-        bound=bounds.get(detail, detail),
-        fwer="Bonferroni" if detail == "bonferroni" else "fixed-sequence testing",
-    )
+    return get_procedure(procedure).guarantee_text(target_risk, delta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +89,12 @@ class ExitPolicy:
         Architecture fingerprint of the network, when known.
     data_fingerprint : str
         Hash of the calibration loss table.
+    sample_order : {"random", "given"} or None
+        How an order-dependent bound (WSR) read the calibration samples: in a seeded random
+        permutation (``order_seed``) or in the order given; None when the procedure does not
+        depend on the order.
+    order_seed : int or None
+        Seed of the random permutation (``sample_order="random"``), to repeat the calibration.
     """
 
     threshold: float | None
@@ -133,6 +116,8 @@ class ExitPolicy:
     n_exits: int | None = None
     model_fingerprint: str | None = None
     data_fingerprint: str = ""
+    sample_order: str | None = None
+    order_seed: int | None = None
 
     @property
     def is_full_model(self) -> bool:
