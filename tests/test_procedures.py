@@ -145,3 +145,29 @@ def test_procedure_names():
 def test_a_grid_with_only_the_full_model(procedure):
     policy = pick(np.zeros((1, 20)), procedure, 0.1)
     assert (policy.index, policy.certified, policy.is_full_model) == (0, False, True)
+
+
+def test_with_a_seed_the_selection_does_not_depend_on_the_file_order(rng):
+    table = monotone_table(rng, n=200)
+    easy_first = table[:, np.argsort(table.sum(axis=0))]
+    hard_first = easy_first[:, ::-1]
+    shuffled = table[:, rng.permutation(200)]
+    picks = {
+        pick(t, "ucb-wsr", 0.1, seed=9).index for t in (table, easy_first, hard_first, shuffled)
+    }
+    assert len(picks) == 1
+    # Read in the file's order, the sorted file is a different (and unsafe) sequence.
+    assert pick(easy_first, "ucb-wsr", 0.1, order="given").index > picks.pop()
+
+
+def test_reading_order_is_a_permutation(rng):
+    from exitguard.risk.procedures import in_order, reading_order
+
+    tables = rng.random((3, 4, 50))
+    order = reading_order(tables, [np.random.default_rng(s) for s in range(3)])
+    assert order.shape == (3, 50)
+    assert all(sorted(row) == list(range(50)) for row in order)
+    read = in_order(tables, order)
+    np.testing.assert_allclose(np.sort(read, axis=-1), np.sort(tables, axis=-1))
+    with pytest.raises(ValueError, match="one generator per table"):
+        reading_order(tables, [np.random.default_rng(0)])

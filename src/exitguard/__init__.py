@@ -7,30 +7,42 @@ compute savings. The PyTorch layer lives in :mod:`exitguard.nn` (``pip install
 """
 
 from exitguard.calibration import (
+    MonotonicityCheck,
     NonMonotoneRiskWarning,
     RiskNotControlledWarning,
     build_table,
+    build_table_from_predictions,
     calibrate,
+    calibrate_predictions,
     calibrate_table,
+    monotonicity_check,
 )
 from exitguard.evaluation import Evaluation, EvaluationRow, evaluate
-from exitguard.policy import ExitPolicy, PolicyFileError, load_policy
+from exitguard.policy import AppliedPolicy, ExitPolicy, PolicyFileError, load_policy
 from exitguard.risk.losses import Risk
+from exitguard.risk.procedures import Procedure, get_procedure
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AppliedPolicy",
     "Evaluation",
     "EvaluationRow",
     "ExitPolicy",
+    "MonotonicityCheck",
     "NonMonotoneRiskWarning",
     "PolicyFileError",
+    "Procedure",
     "Risk",
     "RiskNotControlledWarning",
     "__version__",
     "build_table",
+    "build_table_from_predictions",
     "calibrate",
+    "calibrate_predictions",
     "calibrate_table",
     "evaluate",
+    "get_procedure",
     "load_policy",
+    "monotonicity_check",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import warnings
 from collections.abc import Sequence
 
@@ -15,14 +16,22 @@ from exitguard.risk import procedures
 from exitguard.risk._validation import (
     as_float_array,
     check_choice,
+    check_exit_cost,
     check_int,
     check_loss_range,
     check_open_unit,
     check_positive,
+    check_unit_scores,
 )
 from exitguard.risk.confidence import ConfidenceFn, as_probabilities, confidences
 from exitguard.risk.exits import as_threshold_grid, exit_indices
-from exitguard.risk.losses import Risk, get_risk, loss_table, per_exit_losses
+from exitguard.risk.losses import (
+    Risk,
+    get_risk,
+    loss_table,
+    per_exit_losses,
+    per_exit_prediction_losses,
+)
 
 Array = NDArray[np.float64]
 
@@ -63,6 +72,11 @@ def check_table(
             raise ValueError(
                 f"`cost` must have shape ({n_rows},) or ({n_rows}, {n}) to match `losses`; "
                 f"got {cost_array.shape}."
+            )
+        if cost_array.min() < 0:
+            raise ValueError(
+                f"`cost` must be >= 0 (compute spent per sample); got a minimum of "
+                f"{cost_array.min():g}."
             )
     grid = None
     if thresholds is not None:
@@ -108,7 +122,9 @@ _CHECK_DRAWS = 500  # bootstrap draws
 _CHECK_ELEMENTS = 2_000_000  # bootstrap draws x K x K held at once
 
 
-def monotonicity_check(losses: ArrayLike, *, seed: int = 0) -> MonotonicityCheck | None:
+def monotonicity_check(
+    losses: ArrayLike, *, seed: int = 0, min_z: float = -math.inf
+) -> MonotonicityCheck | None:
     """Test whether the risk is monotone (non-decreasing) along the grid.
 
     The statistic is the largest studentised drop ``sqrt(n) (mean_j - mean_k) / sd_jk`` over
@@ -119,7 +135,8 @@ def monotonicity_check(losses: ArrayLike, *, seed: int = 0) -> MonotonicityCheck
     structural parameters using many moment inequalities"). Tables wider than 5000 samples are
     checked on a seeded random subset of 5000.
 
-    Returns None for tables with fewer than 3 rows or no pair of distinct rows.
+    Returns None for tables with fewer than 3 rows or no pair of distinct rows, and when the
+    largest studentised drop is below ``min_z`` (no bootstrap is run then).
     """
     table = as_float_array(losses, "losses", ndim=2)  # (K, n)
     n_rows, n = table.shape
@@ -147,6 +164,8 @@ def monotonicity_check(losses: ArrayLike, *, seed: int = 0) -> MonotonicityCheck
     z = np.where(valid, math.sqrt(n) * (means[:, None] - means[None, :]) / scale, -np.inf)
     earlier, later = np.unravel_index(int(np.argmax(z)), z.shape)
     observed = float(z[earlier, later])
+    if observed < min_z:
+        return None
     exceed = 0
     chunk = max(1, _CHECK_ELEMENTS // (n_rows * n_rows))
     # Bootstrap draws in chunks to bound memory at chunk x K x K.
@@ -173,7 +192,11 @@ def _warn_non_monotone(
     table: Array, selection: procedures.Selection, name: str, *, level: float = 0.01
 ) -> None:
     skipped = _skipped_rows(selection.passed, selection.index)
-    check = monotonicity_check(table)
+    check = None
+    if procedures.get_procedure(name).needs_monotone_risk:
+        # The bootstrap only runs where a drop could be significant: the largest studentised
+        # drop over many pairs must at least exceed the one-pair critical value.
+        check = monotonicity_check(table, min_z=statistics.NormalDist().inv_cdf(1 - level))
     significant = check is not None and check.p_value <= level
     if skipped.size == 0 and not significant:
         return
@@ -401,17 +424,112 @@ def build_table(
     exits = exit_indices(scores, grid)  # (K, n)
     chosen = get_risk(risk, consistency_label=consistency_label, rng=rng)
     table = loss_table(per_exit_losses(probs, labels, chosen), exits, clip=clip)  # (K, n)
-    n_exits = probs.shape[1]
-    if exit_cost is None:
-        per_exit_cost = np.arange(1, n_exits + 1, dtype=np.float64)
-    else:
-        per_exit_cost = as_float_array(exit_cost, "exit_cost", ndim=1)
-        if per_exit_cost.shape != (n_exits,):
-            raise ValueError(
-                f"`exit_cost` must have shape ({n_exits},), one value per exit; "
-                f"got {per_exit_cost.shape}."
-            )
+    per_exit_cost = check_exit_cost(exit_cost, probs.shape[1])  # (L,)
     return {"losses": table, "cost": per_exit_cost[exits], "thresholds": grid, "exits": exits}
+
+
+def build_table_from_predictions(
+    confidences: ArrayLike,
+    predictions: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    risk: str | Risk = "prediction_gap",
+    thresholds: ArrayLike | None = None,
+    exit_cost: ArrayLike | None = None,
+    n_classes: int | None = None,
+    clip: bool = False,
+) -> dict[str, Array]:
+    """Loss and cost tables from outputs saved as a confidence and a predicted class per exit.
+
+    Many published early-exit models save, per sample and exit, only the confidence and the
+    predicted class (no probabilities). The 0-1 risks (``prediction_gap``,
+    ``prediction_consistency``) need nothing more; Brier risks are refused.
+
+    Parameters
+    ----------
+    confidences : array of shape (n, L)
+        Confidence of each sample at each exit, in [0, 1] (higher = safer to stop).
+    predictions : int array of shape (n, L)
+        Predicted class of each sample at each exit; the last exit is the full model.
+    labels : int array of shape (n,), optional
+        Ground truth; required for ``prediction_gap``.
+    risk, thresholds, exit_cost, clip
+        As in :func:`build_table`.
+    n_classes : int, optional
+        Number of classes; predictions and labels must lie below it when given.
+
+    Returns
+    -------
+    dict
+        ``losses`` (K, n), ``cost`` (K, n), ``thresholds`` (K,) and ``exits`` (K, n).
+    """
+    scores = check_unit_scores(confidences, "confidences", ndim=2)  # (n, L)
+    if n_classes is not None:
+        check_int(n_classes, "n_classes", minimum=1)
+    raw = np.asarray(predictions)
+    if raw.shape != scores.shape:
+        raise ValueError(
+            f"`predictions` must have the shape of `confidences` {scores.shape}; got {raw.shape}."
+        )
+    chosen = get_risk(risk)
+    per_exit = per_exit_prediction_losses(raw, labels, chosen, n_classes=n_classes)  # (n, L)
+    grid = as_threshold_grid(thresholds)  # (K,)
+    exits = exit_indices(scores, grid)  # (K, n)
+    table = loss_table(per_exit, exits, clip=clip)  # (K, n)
+    per_exit_cost = check_exit_cost(exit_cost, scores.shape[1])  # (L,)
+    return {"losses": table, "cost": per_exit_cost[exits], "thresholds": grid, "exits": exits}
+
+
+def calibrate_predictions(
+    confidences: ArrayLike,
+    predictions: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    risk: str | Risk = "prediction_gap",
+    target_risk: float,
+    delta: float = 0.1,
+    procedure: str = "ucb-wsr",
+    thresholds: ArrayLike | None = None,
+    exit_cost: ArrayLike | None = None,
+    n_classes: int | None = None,
+    confidence: str = "provided",
+    clip: bool = False,
+    bet_cap: float | None = None,
+    order: str = "random",
+    seed: int | None = None,
+) -> ExitPolicy:
+    """Calibrate an exit threshold from saved per-exit confidences and predicted classes.
+
+    The table comes from :func:`build_table_from_predictions`; the guarantee is the one of
+    :func:`calibrate_table`. ``confidence`` names the saved confidence in the policy, so that
+    :meth:`ExitPolicy.apply` can refuse outputs scored another way.
+    """
+    chosen = get_risk(risk)
+    tables = build_table_from_predictions(
+        confidences,
+        predictions,
+        labels,
+        risk=chosen,
+        thresholds=thresholds,
+        exit_cost=exit_cost,
+        n_classes=n_classes,
+        clip=clip,
+    )
+    policy = calibrate_table(
+        tables["losses"],
+        target_risk=target_risk,
+        delta=delta,
+        procedure=procedure,
+        loss_bound=chosen.loss_bound,
+        cost=tables["cost"],
+        thresholds=tables["thresholds"],
+        bet_cap=bet_cap,
+        risk=chosen.name,
+        confidence=confidence,
+        order=order,
+        seed=seed,
+    )
+    return policy.with_model(n_exits=int(np.shape(confidences)[1]), confidence=confidence)
 
 
 def calibrate(
@@ -430,6 +548,8 @@ def calibrate(
     clip: bool = False,
     bet_cap: float | None = None,
     rng: np.random.Generator | int | None = None,
+    order: str = "random",
+    seed: int | None = None,
 ) -> ExitPolicy:
     """Calibrate an exit threshold from per-exit outputs of an early-exit network.
 
@@ -444,7 +564,7 @@ def calibrate(
         ``prediction_gap`` (0-1, B = 1), ``prediction_consistency`` (0-1, B = 1),
         ``distribution_gap`` (Brier, B = 2), ``distribution_consistency`` (Brier, B = 2),
         or a custom :class:`~exitguard.risk.losses.Risk`.
-    target_risk, delta, procedure, bet_cap
+    target_risk, delta, procedure, bet_cap, order, seed
         As in :func:`calibrate_table`.
     confidence : str or callable
         ``max_softmax``, ``margin``, ``entropy``, ``patience`` or (n, L, C) -> (n, L).
@@ -487,6 +607,8 @@ def calibrate(
         bet_cap=bet_cap,
         risk=chosen.name,
         confidence=confidence if isinstance(confidence, str) else None,
+        order=order,
+        seed=seed,
     )
     return policy.with_model(n_exits=int(np.shape(exit_probs)[1]), confidence=policy.confidence)
 

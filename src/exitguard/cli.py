@@ -16,10 +16,16 @@ from typing import Any
 import numpy as np
 
 from exitguard import __version__
-from exitguard.calibration import build_table, calibrate_table
+from exitguard.calibration import (
+    ORDERS,
+    build_table,
+    build_table_from_predictions,
+    calibrate_table,
+)
 from exitguard.evaluation import evaluate
 from exitguard.policy import ExitPolicy
 from exitguard.risk.confidence import CONFIDENCES
+from exitguard.risk.exits import default_thresholds
 from exitguard.risk.losses import RISKS, get_risk
 from exitguard.risk.procedures import ALIASES, PROCEDURES
 
@@ -30,23 +36,95 @@ class CommandError(Exception):
     """A problem with the command's input, reported as one line on stderr (exit status 2)."""
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
+def _load_npz(path: str, *, argument: str = "FILE") -> dict[str, np.ndarray]:
     source = Path(path)
     if not source.is_file():
-        raise CommandError(f"FILE: no such file: {source}")
+        raise CommandError(f"{argument}: no such file: {source}")
+    with source.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"PK\x03\x04":
+        raise CommandError(
+            f"{argument}: {source} is not an .npz file (numpy.savez writes one); got a file "
+            f"starting with {magic!r}."
+        )
     try:
         with np.load(source, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (ValueError, OSError) as error:
-        raise CommandError(f"FILE: {source} is not a readable .npz file ({error}).") from error
+        raise CommandError(
+            f"{argument}: {source} is not a readable .npz file ({error})."
+        ) from error
+
+
+def _read_floats(values: list[str] | None, name: str) -> np.ndarray | None:
+    """Numbers given on the command line, or one file (.npy, or text with one number per line)."""
+    if not values:
+        return None
+    if len(values) == 1 and Path(values[0]).is_file():
+        source = Path(values[0])
+        try:
+            if source.suffix == ".npy":
+                array = np.load(source, allow_pickle=False)
+            else:
+                array = np.loadtxt(source, dtype=np.float64, delimiter=None, ndmin=1)
+        except (ValueError, OSError) as error:
+            raise CommandError(f"{name}: cannot read numbers from {source} ({error}).") from error
+        return np.asarray(array, dtype=np.float64).reshape(-1)
+    try:
+        return np.array([float(v) for v in values])
+    except ValueError as error:
+        raise CommandError(
+            f"{name}: expected numbers or one file of numbers; got {values}."
+        ) from error
+
+
+def _grid(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The threshold grid: --thresholds, --grid-step, the file's `thresholds`, or the default."""
+    given = _read_floats(getattr(args, "thresholds", None), "--thresholds")
+    step = getattr(args, "grid_step", None)
+    if given is not None and step is not None:
+        raise CommandError("give --thresholds or --grid-step, not both.")
+    if step is not None:
+        return default_thresholds(step)
+    if given is not None:
+        return given
+    return data.get("thresholds")
+
+
+def _exit_cost(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray | None:
+    given = _read_floats(getattr(args, "exit_cost", None), "--exit-cost")
+    return given if given is not None else data.get("exit_cost")
+
+
+def _n_classes(data: dict[str, np.ndarray]) -> int | None:
+    if "n_classes" not in data:
+        return None
+    value = np.asarray(data["n_classes"])
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        raise CommandError(f"FILE: `n_classes` must be one integer; got {value!r}.")
+    return int(value)
+
+
+def _confidence_name(data: dict[str, np.ndarray]) -> str:
+    if "confidence_name" not in data:
+        return "provided"
+    value = np.asarray(data["confidence_name"])
+    if value.shape != () or value.dtype.kind != "U":
+        raise CommandError("FILE: `confidence_name` must be one string.")
+    return str(value)
 
 
 def load_tables(args: argparse.Namespace) -> dict[str, Any]:
-    """Read FILE as a loss table (``losses``) or per-exit outputs (``probs``/``logits``)."""
+    """Read FILE as a loss table, per-exit probabilities/logits, or saved confidences."""
     data = _load_npz(args.file)
     if "losses" in data:
         if args.risk is not None:
             raise CommandError("--risk applies to per-exit files (probs or logits), not tables.")
+        if getattr(args, "thresholds", None) or getattr(args, "grid_step", None) is not None:
+            raise CommandError(
+                "--thresholds and --grid-step apply to per-exit files; a table's rows are fixed "
+                "(give its thresholds as `thresholds` in the file)."
+            )
         bound = 1.0 if args.loss_bound is None else args.loss_bound
         return {
             "losses": data["losses"],
@@ -54,12 +132,48 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             "thresholds": data.get("thresholds"),
             "loss_bound": bound,
             "risk": None,
+            "confidence": None,
+        }
+    grid = _grid(args, data)
+    exit_cost = _exit_cost(args, data)
+    if "confidence" in data or "prediction" in data:
+        if not ("confidence" in data and "prediction" in data):
+            raise CommandError(
+                "FILE: saved outputs need both `confidence` (n, L) and `prediction` (n, L)."
+            )
+        if args.risk is None and "labels" not in data:
+            raise CommandError(
+                "FILE has no `labels`, which the default risk prediction_gap needs; use "
+                "--risk prediction_consistency (agreement with the full model, no labels)."
+            )
+        risk = get_risk(args.risk or "prediction_gap")
+        tables = build_table_from_predictions(
+            data["confidence"],
+            data["prediction"],
+            data.get("labels"),
+            risk=risk,
+            thresholds=grid,
+            exit_cost=exit_cost,
+            n_classes=_n_classes(data),
+        )
+        return {
+            **tables,
+            "loss_bound": risk.loss_bound if args.loss_bound is None else args.loss_bound,
+            "risk": risk.name,
+            "confidence": _confidence_name(data),
+            "n_exits": data["confidence"].shape[1],
         }
     outputs_key = "probs" if "probs" in data else "logits" if "logits" in data else None
     if outputs_key is None:
         raise CommandError(
-            f"FILE must hold `losses` (a loss table) or `probs`/`logits` (per-exit outputs); "
-            f"{args.file} holds {sorted(data) or 'nothing'}."
+            "FILE must hold `losses` (a loss table), `probs`/`logits` (per-exit outputs) or "
+            f"`confidence` and `prediction` (saved outputs); {args.file} holds "
+            f"{sorted(data) or 'nothing'}."
+        )
+    if args.risk is None and "labels" not in data:
+        raise CommandError(
+            "FILE has no `labels`, which the default risk prediction_gap needs; use "
+            "--risk prediction_consistency or distribution_consistency (no labels)."
         )
     risk = get_risk(args.risk or "prediction_gap", rng=args.seed)
     tables = build_table(
@@ -67,27 +181,75 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
         data.get("labels"),
         risk=risk,
         confidence=args.confidence,
+        thresholds=grid,
+        exit_cost=exit_cost,
         from_logits=outputs_key == "logits",
         rng=args.seed,
     )
     bound = risk.loss_bound if args.loss_bound is None else args.loss_bound
-    return {**tables, "loss_bound": bound, "risk": risk.name, "n_exits": data[outputs_key].shape[1]}
+    return {
+        **tables,
+        "loss_bound": bound,
+        "risk": risk.name,
+        "confidence": args.confidence,
+        "n_exits": data[outputs_key].shape[1],
+    }
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="npz with `losses` (K, n) or per-exit `probs`/`logits`")
+    parser.add_argument(
+        "file",
+        help="npz with `losses` (K, n) [+ `cost`, `thresholds`], per-exit `probs`/`logits` "
+        "(n, L, C), or saved `confidence` and `prediction` (n, L); [+ `labels` (n,)]",
+    )
     parser.add_argument("--delta", type=float, default=0.1, help="1 - confidence level")
     parser.add_argument(
         "--loss-bound", type=float, default=None, help="B (default 1, or the risk's)"
     )
-    parser.add_argument("--risk", choices=RISKS, default=None, help="risk for per-exit files")
+    parser.add_argument(
+        "--risk",
+        choices=RISKS,
+        default=None,
+        help="risk for per-exit files (default prediction_gap; saved confidences and "
+        "predictions allow only the prediction_* risks)",
+    )
     parser.add_argument(
         "--confidence",
         choices=tuple(CONFIDENCES),
         default="max_softmax",
-        help="confidence measure for per-exit files",
+        help="confidence measure for probs/logits files",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for splits and sampled labels")
+    parser.add_argument(
+        "--thresholds",
+        nargs="+",
+        metavar="T",
+        help="threshold grid for per-exit files: numbers in [0, 1], or one .npy/text file "
+        "(default: 1.00, 0.99, ..., 0.00)",
+    )
+    parser.add_argument(
+        "--grid-step", type=float, default=None, help="step of the default threshold grid"
+    )
+    parser.add_argument(
+        "--exit-cost",
+        nargs="+",
+        metavar="C",
+        help="cost of stopping at each exit, in your units (e.g. cumulative FLOPs); numbers "
+        "or one file; default: the file's `exit_cost`, else exits evaluated",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random reading order of order-dependent bounds (ucb-wsr) and of "
+        "labels sampled for distribution_consistency; evaluate: also of the splits",
+    )
+    parser.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="random",
+        help="read the samples in a seeded random permutation (valid in any file order) or "
+        "in the file's order (valid only if that order is random)",
+    )
     parser.add_argument(
         "--bet-cap", type=float, default=None, help="cap on the WSR bets (default 1/B)"
     )
@@ -108,7 +270,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             thresholds=tables["thresholds"],
             bet_cap=args.bet_cap,
             risk=tables["risk"],
-            confidence=args.confidence if tables["risk"] else None,
+            confidence=tables["confidence"],
+            order=args.order,
+            seed=args.seed,
         )
     if tables.get("n_exits") is not None:
         policy = policy.with_model(n_exits=int(tables["n_exits"]))
@@ -149,6 +313,23 @@ def describe_policy(policy: ExitPolicy) -> str:
     return "\n".join(lines)
 
 
+def _read_splits(path: str | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    source = Path(path)
+    if source.suffix == ".npz":
+        data = _load_npz(path, argument="--splits")
+        if "splits" not in data:
+            raise CommandError(f"--splits: {source} must hold an array `splits` (T, n_cal).")
+        return data["splits"]
+    if not source.is_file():
+        raise CommandError(f"--splits: no such file: {source}")
+    try:
+        return np.load(source, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise CommandError(f"--splits: {source} is not a readable .npy file ({error}).") from error
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     tables = load_tables(args)
     result = evaluate(
@@ -162,6 +343,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cost=tables["cost"],
         seed=args.seed,
         bet_cap=args.bet_cap,
+        order=args.order,
+        splits=_read_splits(args.splits),
+        return_selections=args.per_split,
     )
     if args.out:
         result.save(args.out)
@@ -174,6 +358,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"delta = {result.delta:g}"
         )
         print(result.table())
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Apply a saved policy to held-out per-exit outputs: risk and cost."""
+    policy = ExitPolicy.load(args.policy)
+    data = _load_npz(args.file)
+    exit_cost = _exit_cost(args, data)
+    labels = data.get("labels")
+    if "confidence" in data or "prediction" in data:
+        if not ("confidence" in data and "prediction" in data):
+            raise CommandError(
+                "FILE: saved outputs need both `confidence` (n, L) and `prediction` (n, L)."
+            )
+        applied = policy.apply(
+            labels=labels,
+            confidences=data["confidence"],
+            predictions=data["prediction"],
+            confidence=_confidence_name(data) if "confidence_name" in data else None,
+            exit_cost=exit_cost,
+            n_classes=_n_classes(data),
+        )
+    else:
+        key = "probs" if "probs" in data else "logits" if "logits" in data else None
+        if key is None:
+            raise CommandError(
+                "FILE must hold per-exit `probs`/`logits` (n, L, C) or saved `confidence` and "
+                f"`prediction` (n, L); {args.file} holds {sorted(data) or 'nothing'}."
+            )
+        applied = policy.apply(
+            data[key], labels, from_logits=key == "logits", exit_cost=exit_cost, rng=args.seed
+        )
+    summary = applied.to_dict()
+    if args.json:
+        print(json.dumps({"policy": args.policy, **summary}))
+        return 0
+    risk = applied.empirical_risk
+    counts = ", ".join(f"{c}" for c in summary["exit_counts"])
+    print(f"samples         {summary['n']}")
+    if risk is None:
+        print(f"risk            unknown ({policy.risk} needs labels or probabilities)")
+    else:
+        error = float(np.std(applied.losses, ddof=1) / np.sqrt(len(applied.exits)))
+        print(
+            f"risk            {risk:.4f} ± {error:.4f} (mean loss ± standard error; "
+            f"{policy.risk}, target {policy.target_risk:g})"
+        )
+    saving = applied.relative_saving
+    extra = (
+        f" ({100 * saving:.1f}% below the full model's {applied.full_cost:.4g})" if saving else ""
+    )
+    print(f"mean cost       {applied.mean_cost:.4g}{extra}")
+    print(f"exits (1..{applied.n_exits})  {counts}")
     return 0
 
 
@@ -283,8 +520,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.add_argument("--target-risk", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1])
     evaluate_.add_argument("--n-cal", type=int, default=100)
     evaluate_.add_argument("--trials", type=int, default=100)
+    evaluate_.add_argument(
+        "--splits",
+        help="your own calibration indices: .npy (T, n_cal), or .npz with `splits`; the test "
+        "split is the rest (--n-cal and --trials then come from its shape)",
+    )
+    evaluate_.add_argument(
+        "--per-split",
+        action="store_true",
+        help="keep the row selected in every split and its reading-order seed (in --json/--out)",
+    )
     evaluate_.add_argument("--out", help="write the results as JSON to this file")
     evaluate_.set_defaults(handler=cmd_evaluate)
+
+    apply_ = commands.add_parser("apply", help="apply a policy to held-out per-exit outputs")
+    apply_.add_argument("policy", help="policy JSON written by `exitguard calibrate --out`")
+    apply_.add_argument(
+        "file",
+        help="npz with per-exit `probs`/`logits` (n, L, C) or saved `confidence` and "
+        "`prediction` (n, L); [+ `labels` (n,), `exit_cost` (L,)]",
+    )
+    apply_.add_argument(
+        "--exit-cost", nargs="+", metavar="C", help="cost of stopping at each exit (your units)"
+    )
+    apply_.add_argument("--seed", type=int, default=0, help="seed of sampled pseudo-labels")
+    apply_.add_argument("--json", action="store_true", help="print one JSON object")
+    apply_.set_defaults(handler=cmd_apply)
 
     demo = commands.add_parser("demo", help="run the main experiment on embedded real data")
     demo.add_argument(

@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
+from exitguard.risk._validation import check_class_indices, check_exit_cost, check_unit_scores
+from exitguard.risk.confidence import CONFIDENCES, as_probabilities
+from exitguard.risk.confidence import confidences as confidence_scores
+from exitguard.risk.exits import exit_index
+from exitguard.risk.losses import RISKS, get_risk, per_exit_losses, per_exit_prediction_losses
 from exitguard.risk.procedures import get_procedure
 
 SCHEMA_VERSION = 1
@@ -142,6 +147,103 @@ class ExitPolicy:
             confidence=confidence if confidence is not None else self.confidence,
         )
 
+    def apply(
+        self,
+        exit_probs: ArrayLike | None = None,
+        labels: ArrayLike | None = None,
+        *,
+        confidences: ArrayLike | None = None,
+        predictions: ArrayLike | None = None,
+        confidence: str | None = None,
+        from_logits: bool = False,
+        exit_cost: ArrayLike | None = None,
+        n_classes: int | None = None,
+        rng: np.random.Generator | int | None = None,
+    ) -> AppliedPolicy:
+        """Apply the policy to saved per-exit outputs of new samples.
+
+        Give either ``exit_probs`` (n, L, C) (or logits with ``from_logits=True``), scored
+        with the policy's confidence measure, or ``confidences`` (n, L) with ``predictions``
+        (n, L), saved outputs whose confidence is named ``confidence`` (default: the
+        policy's). Outputs with another number of exits or another confidence than the
+        policy's are refused.
+
+        Returns
+        -------
+        AppliedPolicy
+            The exit, prediction and cost of every sample, and its loss relative to the full
+            model when the policy's risk can be computed from these outputs (labels given for
+            gap risks; probabilities for Brier risks).
+        """
+        if self.threshold is None:
+            raise ValueError(
+                f"this policy selected row {self.index} of a table without thresholds, so it "
+                "cannot be applied to outputs; calibrate with `thresholds` (or from outputs)."
+            )
+        if (exit_probs is None) == (confidences is None):
+            raise ValueError(
+                "give either `exit_probs` (n, L, C) or `confidences` (n, L) with `predictions`."
+            )
+        risk = get_risk(self.risk, rng=rng) if self.risk in RISKS else None
+        per_exit: NDArray[np.float64] | None = None
+        if exit_probs is not None:
+            probs = as_probabilities(exit_probs, from_logits=from_logits)  # (n, L, C)
+            if self.confidence not in CONFIDENCES:
+                raise ValueError(
+                    f"the policy's confidence {self.confidence!r} is not one exitguard can "
+                    "compute from probabilities; pass the saved `confidences` and "
+                    "`predictions` instead."
+                )
+            self._check_exits(probs.shape[1])
+            scores = confidence_scores(probs, measure=str(self.confidence))  # (n, L)
+            chosen = probs.argmax(axis=-1)  # (n, L)
+            if risk is not None and (labels is not None or not risk.needs_labels):
+                per_exit = per_exit_losses(probs, labels, risk)  # (n, L)
+        else:
+            name = confidence if confidence is not None else self.confidence
+            if self.confidence is not None and name != self.confidence:
+                raise ValueError(
+                    f"`confidence` must match the policy's confidence {self.confidence!r}; got "
+                    f"{name!r} (a threshold only means something for the score it was "
+                    "calibrated on)."
+                )
+            scores = check_unit_scores(confidences, "confidences", ndim=2)  # (n, L)
+            if predictions is None:
+                raise ValueError("`predictions` (n, L) are required with `confidences`.")
+            self._check_exits(scores.shape[1])
+            chosen = check_class_indices(
+                predictions, "predictions", shape=scores.shape, n_classes=n_classes
+            )
+            if (
+                risk is not None
+                and risk.prediction_loss is not None
+                and (labels is not None or not risk.needs_labels)
+            ):
+                per_exit = per_exit_prediction_losses(chosen, labels, risk, n_classes=n_classes)
+        exits = exit_index(scores, float(self.threshold))  # (n,)
+        rows = np.arange(len(exits))
+        losses = None
+        if per_exit is not None:
+            losses = per_exit[rows, exits] - per_exit[:, -1]  # (n,)
+        per_exit_cost = check_exit_cost(exit_cost, scores.shape[1])  # (L,)
+        return AppliedPolicy(
+            exits=exits,
+            predictions=chosen[rows, exits],
+            losses=losses,
+            cost=per_exit_cost[exits],
+            full_cost=float(per_exit_cost[-1]),
+            n_exits=int(scores.shape[1]),
+            risk=self.risk,
+            target_risk=self.target_risk,
+        )
+
+    def _check_exits(self, n_exits: int) -> None:
+        if self.n_exits is not None and n_exits != self.n_exits:
+            raise ValueError(
+                f"the outputs have {n_exits} exits but the policy was calibrated for "
+                f"{self.n_exits}."
+            )
+
     def __repr__(self) -> str:
         if self.is_full_model:
             threshold = "never (full model)"
@@ -251,6 +353,76 @@ class ExitPolicy:
         except json.JSONDecodeError as error:
             raise PolicyFileError(f"{source} is not valid JSON: {error}.") from error
         return cls.from_dict(data)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AppliedPolicy:
+    """A policy applied to per-exit outputs (see :meth:`ExitPolicy.apply`).
+
+    Attributes
+    ----------
+    exits : int array (n,)
+        0-based exit taken by every sample.
+    predictions : int array (n,)
+        Predicted class at that exit.
+    losses : float array (n,) or None
+        Loss relative to the full model (the policy's risk), when it could be computed.
+    cost : float array (n,)
+        Cost of the exit taken (``exit_cost``; by default the number of exits evaluated).
+    full_cost : float
+        Cost of the last exit (the full model).
+    n_exits : int
+    risk : str or None
+    target_risk : float
+    """
+
+    exits: NDArray[np.int64]
+    predictions: NDArray[np.int64]
+    losses: NDArray[np.float64] | None
+    cost: NDArray[np.float64]
+    full_cost: float
+    n_exits: int
+    risk: str | None
+    target_risk: float
+
+    @property
+    def empirical_risk(self) -> float | None:
+        """Mean loss over the samples, when the losses are known."""
+        return None if self.losses is None else float(self.losses.mean())
+
+    @property
+    def mean_cost(self) -> float:
+        return float(self.cost.mean())
+
+    @property
+    def relative_saving(self) -> float | None:
+        """1 - mean cost / full cost."""
+        return 1.0 - self.mean_cost / self.full_cost if self.full_cost > 0 else None
+
+    @property
+    def exit_counts(self) -> NDArray[np.int64]:
+        """Number of samples leaving at each exit; shape (L,)."""
+        return np.bincount(self.exits, minlength=self.n_exits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (no per-sample arrays)."""
+        return {
+            "n": len(self.exits),
+            "risk": self.risk,
+            "target_risk": self.target_risk,
+            "empirical_risk": self.empirical_risk,
+            "mean_cost": self.mean_cost,
+            "full_cost": self.full_cost,
+            "relative_saving": self.relative_saving,
+            "exit_counts": self.exit_counts.tolist(),
+        }
+
+    def __repr__(self) -> str:
+        risk = "unknown" if self.empirical_risk is None else f"{self.empirical_risk:.4g}"
+        return (
+            f"AppliedPolicy(n={len(self.exits)}, empirical_risk={risk}, "
+            f"mean_cost={self.mean_cost:.4g}, full_cost={self.full_cost:.4g})"
+        )
 
 
 def load_policy(path: str | os.PathLike[str]) -> ExitPolicy:

@@ -105,11 +105,14 @@ def check_probabilities(probs: NDArray[np.float64], name: str, *, atol: float = 
         )
 
 
-def check_labels(labels: ArrayLike, name: str, *, n: int, n_classes: int) -> NDArray[np.int64]:
-    array = np.asarray(labels)
-    if array.shape != (n,):
+def check_class_indices(
+    values: ArrayLike, name: str, *, shape: tuple[int, ...], n_classes: int | None = None
+) -> NDArray[np.int64]:
+    """Integer class indices of the given shape, >= 0 and below ``n_classes`` when known."""
+    array = np.asarray(values)
+    if array.shape != shape:
         raise ValueError(
-            f"`{name}` must have shape ({n},) to match the outputs; got {array.shape}."
+            f"`{name}` must have shape {shape} to match the outputs; got {array.shape}."
         )
     if not np.issubdtype(array.dtype, np.integer):
         if (
@@ -120,9 +123,44 @@ def check_labels(labels: ArrayLike, name: str, *, n: int, n_classes: int) -> NDA
             array = array.astype(np.int64)
         else:
             raise TypeError(f"`{name}` must hold integer class indices; got dtype {array.dtype}.")
-    if array.size and (array.min() < 0 or array.max() >= n_classes):
+    if array.size and array.min() < 0:
+        raise ValueError(f"`{name}` must hold class indices >= 0; got a minimum of {array.min()}.")
+    if n_classes is not None and array.size and array.max() >= n_classes:
         raise ValueError(
             f"`{name}` must lie in [0, {n_classes - 1}] (the number of classes is {n_classes}); "
             f"got values in [{array.min()}, {array.max()}]."
         )
     return array.astype(np.int64)
+
+
+def check_labels(labels: ArrayLike, name: str, *, n: int, n_classes: int) -> NDArray[np.int64]:
+    return check_class_indices(labels, name, shape=(n,), n_classes=n_classes)
+
+
+def check_unit_scores(values: ArrayLike, name: str, *, ndim: int) -> NDArray[np.float64]:
+    """Finite scores in [0, 1], such as saved confidences."""
+    array = as_float_array(values, name, ndim=ndim)
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        raise ValueError(
+            f"`{name}` must lie in [0, 1] (higher = safer to stop); got values in "
+            f"[{array.min():.6g}, {array.max():.6g}]."
+        )
+    return array
+
+
+def check_exit_cost(exit_cost: ArrayLike | None, n_exits: int) -> NDArray[np.float64]:
+    """Cost of stopping at each exit (L,), finite and >= 0; default: exits evaluated (1..L)."""
+    if exit_cost is None:
+        return np.arange(1, n_exits + 1, dtype=np.float64)
+    per_exit_cost = as_float_array(exit_cost, "exit_cost", ndim=1)
+    if per_exit_cost.shape != (n_exits,):
+        raise ValueError(
+            f"`exit_cost` must have shape ({n_exits},), one value per exit; "
+            f"got {per_exit_cost.shape}."
+        )
+    if per_exit_cost.min() < 0:
+        raise ValueError(
+            f"`exit_cost` must be >= 0 (compute spent up to each exit); got a minimum of "
+            f"{per_exit_cost.min():g}."
+        )
+    return per_exit_cost

@@ -24,10 +24,19 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from exitguard.risk._validation import as_float_array, check_choice, check_labels, check_positive
+from exitguard.risk._validation import (
+    as_float_array,
+    check_choice,
+    check_class_indices,
+    check_labels,
+    check_positive,
+)
 
 PerExitLoss = Callable[[NDArray[np.float64], "NDArray[np.int64] | None"], NDArray[np.float64]]
 """(probs (n, L, C), labels (n,) or None) -> loss of every exit (n, L), each in [0, B]."""
+
+PredictionLoss = Callable[[NDArray[np.int64], "NDArray[np.int64] | None"], NDArray[np.float64]]
+"""(predictions (n, L), labels (n,) or None) -> loss of every exit (n, L), each in [0, B]."""
 
 CONSISTENCY_LABELS = ("sample", "argmax")
 
@@ -48,6 +57,10 @@ class Risk:
         True for performance-gap risks (compared with the ground truth).
     binary : bool
         True when absolute losses are 0 or 1 (enables the exact binomial bound).
+    prediction_loss : callable, optional
+        ``(predictions (n, L), labels (n,) or None) -> (n, L)``: the same losses from the
+        predicted classes alone, for outputs saved as confidences and predictions (no
+        probabilities). None for risks that need the distributions (Brier).
     """
 
     name: str
@@ -55,11 +68,28 @@ class Risk:
     loss_bound: float
     needs_labels: bool
     binary: bool = False
+    prediction_loss: PredictionLoss | None = None
 
 
 def _zero_one(probs: NDArray[np.float64], labels: NDArray[np.int64]) -> NDArray[np.float64]:
-    predictions = probs.argmax(axis=-1)  # (n, L)
+    return _wrong(probs.argmax(axis=-1), labels)
+
+
+def _wrong(predictions: NDArray[np.int64], labels: NDArray[np.int64]) -> NDArray[np.float64]:
+    """1 where an exit's predicted class differs from the label: (n, L), (n,) -> (n, L)."""
     return (predictions != labels[:, None]).astype(np.float64)
+
+
+def _prediction_gap_from_predictions(
+    predictions: NDArray[np.int64], labels: NDArray[np.int64] | None
+) -> NDArray[np.float64]:
+    return _wrong(predictions, _require(labels))
+
+
+def _prediction_consistency_from_predictions(
+    predictions: NDArray[np.int64], labels: NDArray[np.int64] | None
+) -> NDArray[np.float64]:
+    return _wrong(predictions, predictions[:, -1])
 
 
 def _brier(probs: NDArray[np.float64], labels: NDArray[np.int64]) -> NDArray[np.float64]:
@@ -140,9 +170,23 @@ def get_risk(
         return risk
     name = check_choice(risk, "risk", RISKS)
     if name == "prediction_gap":
-        return Risk(name, _prediction_gap, 1.0, needs_labels=True, binary=True)
+        return Risk(
+            name,
+            _prediction_gap,
+            1.0,
+            needs_labels=True,
+            binary=True,
+            prediction_loss=_prediction_gap_from_predictions,
+        )
     if name == "prediction_consistency":
-        return Risk(name, _prediction_consistency, 1.0, needs_labels=False, binary=True)
+        return Risk(
+            name,
+            _prediction_consistency,
+            1.0,
+            needs_labels=False,
+            binary=True,
+            prediction_loss=_prediction_consistency_from_predictions,
+        )
     if name == "distribution_gap":
         return Risk(name, _distribution_gap, 2.0, needs_labels=True)
     loss = distribution_consistency_loss(label=consistency_label, rng=rng)
@@ -174,6 +218,44 @@ def per_exit_losses(
             f"got values in [{losses.min():.6g}, {losses.max():.6g}]."
         )
     return losses
+
+
+PREDICTION_RISKS = ("prediction_gap", "prediction_consistency")
+
+
+def per_exit_prediction_losses(
+    predictions: ArrayLike,
+    labels: ArrayLike | None,
+    risk: Risk,
+    *,
+    n_classes: int | None = None,
+) -> NDArray[np.float64]:
+    """Absolute loss of every exit from saved predicted classes; (n, L) -> (n, L).
+
+    For outputs saved as a confidence and a predicted class per exit (no probabilities): only
+    risks with a ``prediction_loss`` (the 0-1 risks) can be computed; Brier risks need the
+    distributions and are refused.
+    """
+    if risk.prediction_loss is None:
+        raise ValueError(
+            f"risk {risk.name!r} needs per-exit class probabilities; outputs saved as "
+            "confidences and predictions support only "
+            f"{' and '.join(repr(r) for r in PREDICTION_RISKS)}."
+        )
+    raw = np.asarray(predictions)
+    if raw.ndim != 2 or raw.shape[1] < 1:
+        raise ValueError(f"`predictions` must be 2-D (n, L); got shape {raw.shape}.")
+    n = raw.shape[0]
+    checked = check_class_indices(raw, "predictions", shape=raw.shape, n_classes=n_classes)
+    truth = None
+    if labels is not None:
+        truth = check_class_indices(labels, "labels", shape=(n,), n_classes=n_classes)
+    elif risk.needs_labels:
+        raise ValueError(
+            f"risk {risk.name!r} compares with the ground truth: `labels` are required "
+            "(or use 'prediction_consistency', which needs none)."
+        )
+    return as_float_array(risk.prediction_loss(checked, truth), f"{risk.name} losses", ndim=2)
 
 
 def loss_table(per_exit: ArrayLike, exits: ArrayLike, *, clip: bool = False) -> NDArray[np.float64]:
