@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from exitguard._files import atomic_write_text, load_json
 from exitguard.risk._validation import check_class_indices, check_exit_cost, check_unit_scores
 from exitguard.risk.confidence import CONFIDENCES, as_probabilities
 from exitguard.risk.confidence import confidences as confidence_scores
@@ -21,7 +23,7 @@ from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS, get_risk, per_exit_losses, per_exit_prediction_losses
 from exitguard.risk.procedures import get_procedure
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA_NAME = "exitguard.ExitPolicy"
 
 
@@ -264,16 +266,41 @@ class ExitPolicy:
             parts.append(f"expected_cost={self.expected_cost:.4g}")
         return f"ExitPolicy({', '.join(parts)})"
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; the full model's threshold is written as ``"never"``."""
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    def to_dict(self, *, key: bytes | str | None = None) -> dict[str, Any]:
+        """A JSON-ready dict with its content digest (and signature, with a key).
+
+        The full model's threshold is written as ``"never"``. ``digest`` is the SHA-256 of the
+        canonical JSON of every other field; with ``key`` (or ``$EXITGUARD_POLICY_KEY``),
+        ``signature`` is an HMAC-SHA256 of the same bytes (see :meth:`load`).
+        """
+        payload = self._payload()
+        canonical = _canonical(payload)
+        data = {**payload, "digest": "sha256:" + hashlib.sha256(canonical).hexdigest()}
+        secret = _key(key)
+        if secret is not None:
+            data["signature"] = "hmac-sha256:" + hmac.new(secret, canonical, "sha256").hexdigest()
+        return data
+
+    def _payload(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if self.threshold is not None and math.isinf(self.threshold):
             data["threshold"] = "never"
         return {"schema": _SCHEMA_NAME, "schema_version": SCHEMA_VERSION, **data}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ExitPolicy:
-        """Rebuild a policy from :meth:`to_dict` output, checking schema and types."""
+    def from_dict(cls, data: Mapping[str, Any], *, key: bytes | str | None = None) -> ExitPolicy:
+        """Rebuild a policy from :meth:`to_dict` output, refusing anything inconsistent.
+
+        Checks, in order: the schema and version; no unknown or missing fields; the content
+        digest (a policy edited by hand, or damaged, is refused); with a key (argument or
+        ``$EXITGUARD_POLICY_KEY``), the HMAC signature; then every field's type and range and
+        their consistency (see :class:`ExitPolicy`): a known procedure, ``certified`` only
+        for a procedure with a guarantee whose bound is below the target, ``n >= 2``, finite
+        numbers, the full model's threshold exactly at row 0.
+        """
         if not isinstance(data, Mapping):
             raise PolicyFileError(f"a policy must be a JSON object; got {type(data).__name__}.")
         if data.get("schema") != _SCHEMA_NAME:
@@ -288,71 +315,234 @@ class ExitPolicy:
                 "Recalibrate with this version of exitguard."
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields) - {"schema", "schema_version"})
+        envelope = {"schema", "schema_version", "digest", "signature"}
+        unknown = sorted(set(data) - set(fields) - envelope)
         if unknown:
             raise PolicyFileError(f"unknown policy fields: {', '.join(unknown)}.")
-        required = [
-            name
-            for name, f in fields.items()
-            if f.default is dataclasses.MISSING and name not in data
-        ]
-        if required:
-            raise PolicyFileError(f"missing policy fields: {', '.join(required)}.")
-        values = {name: data[name] for name in fields if name in data}
-        threshold = values["threshold"]
-        if threshold == "never":
+        missing = sorted(set(fields) - set(data))
+        if missing:
+            raise PolicyFileError(f"missing policy fields: {', '.join(missing)}.")
+        payload = {k: v for k, v in data.items() if k not in ("digest", "signature")}
+        try:
+            canonical = _canonical(payload)
+        except (TypeError, ValueError) as error:
+            raise PolicyFileError(f"a policy must hold only JSON values: {error}.") from error
+        digest = data.get("digest")
+        if digest != "sha256:" + hashlib.sha256(canonical).hexdigest():
+            raise PolicyFileError(
+                "the policy's fields do not match its `digest`: the file was edited or damaged "
+                f"after it was written (digest {digest!r}). Recalibrate rather than edit a policy."
+            )
+        secret = _key(key)
+        if secret is not None:
+            signature = data.get("signature")
+            expected = "hmac-sha256:" + hmac.new(secret, canonical, "sha256").hexdigest()
+            if not isinstance(signature, str) or not hmac.compare_digest(signature, expected):
+                raise PolicyFileError(
+                    "the policy's `signature` is missing or does not match the key: it was not "
+                    "written by a holder of this key, or was changed since."
+                )
+        values = {name: data[name] for name in fields}
+        if values["threshold"] == "never":
             values["threshold"] = math.inf
-        elif threshold is not None and (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not (0.0 <= threshold <= 1.0)
-        ):
-            raise PolicyFileError(
-                '`threshold` must be a number in [0, 1], "never" (the full model) or null '
-                f"(unknown: the policy is its row `index`); got {threshold!r}."
-            )
-        for name in ("target_risk", "delta"):
-            value = values[name]
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (0 < value < 1)
-            ):
-                raise PolicyFileError(f"`{name}` must be a number in (0, 1); got {value!r}.")
-        for name in ("index", "n"):
-            if isinstance(values[name], bool) or not isinstance(values[name], int):
-                raise PolicyFileError(f"`{name}` must be an integer; got {values[name]!r}.")
-        if not isinstance(values["certified"], bool):
-            raise PolicyFileError(
-                f"`certified` must be true or false; got {values['certified']!r}."
-            )
-        n_exits = values.get("n_exits")
-        if n_exits is not None and (
-            isinstance(n_exits, bool) or not isinstance(n_exits, int) or n_exits < 1
-        ):
-            raise PolicyFileError(f"`n_exits` must be a positive integer or null; got {n_exits!r}.")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise PolicyFileError(str(error)) from error
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    def to_json(self, *, key: bytes | str | None = None) -> str:
+        return json.dumps(self.to_dict(key=key), indent=2, allow_nan=False)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the policy as JSON (atomically: a failed write leaves any old file intact)."""
-        target = Path(path)
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(self.to_json() + "\n", encoding="utf-8")
-        os.replace(temporary, target)
-        return target
+    def save(self, path: str | os.PathLike[str], *, key: bytes | str | None = None) -> Path:
+        """Write the policy as JSON, atomically (see :mod:`exitguard._files`).
+
+        A failed write leaves any old file intact; a target that is a link or not a regular
+        file is refused. With ``key`` (or ``$EXITGUARD_POLICY_KEY``) the file is signed.
+        """
+        return atomic_write_text(path, self.to_json(key=key) + "\n", argument="policy file")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ExitPolicy:
-        """Read a policy written by :meth:`save`."""
-        source = Path(path)
+    def load(cls, path: str | os.PathLike[str], *, key: bytes | str | None = None) -> ExitPolicy:
+        """Read a policy written by :meth:`save`, checking its digest (and signature).
+
+        Files larger than 1 MiB, nested deeper than 8 levels, with duplicate keys, NaN or
+        Infinity, or that are not regular files (a FIFO, a device) are refused before they are
+        parsed. With ``key`` (or ``$EXITGUARD_POLICY_KEY``) an unsigned or wrongly signed
+        policy is refused.
+        """
         try:
-            data = json.loads(source.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise PolicyFileError(f"{source} is not valid JSON: {error}.") from error
-        return cls.from_dict(data)
+            data = load_json(
+                path, max_bytes=_MAX_BYTES, max_depth=_MAX_DEPTH, argument="policy file"
+            )
+        except ValueError as error:
+            raise PolicyFileError(str(error)) from error
+        return cls.from_dict(data, key=key)
+
+
+_MAX_BYTES = 1 << 20
+_MAX_DEPTH = 8
+_KEY_VARIABLE = "EXITGUARD_POLICY_KEY"
+
+
+def _canonical(payload: Mapping[str, Any]) -> bytes:
+    """The bytes the digest and the signature cover: sorted keys, no spaces, ASCII."""
+    return json.dumps(
+        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def _key(key: bytes | str | None) -> bytes | None:
+    if key is None:
+        key = os.environ.get(_KEY_VARIABLE) or None
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, bytes) or len(key) < 16:
+        raise ValueError(
+            "a policy signing key must hold at least 16 bytes (e.g. `openssl rand -hex 32`); "
+            f"got {len(key) if isinstance(key, bytes) else type(key).__name__}."
+        )
+    return key
+
+
+def _number(value: Any, name: str, *, low: float, high: float, closed: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
+    inside = low <= value <= high if closed else low < value < high
+    if not inside:
+        brackets = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+        raise ValueError(f"`{name}` must lie in {brackets}; got {value!r}.")
+
+
+def _optional_text(value: Any, name: str) -> None:
+    if value is not None and (not isinstance(value, str) or len(value) > 200):
+        raise ValueError(
+            f"`{name}` must be a string of at most 200 characters or null; got {value!r}."
+        )
+
+
+def _check_fields(policy: ExitPolicy) -> None:
+    """Types, ranges and consistency of every field (raises ValueError or TypeError)."""
+    p = policy
+    try:
+        procedure = get_procedure(p.procedure)
+    except ValueError as error:
+        raise ValueError(f"`procedure`: {error}") from error
+    if procedure.name != p.procedure:
+        raise ValueError(
+            f"`procedure` must be a canonical name ({procedure.name!r}); got {p.procedure!r}."
+        )
+    _number(p.target_risk, "target_risk", low=0.0, high=1.0, closed=False)
+    _number(p.delta, "delta", low=0.0, high=1.0, closed=False)
+    for name in ("index", "n"):
+        value = getattr(p, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an integer; got {value!r}.")
+    if p.index < 0:
+        raise ValueError(f"`index` must be >= 0 (row 0 is the full model); got {p.index}.")
+    if p.n < 2:
+        raise ValueError(f"`n` (calibration samples) must be >= 2; got {p.n}.")
+    _number(p.loss_bound, "loss_bound", low=1e-12, high=1e12)
+    _number(p.empirical_risk, "empirical_risk", low=-p.loss_bound, high=p.loss_bound)
+    if not isinstance(p.certified, bool):
+        raise TypeError(f"`certified` must be true or false; got {p.certified!r}.")
+    threshold = p.threshold
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(
+                '`threshold` must be a number in [0, 1], "never" (the full model) or null '
+                f"(the policy is its row `index`); got {threshold!r}."
+            )
+        if math.isinf(threshold) and threshold > 0:
+            if p.index != 0:
+                raise ValueError(
+                    f'`threshold` "never" (the full model) belongs to row 0; got index {p.index}.'
+                )
+        elif not (0.0 <= threshold <= 1.0):
+            raise ValueError(
+                '`threshold` must be a number in [0, 1], "never" (the full model) or null; '
+                f"got {threshold!r}."
+            )
+        elif p.index == 0:
+            raise ValueError(
+                f'row 0 is the full model, whose threshold is "never"; got {threshold!r}.'
+            )
+    for name in ("upper_bound", "p_value", "expected_cost", "full_cost"):
+        value = getattr(p, name)
+        if value is not None:
+            _number(value, name, low=-1e300, high=1e300)
+    if p.p_value is not None:
+        _number(p.p_value, "p_value", low=0.0, high=1.0)
+    for name in ("expected_cost", "full_cost"):
+        value = getattr(p, name)
+        if value is not None and value < 0:
+            raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
+    if p.certified:
+        if not procedure.has_guarantee:
+            raise ValueError(f"`certified` must be false for {procedure.name!r} (no guarantee).")
+        if p.index == 0:
+            raise ValueError("`certified` must be false at row 0 (the full model is the fallback).")
+        tolerance = 1e-9
+        if procedure.reports_upper_bound and not (
+            p.upper_bound is not None and p.upper_bound < p.target_risk + tolerance
+        ):
+            raise ValueError(
+                f"a certified {procedure.name!r} policy needs an `upper_bound` below the target "
+                f"risk {p.target_risk:g}; got {p.upper_bound!r}."
+            )
+        if procedure.test == "crc" and not (
+            p.upper_bound is not None and p.upper_bound <= p.target_risk + tolerance
+        ):
+            raise ValueError(
+                f"a certified {procedure.name!r} policy needs an adjusted risk (`upper_bound`) at "
+                f"most the target risk {p.target_risk:g}; got {p.upper_bound!r}."
+            )
+        if procedure.name.startswith("ltt") and not (
+            p.p_value is not None and p.p_value <= p.delta + tolerance
+        ):
+            raise ValueError(
+                f"a certified {procedure.name!r} policy needs a `p_value` at most delta "
+                f"{p.delta:g}; got {p.p_value!r}."
+            )
+    elif procedure.has_guarantee and p.index != 0:
+        raise ValueError(
+            f"an uncertified {procedure.name!r} policy must be the full model (row 0); got "
+            f"index {p.index}."
+        )
+    if p.guarantee != procedure.guarantee_text(p.target_risk, p.delta):
+        raise ValueError(
+            "`guarantee` does not state the guarantee of "
+            f"{procedure.name!r} at target_risk={p.target_risk:g}, delta={p.delta:g}."
+        )
+    for name in ("risk", "confidence", "model_fingerprint"):
+        _optional_text(getattr(p, name), name)
+    if p.n_exits is not None and (
+        isinstance(p.n_exits, bool) or not isinstance(p.n_exits, int) or p.n_exits < 1
+    ):
+        raise ValueError(f"`n_exits` must be a positive integer or null; got {p.n_exits!r}.")
+    if not isinstance(p.data_fingerprint, str) or len(p.data_fingerprint) > 64:
+        raise ValueError(f"`data_fingerprint` must be a short string; got {p.data_fingerprint!r}.")
+    if p.sample_order not in (None, "random", "given"):
+        raise ValueError(
+            f'`sample_order` must be "random", "given" or null; got {p.sample_order!r}.'
+        )
+    if p.order_seed is not None and (
+        isinstance(p.order_seed, bool) or not isinstance(p.order_seed, int) or p.order_seed < 0
+    ):
+        raise ValueError(
+            f"`order_seed` must be a non-negative integer or null; got {p.order_seed!r}."
+        )
+    if (p.sample_order == "random") != (p.order_seed is not None):
+        raise ValueError(
+            '`order_seed` must be given exactly when `sample_order` is "random"; got '
+            f"sample_order={p.sample_order!r}, order_seed={p.order_seed!r}."
+        )
+    if procedure.order_dependent and p.sample_order is None:
+        raise ValueError(
+            f"{procedure.name!r} depends on the order of the samples: `sample_order` must say "
+            "how they were read."
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -425,6 +615,6 @@ class AppliedPolicy:
         )
 
 
-def load_policy(path: str | os.PathLike[str]) -> ExitPolicy:
-    """Read a policy JSON file written by :meth:`ExitPolicy.save`."""
-    return ExitPolicy.load(path)
+def load_policy(path: str | os.PathLike[str], *, key: bytes | str | None = None) -> ExitPolicy:
+    """Read a policy JSON file written by :meth:`ExitPolicy.save` (see :meth:`ExitPolicy.load`)."""
+    return ExitPolicy.load(path, key=key)

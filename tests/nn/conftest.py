@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from exitguard.policy import ExitPolicy  # noqa: E402
+from exitguard.policy import ExitPolicy, guarantee_text  # noqa: E402
 
 
 class Block(nn.Module):
@@ -178,23 +178,29 @@ def spread_heads(network, seed: int = 0):
 
 
 def _make_policy(threshold: float | None = 0.5, **fields) -> ExitPolicy:
+    """A consistent UCB-WSR policy at ``threshold`` (the full model for ``math.inf``)."""
+    full = threshold is not None and math.isinf(threshold)
     values = {
         "threshold": threshold,
-        "index": 0 if threshold is not None and math.isinf(threshold) else 3,
+        "index": 0 if full else 3,
         "procedure": "ucb-wsr",
-        "guarantee": "test",
         "target_risk": 0.1,
         "delta": 0.1,
         "n": 100,
         "empirical_risk": 0.0,
-        "upper_bound": None,
+        "upper_bound": 0.05,
         "p_value": None,
         "expected_cost": None,
         "full_cost": None,
-        "certified": True,
+        "certified": not full,
         "loss_bound": 1.0,
+        "sample_order": "random",
+        "order_seed": 0,
     }
     values.update(fields)
+    values["guarantee"] = guarantee_text(
+        values["procedure"], values["target_risk"], values["delta"]
+    )
     return ExitPolicy(**values)
 
 
