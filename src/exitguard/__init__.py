@@ -7,6 +7,7 @@ compute savings. The PyTorch layer lives in :mod:`exitguard.nn` (``pip install
 """
 
 from exitguard.calibration import (
+    CertifiedAboveTargetWarning,
     MonotonicityCheck,
     NonMonotoneRiskWarning,
     RiskNotControlledWarning,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AppliedPolicy",
+    "CertifiedAboveTargetWarning",
     "Evaluation",
     "EvaluationRow",
     "ExitPolicy",

@@ -219,3 +219,83 @@ def load_json(
     """Read a strict JSON file (see :func:`parse_json`) of at most ``max_bytes``."""
     data = read_regular_file(path, max_bytes=max_bytes, argument=argument)
     return parse_json(data, max_depth=max_depth, source=f"{argument}: {path}")
+
+
+_NPZ_KINDS = frozenset("biuf")  # bool, integers, floats: nothing else is data here
+
+
+def read_npz(
+    path: str | os.PathLike[str],
+    *,
+    argument: str = "FILE",
+    allowed_text: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """Arrays of an ``.npz`` file, each checked before it is read.
+
+    Every member must be a ``.npy`` array of booleans, integers or floats (the members named
+    in ``allowed_text`` may instead hold one string); the header of each is read first and
+    the total size checked against the memory limit (:mod:`exitguard._memory`) before any
+    data is loaded, so a header that claims terabytes is refused up front. Pickled objects
+    are never loaded; a truncated or damaged archive gives one clear error.
+    """
+    import zipfile
+
+    import numpy as np
+
+    from exitguard._memory import MemoryLimitError, check_memory
+
+    source = Path(path)
+    try:
+        info = os.stat(source)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{argument}: no such file: {source}") from error
+    if not stat.S_ISREG(info.st_mode):
+        raise FileSafetyError(f"{argument}: {source} is {_kind(info.st_mode)}, not a regular file.")
+    with source.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"PK\x03\x04":
+        raise FileSafetyError(
+            f"{argument}: {source} is not an .npz file (numpy.savez writes one); it starts with "
+            f"{magic!r}."
+        )
+    arrays: dict[str, Any] = {}
+    try:
+        with zipfile.ZipFile(source) as archive:
+            members = archive.infolist()
+            if not members:
+                raise FileSafetyError(f"{argument}: {source} holds no arrays.")
+            total = 0
+            for member in members:
+                if not member.filename.endswith(".npy"):
+                    raise FileSafetyError(
+                        f"{argument}: {source} holds {member.filename!r}, which is not a .npy "
+                        "array; an .npz file must hold arrays only."
+                    )
+                name = member.filename[: -len(".npy")]
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    reader = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = reader(stream)
+                text = name in allowed_text and dtype.kind == "U" and shape == ()
+                if dtype.kind not in _NPZ_KINDS and not text:
+                    raise FileSafetyError(
+                        f"{argument}: `{name}` in {source} has dtype {dtype}; only boolean, "
+                        "integer and float arrays are read."
+                    )
+                total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            check_memory(float(total), what=f"{argument}: reading {source}")
+            for member in members:
+                with archive.open(member) as stream:
+                    name = member.filename[: -len(".npy")]
+                    arrays[name] = np.lib.format.read_array(stream, allow_pickle=False)
+    except (FileSafetyError, MemoryLimitError):
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
+        raise FileSafetyError(
+            f"{argument}: {source} is not a readable .npz file ({' '.join(str(error).split())})."
+        ) from error
+    return arrays

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from exitguard._memory import check_memory
 from exitguard.policy import ExitPolicy, fingerprint
 from exitguard.risk import procedures
 from exitguard.risk._validation import (
@@ -23,7 +24,7 @@ from exitguard.risk._validation import (
     check_positive,
     check_unit_scores,
 )
-from exitguard.risk.confidence import ConfidenceFn, as_probabilities, confidences
+from exitguard.risk.confidence import CONFIDENCES, ConfidenceFn, as_probabilities, confidences
 from exitguard.risk.exits import as_threshold_grid, exit_indices
 from exitguard.risk.losses import (
     Risk,
@@ -38,6 +39,10 @@ Array = NDArray[np.float64]
 
 class RiskNotControlledWarning(UserWarning):
     """No early-exit policy could be certified; the full model is returned."""
+
+
+class CertifiedAboveTargetWarning(UserWarning):
+    """A certified row whose own calibration risk is above the target risk (legal, rare)."""
 
 
 class NonMonotoneRiskWarning(UserWarning):
@@ -80,17 +85,37 @@ def check_table(
             )
     grid = None
     if thresholds is not None:
-        grid = np.asarray(thresholds, dtype=np.float64)
+        grid = as_float_array(thresholds, "thresholds", ndim=1, finite=False)
         if grid.shape != (n_rows,):
             raise ValueError(
                 f"`thresholds` must have shape ({n_rows},) to match `losses`; got {grid.shape}."
             )
-        if np.isnan(grid).any() or np.any(np.diff(grid) >= 0):
-            raise ValueError(
-                "`thresholds` must be strictly decreasing (row 0 the full model); "
-                f"got {np.array2string(grid[:5], precision=3)}..."
-            )
+        check_table_thresholds(grid)
     return table, cost_array, grid
+
+
+def check_table_thresholds(grid: Array) -> None:
+    """The thresholds of a table's rows: strictly decreasing, in [0, 1], row 0 may be +inf.
+
+    ``+inf`` (never exit early, the full model) is allowed at row 0 only; NaN, ``-inf`` and
+    values outside [0, 1] are refused, since a policy must be applicable with its threshold.
+    """
+    finite = grid[1:] if grid.size and grid[0] == math.inf else grid
+    if np.isnan(grid).any() or not np.all(np.isfinite(finite)):
+        raise ValueError(
+            "`thresholds` must be finite numbers in [0, 1] (only row 0 may be inf, the full "
+            f"model); got {np.array2string(grid[:6], precision=3)}..."
+        )
+    if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+        raise ValueError(
+            "`thresholds` must lie in [0, 1] (only row 0 may be inf, the full model); got "
+            f"values in [{finite.min():g}, {finite.max():g}]."
+        )
+    if np.any(np.diff(grid) >= 0):
+        raise ValueError(
+            "`thresholds` must be strictly decreasing (row 0 the full model); "
+            f"got {np.array2string(grid[:5], precision=3)}..."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +383,15 @@ def calibrate_table(
     index = selection.index
     if chosen.needs_monotone_risk or name == "naive":
         _warn_non_monotone(table, selection, name)
+    if selection.certified and selection.empirical_risk[index] > epsilon:
+        warnings.warn(
+            f"the certified row's own calibration risk {selection.empirical_risk[index]:.4g} is "
+            f"above the target {epsilon:g}: legal for {name!r} (its bound is a statement about "
+            "the population, and overthinking samples or the reading order can put it below "
+            "the sample mean), but rare; check the policy on held-out data before deploying.",
+            CertifiedAboveTargetWarning,
+            stacklevel=2,
+        )
     if not selection.certified and chosen.has_guarantee:
         warnings.warn(
             f"no early-exit policy could be certified by {name!r} at target_risk={epsilon:g}, "
@@ -372,10 +406,10 @@ def calibrate_table(
         upper = float(selection.statistic[index])
     if name.startswith("ltt"):
         p_value = float(selection.statistic[index])
-    if grid is not None:
-        threshold: float | None = float(grid[index])
-    else:
-        threshold = math.inf if index == 0 else None
+    # Row 0 is the fallback, the full model: never exit early, whatever its grid value.
+    threshold: float | None = math.inf if index == 0 else None
+    if grid is not None and index > 0:
+        threshold = float(grid[index])
     return ExitPolicy(
         threshold=threshold,
         index=index,
@@ -396,6 +430,14 @@ def calibrate_table(
         data_fingerprint=fingerprint(table),
         sample_order=sample_order,
         order_seed=used_seed,
+    )
+
+
+def _check_table_memory(n_rows: int, n: int, n_exits: int) -> None:
+    """Exits (K, n, L-1) booleans, then exits, losses and costs (K, n) of 8 bytes each."""
+    check_memory(
+        float(n_rows) * n * (n_exits + 4 * 8),
+        what=f"building a table of {n_rows} thresholds x {n} samples",
     )
 
 
@@ -421,6 +463,7 @@ def build_table(
     probs = as_probabilities(exit_probs, from_logits=from_logits)  # (n, L, C)
     scores = confidences(probs, measure=confidence)  # (n, L)
     grid = as_threshold_grid(thresholds)  # (K,)
+    _check_table_memory(len(grid), probs.shape[0], probs.shape[1])
     exits = exit_indices(scores, grid)  # (K, n)
     chosen = get_risk(risk, consistency_label=consistency_label, rng=rng)
     table = loss_table(per_exit_losses(probs, labels, chosen), exits, clip=clip)  # (K, n)
@@ -474,6 +517,7 @@ def build_table_from_predictions(
     chosen = get_risk(risk)
     per_exit = per_exit_prediction_losses(raw, labels, chosen, n_classes=n_classes)  # (n, L)
     grid = as_threshold_grid(thresholds)  # (K,)
+    _check_table_memory(len(grid), scores.shape[0], scores.shape[1])
     exits = exit_indices(scores, grid)  # (K, n)
     table = loss_table(per_exit, exits, clip=clip)  # (K, n)
     per_exit_cost = check_exit_cost(exit_cost, scores.shape[1])  # (L,)
@@ -550,6 +594,7 @@ def calibrate(
     rng: np.random.Generator | int | None = None,
     order: str = "random",
     seed: int | None = None,
+    confidence_name: str | None = None,
 ) -> ExitPolicy:
     """Calibrate an exit threshold from per-exit outputs of an early-exit network.
 
@@ -568,6 +613,9 @@ def calibrate(
         As in :func:`calibrate_table`.
     confidence : str or callable
         ``max_softmax``, ``margin``, ``entropy``, ``patience`` or (n, L, C) -> (n, L).
+    confidence_name : str, optional
+        The name recorded for a callable ``confidence`` (default: its ``__name__``; a lambda
+        needs one), so the policy can refuse to threshold another score later.
     thresholds : array, optional
         Candidate thresholds, decreasing; the default grid is ``inf, 1.00, 0.99, ..., 0.00``.
     exit_cost : array of shape (L,), optional
@@ -586,6 +634,7 @@ def calibrate(
         Its guarantee is the one of :func:`calibrate_table` for the chosen risk.
     """
     chosen = get_risk(risk, consistency_label=consistency_label, rng=rng)
+    confidence_label = confidence_label_of(confidence, confidence_name)
     tables = build_table(
         exit_probs,
         labels,
@@ -606,11 +655,30 @@ def calibrate(
         thresholds=tables["thresholds"],
         bet_cap=bet_cap,
         risk=chosen.name,
-        confidence=confidence if isinstance(confidence, str) else None,
+        confidence=confidence_label,
         order=order,
         seed=seed,
     )
-    return policy.with_model(n_exits=int(np.shape(exit_probs)[1]), confidence=policy.confidence)
+    return policy.with_model(n_exits=int(np.shape(exit_probs)[1]), confidence=confidence_label)
+
+
+def confidence_label_of(confidence: str | ConfidenceFn, name: str | None) -> str:
+    """The name a policy records for its confidence measure (required for a callable)."""
+    if isinstance(confidence, str):
+        if name is not None and name != confidence:
+            raise ValueError(
+                f"`confidence_name` names a custom measure; got {name!r} with the built-in "
+                f"measure {confidence!r}."
+            )
+        return confidence
+    label = name if name is not None else getattr(confidence, "__name__", None)
+    if not isinstance(label, str) or not label.isidentifier() or label in CONFIDENCES:
+        raise ValueError(
+            "a custom confidence measure needs a name the policy can record, so the threshold "
+            'is never applied to another score: pass `confidence_name="my_measure"` '
+            f"(not a lambda, not a built-in name); got {label!r}."
+        )
+    return label
 
 
 def as_procedure_list(values: str | Sequence[str]) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from exitguard import __version__
+from exitguard._files import check_write_target, read_npz
 from exitguard.calibration import (
     ORDERS,
     build_table,
@@ -37,23 +38,13 @@ class CommandError(Exception):
 
 
 def _load_npz(path: str, *, argument: str = "FILE") -> dict[str, np.ndarray]:
-    source = Path(path)
-    if not source.is_file():
-        raise CommandError(f"{argument}: no such file: {source}")
-    with source.open("rb") as handle:
-        magic = handle.read(4)
-    if magic != b"PK\x03\x04":
-        raise CommandError(
-            f"{argument}: {source} is not an .npz file (numpy.savez writes one); got a file "
-            f"starting with {magic!r}."
-        )
-    try:
-        with np.load(source, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (ValueError, OSError) as error:
-        raise CommandError(
-            f"{argument}: {source} is not a readable .npz file ({error})."
-        ) from error
+    return read_npz(path, argument=argument, allowed_text=frozenset({"confidence_name"}))
+
+
+def _check_out(path: str | None) -> None:
+    """Refuse an --out target before any work is done (a folder, a device, a link)."""
+    if path:
+        check_write_target(path, argument="--out")
 
 
 def _read_floats(values: list[str] | None, name: str) -> np.ndarray | None:
@@ -257,6 +248,7 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    _check_out(args.out)
     tables = load_tables(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -331,6 +323,7 @@ def _read_splits(path: str | None) -> np.ndarray | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    _check_out(args.out)
     tables = load_tables(args)
     result = evaluate(
         tables["losses"],
@@ -437,7 +430,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=args.out or "exitguard-report",
         seed=args.seed,
         n_cal=args.n_cal,
-        trials=args.trials,
+        trials=args.trials if args.trials is not None else 100,
         delta=args.delta,
         quick=args.quick,
         progress=not args.no_progress,
@@ -468,7 +461,7 @@ def demo_calm(args: argparse.Namespace) -> int:
     source = resources.files("exitguard") / "data" / "calm_cnndm.npz"
     with resources.as_file(source) as path, np.load(path, allow_pickle=False) as data:
         losses, cost = data["losses"], data["cost"]
-    trials = 20 if args.quick else args.trials
+    trials = args.trials if args.trials is not None else (20 if args.quick else 100)
     print(
         "CALM (early-exit T5 decoder) summarising CNN/DailyMail, 2000 articles x 100 thresholds;\n"
         "loss = ROUGE-L drop against the full model (signed, B = 1); cost = mean decoder layers.\n"
@@ -496,12 +489,27 @@ def demo_calm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exitguard",
         description="Early-exit networks, fast yet safe: exit thresholds with risk control.",
     )
     parser.add_argument("--version", action="version", version=f"exitguard {__version__}")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error, show the full Python traceback instead of one line",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     procedures = (*PROCEDURES, *ALIASES)
 
@@ -519,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_.add_argument("--target-risk", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1])
     evaluate_.add_argument("--n-cal", type=int, default=100)
-    evaluate_.add_argument("--trials", type=int, default=100)
+    evaluate_.add_argument("--trials", type=_positive_int, default=100)
     evaluate_.add_argument(
         "--splits",
         help="your own calibration indices: .npy (T, n_cal), or .npz with `splits`; the test "
@@ -570,7 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration size (default: 100; 400 for segmentation and 500 for diffusion, "
         "as in the paper)",
     )
-    demo.add_argument("--trials", type=int, default=100)
+    demo.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=None,
+        help="random calibration/test splits (default 100; 20 for calm with --quick)",
+    )
     demo.add_argument("--delta", type=float, default=0.1)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="fewer splits, for a smoke run")
@@ -590,13 +603,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INPUT_ERRORS = (CommandError, ValueError, TypeError, OSError, MemoryError, ModuleNotFoundError)
+"""What a command reports as one line (exit status 2): bad input, files, memory, installs."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except (CommandError, ValueError, FileNotFoundError, ModuleNotFoundError) as error:
-        print(f"exitguard {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"exitguard {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except INPUT_ERRORS as error:
+        if args.traceback:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(
+            f"exitguard {args.command}: error: {message} (--traceback shows where)",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -13,6 +13,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
+from exitguard._files import atomic_write_text, load_json
+from exitguard._memory import check_memory
 from exitguard.calibration import ORDERS, as_procedure_list, check_table
 from exitguard.policy import fingerprint
 from exitguard.risk import procedures as proc
@@ -125,15 +127,16 @@ class Evaluation:
         return np.asarray(self.selections[name], dtype=np.int64)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        target = Path(path)
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, target)
-        return target
+        """Write the results as JSON, atomically (see :mod:`exitguard._files`)."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        return atomic_write_text(path, text, argument="evaluation file")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Evaluation:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read results written by :meth:`save` (strict JSON, at most 256 MiB)."""
+        return cls.from_dict(
+            load_json(path, max_bytes=256 << 20, max_depth=8, argument="evaluation file")
+        )
 
     def table(self, *, cost_label: str = "cost") -> str:
         """A plain-text table of all rows."""
@@ -151,6 +154,12 @@ class Evaluation:
                 f"{cost:>10}{saving:>8}{r.certified_rate:>7.2f}"
             )
         return "\n".join(lines)
+
+
+def _evaluation_bytes(trials: int, n_rows: int, n_total: int, procedures: int, eps: int) -> float:
+    """Peak memory of :func:`evaluate`: the split keys, per-trial rows, and one chunk."""
+    per_trial = 8.0 * (n_total + 3 * n_rows + 2 * procedures * eps)  # keys, risks, costs, picks
+    return trials * per_trial + 10 * 8.0 * _CHUNK_ELEMENTS
 
 
 def split_indices(n: int, n_cal: int, trials: int, rng: np.random.Generator) -> NDArray[np.int64]:
@@ -289,6 +298,10 @@ def evaluate(
                 f"split; got {n_cal}."
             )
         trials = check_int(trials, "trials", minimum=1)
+        check_memory(
+            _evaluation_bytes(trials, n_rows, n_total, len(names), len(epsilons)),
+            what=f"evaluate with trials={trials} on a table of {n_rows} x {n_total}",
+        )
         indices = split_indices(n_total, n_cal, trials, rng)  # (T, n)
     else:
         indices = check_splits(splits, n_total)

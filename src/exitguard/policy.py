@@ -38,7 +38,7 @@ def fingerprint(*arrays: NDArray[Any]) -> str:
         contiguous = np.ascontiguousarray(array)
         digest.update(str(contiguous.shape).encode())
         digest.update(str(contiguous.dtype).encode())
-        digest.update(contiguous.tobytes())
+        digest.update(memoryview(contiguous).cast("B"))  # no copy of the data
     return digest.hexdigest()[:16]
 
 

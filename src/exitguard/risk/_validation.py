@@ -16,19 +16,42 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_NUMERIC_KINDS = frozenset("biuf")
+_KIND_NAMES = {
+    "c": "complex",
+    "M": "datetime",
+    "m": "timedelta",
+    "U": "strings",
+    "S": "bytes",
+    "O": "Python objects",
+    "V": "structured or raw bytes",
+}
+
+
 def as_float_array(
-    value: ArrayLike, name: str, *, ndim: int | tuple[int, ...]
+    value: ArrayLike, name: str, *, ndim: int | tuple[int, ...], finite: bool = True
 ) -> NDArray[np.float64]:
-    """Convert to a finite float64 array with the given number of dimensions."""
+    """Convert to a finite float64 array with the given number of dimensions.
+
+    Only booleans, integers and real floats are numbers here: complex, datetime, string,
+    structured and object arrays are refused rather than silently converted (numpy would drop
+    imaginary parts and parse numeric strings).
+    """
     try:
-        array = np.asarray(value, dtype=np.float64)
+        raw = np.asarray(value)
     except (TypeError, ValueError) as error:
         raise TypeError(f"`{name}` must be numeric array-like; got {_describe(value)}.") from error
+    if raw.dtype.kind not in _NUMERIC_KINDS:
+        raise TypeError(
+            f"`{name}` must hold real numbers (bool, integer or float); got dtype {raw.dtype} "
+            f"({_KIND_NAMES.get(raw.dtype.kind, 'non-numeric')})."
+        )
+    array = raw.astype(np.float64, copy=False)
     allowed = (ndim,) if isinstance(ndim, int) else ndim
     if array.ndim not in allowed:
         shapes = " or ".join(f"{d}-D" for d in allowed)
         raise ValueError(f"`{name}` must be {shapes}; got shape {array.shape}.")
-    if not np.all(np.isfinite(array)):
+    if finite and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise ValueError(f"`{name}` must be finite; got {bad} NaN or infinite entries.")
     return array

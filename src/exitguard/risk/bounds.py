@@ -27,22 +27,27 @@ from scipy.special import xlogy
 
 Array = NDArray[np.float64]
 
-_SEARCH_POINTS = 64  # candidate values per refinement round
-_SEARCH_ROUNDS = 8  # 63^8 > 2e14: the bracket ends below 1e-14 of its starting width
+_SEARCH_ELEMENTS = 1_000_000  # candidates x samples evaluated at once by a search
+_SEARCH_PRECISION = 1e-14  # final bracket width, relative to the starting one
 
 
-def _smallest_true(predicate, low: Array, high: Array) -> Array:  # type: ignore[no-untyped-def]
+def _smallest_true(predicate, low: Array, high: Array, *, cost: int = 1) -> Array:  # type: ignore[no-untyped-def]
     """Smallest x in [low, high] with ``predicate(x)`` True, for a predicate monotone in x.
 
     ``predicate`` maps candidates of shape (..., M) to booleans (..., M) (False below the
-    crossing, True from it on; True at ``high`` is assumed). Each round evaluates 64 evenly
+    crossing, True from it on; True at ``high`` is assumed). Each round evaluates M evenly
     spaced candidates of every bracket at once and keeps the sub-interval holding the
-    crossing, so eight vectorised rounds replace sixty scalar bisection steps. Returns the
+    crossing, until the bracket is 1e-14 of its starting width. M is 64, fewer when one
+    evaluation of the predicate costs ``cost`` elements per candidate and bracket (e.g. the
+    number of samples), so the working memory stays near one million elements. Returns the
     upper end of the final bracket, which never undershoots the crossing.
     """
     low, high = np.array(low, dtype=np.float64), np.array(high, dtype=np.float64)
-    fractions = np.linspace(0.0, 1.0, _SEARCH_POINTS)  # (M,)
-    for _ in range(_SEARCH_ROUNDS):
+    brackets = max(1, low.size) * max(1, cost)
+    points = int(min(64, max(4, _SEARCH_ELEMENTS // brackets)))
+    rounds = math.ceil(math.log(1.0 / _SEARCH_PRECISION) / math.log(points - 1))
+    fractions = np.linspace(0.0, 1.0, points)  # (M,)
+    for _ in range(rounds):
         candidates = low[..., None] + (high - low)[..., None] * fractions  # (..., M)
         hit = predicate(candidates)  # (..., M)
         hit[..., -1] = True  # the bracket's upper end holds the crossing by construction
@@ -190,7 +195,8 @@ def wsr_ucb(
 
     The smallest ``mu`` with ``max_i K_i(mu) >= 1/delta``, found by a vectorised grid
     refinement on ``[max(-B, B - 1/cap), B]`` (where every wealth factor is positive); ``B``
-    when no ``mu`` is rejected. Memory: 64 candidates per row, (..., 64, n) at once.
+    when no ``mu`` is rejected. Memory: about one million elements at once (up to 64
+    candidates per row).
     """
     cap = _check_cap(bet_cap, loss_bound)
     bets = wsr_bets(losses, delta=delta, loss_bound=loss_bound, bet_cap=cap)
@@ -204,7 +210,7 @@ def wsr_ucb(
         # Log wealth rises with mu; every candidate of every row at once: (..., M, n).
         return wsr_log_wealth(losses[..., None, :], mu, bets=bets[..., None, :]) >= target
 
-    return np.where(rejected_at_low, low, _smallest_true(reached, low, high))
+    return np.where(rejected_at_low, low, _smallest_true(reached, low, high, cost=losses.shape[-1]))
 
 
 BOUNDS = ("hoeffding", "hb", "wsr", "binomial")

@@ -183,15 +183,7 @@ class Procedure:
         if bound == "binomial":
             _check_binary(table, loss_bound)
         if bound == "wsr":
-            # The bets do not depend on epsilon: compute them once, then one wealth pass per
-            # epsilon (a loop over the few target risks keeps memory at one (..., K, n) array).
-            cap = bounds._check_cap(bet_cap, loss_bound)
-            bets = bounds.wsr_bets(table, delta=delta, loss_bound=loss_bound, bet_cap=cap)
-            columns = [
-                np.minimum(1.0, np.exp(-bounds.wsr_log_wealth(table, eps, bets=bets)))
-                for eps in epsilons
-            ]
-            return np.stack(columns, axis=-2)  # (..., E, K)
+            return _wsr_statistic(table, epsilons, delta=delta, loss_bound=loss_bound, cap=bet_cap)
         return bounds.p_values(
             table[..., None, :, :],
             epsilons[:, None],
@@ -241,6 +233,34 @@ class Procedure:
         return bounds.upper_bounds(
             losses, bound=str(self.bound), delta=delta, loss_bound=loss_bound, bet_cap=bet_cap
         )
+
+
+_WSR_CHUNK_ELEMENTS = 500_000  # losses per chunk of rows in the WSR statistic
+
+
+def _wsr_statistic(
+    table: Array, epsilons: Array, *, delta: float, loss_bound: float, cap: float | None
+) -> Array:
+    """WSR p-values (..., E, K), computed over chunks of rows.
+
+    Rows are independent, so they are processed a chunk at a time: the working memory is about
+    six arrays of the chunk's size (bets, running means and variances, wealth factors and their
+    cumulative sums) on top of the table itself, whatever the table's size. Within a chunk the
+    bets do not depend on epsilon: they are computed once, then one wealth pass per epsilon.
+    """
+    checked_cap = bounds._check_cap(cap, loss_bound)
+    n_rows, n = table.shape[-2], table.shape[-1]
+    lead = int(np.prod(table.shape[:-2], dtype=np.int64))
+    rows_per_chunk = max(1, _WSR_CHUNK_ELEMENTS // max(1, lead * n))
+    out = np.empty((*table.shape[:-2], len(epsilons), n_rows))  # (..., E, K)
+    # A loop over chunks of rows only to bound memory; each chunk is fully vectorised.
+    for start in range(0, n_rows, rows_per_chunk):
+        part = table[..., start : start + rows_per_chunk, :]  # (..., k, n)
+        bets = bounds.wsr_bets(part, delta=delta, loss_bound=loss_bound, bet_cap=checked_cap)
+        for e, eps in enumerate(epsilons):  # the few target risks
+            log_wealth = bounds.wsr_log_wealth(part, eps, bets=bets)  # (..., k)
+            out[..., e, start : start + rows_per_chunk] = np.minimum(1.0, np.exp(-log_wealth))
+    return out
 
 
 _ALL = (
