@@ -100,7 +100,6 @@ def test_order_free_procedures_do_not_depend_on_the_order(rng):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("n", [100, 1000])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("procedure", GUARANTEED)

@@ -10,7 +10,8 @@ i.i.d. samples; the chosen row's *true* risk is compared with epsilon.
 * CRC: the mean true risk of the chosen row must be <= epsilon within Monte-Carlo error.
 * naive: shown to violate far more often than delta where it must.
 
-The short versions run in CI; ``pytest -m slow`` runs 5000 draws per configuration.
+The short versions and the long ones (5000 draws per configuration, n in {100, 1000}, about
+a minute and a half on two cores) all run in CI.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def draw(kind: str, risks: np.ndarray, n: int, draws: int, rng: np.random.Genera
 
 def simulate(procedure: str, kind: str, eps: float, n: int, draws: int, seed: int):
     rng = np.random.default_rng(seed)
-    base = true_risks(eps)
+    # Losses of kind "signed-brier" are scaled by B = 2: their true risks are 2 x base, so the
+    # base is built around eps / 2 to put the plateau just above eps itself (the hardest case).
+    base = true_risks(eps / (2.0 if kind == "signed-brier" else 1.0))
     chosen = []
     for start in range(0, draws, 500):  # chunks bound memory at 500 tables
         size = min(500, draws - start)
@@ -120,7 +123,6 @@ def test_harness_detects_a_broken_bound(monkeypatch):
         check_high_probability("ucb-hoeffding", "signed", 0.1, n=200, draws=400, seed=11)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("n", [100, 1000])
 @pytest.mark.parametrize("eps", [0.05, 0.15])
 @pytest.mark.parametrize("kind", KINDS)
