@@ -278,11 +278,29 @@ class ExitPolicy:
         """
         payload = self._payload()
         canonical = _canonical(payload)
-        data = {**payload, "digest": "sha256:" + hashlib.sha256(canonical).hexdigest()}
+        data = {**payload, "digest": self.digest}
         secret = _key(key)
         if secret is not None:
             data["signature"] = "hmac-sha256:" + hmac.new(secret, canonical, "sha256").hexdigest()
         return data
+
+    @property
+    def digest(self) -> str:
+        """``"sha256:..."`` of the policy's canonical content (what its files carry)."""
+        return "sha256:" + hashlib.sha256(_canonical(self._payload())).hexdigest()
+
+    def full_model(self) -> ExitPolicy:
+        """The same promise with the full model: never exit early (the safe fallback)."""
+        return dataclasses.replace(
+            self,
+            threshold=math.inf,
+            index=0,
+            certified=False,
+            empirical_risk=0.0,
+            upper_bound=None,
+            p_value=None,
+            expected_cost=self.full_cost,
+        )
 
     def _payload(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
