@@ -189,3 +189,39 @@ def test_state_round_trip_and_tampering(policy, rng, tmp_path):
 def test_losses_outside_the_risk_range_are_refused(policy):
     with pytest.raises(ValueError, match=r"`losses` must lie in \[loss_min, loss_max\] = \[0, 1\]"):
         RiskMonitor(policy).update([0.0, -1.0])
+
+
+def test_cli_replays_a_stream_and_reports_the_alarm(rng, tmp_path, capsys):
+    from exitguard import calibrate
+    from exitguard.cli import main
+
+    n, n_exits, n_classes = 3000, 3, 4
+
+    def outputs(sharp_first):
+        labels = rng.integers(0, n_classes, n)
+        logits = rng.normal(size=(n, n_exits, n_classes))
+        logits[np.arange(n), :, labels] += np.array([sharp_first, 3.0, 4.0])
+        return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+    calibration = outputs(2.0)
+    policy = calibrate(
+        calibration, risk="prediction_consistency", target_risk=0.1, procedure="ucb-wsr", seed=0
+    )
+    assert policy.certified
+    policy_path = policy.save(tmp_path / "policy.json")
+    good, drifted = outputs(2.0), outputs(0.2)  # the first exit degrades
+    stream = tmp_path / "stream.npz"
+    np.savez(stream, probs=np.concatenate([good, drifted]), time=np.arange(2 * n))
+    state = tmp_path / "state.json"
+    argv = ["monitor", str(policy_path), str(stream), "--audit-rate", "0.2", "--json"]
+    assert main([*argv, "--state", str(state)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["alarm"] and out["alarm_sample"] >= n  # raised after the drift began
+    assert out["audited"] == pytest.approx(0.2 * 2 * n, rel=0.1)
+    resumed = RiskMonitor.load(state, policy=policy)
+    assert resumed.alarm and resumed.state.count == out["audits"]
+    assert main([*argv[:-1], "--audit-rate", "0"]) == 2
+    assert "--audit-rate must lie in (0, 1]" in capsys.readouterr().err
+    np.savez(stream, probs=good)
+    assert main(argv[:-1]) == 0
+    assert "no alarm: keep the policy" in capsys.readouterr().out

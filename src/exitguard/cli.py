@@ -358,31 +358,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     """Apply a saved policy to held-out per-exit outputs: risk and cost."""
     policy = ExitPolicy.load(args.policy)
     data = _load_npz(args.file)
-    exit_cost = _exit_cost(args, data)
-    labels = data.get("labels")
-    if "confidence" in data or "prediction" in data:
-        if not ("confidence" in data and "prediction" in data):
-            raise CommandError(
-                "FILE: saved outputs need both `confidence` (n, L) and `prediction` (n, L)."
-            )
-        applied = policy.apply(
-            labels=labels,
-            confidences=data["confidence"],
-            predictions=data["prediction"],
-            confidence=_confidence_name(data) if "confidence_name" in data else None,
-            exit_cost=exit_cost,
-            n_classes=_n_classes(data),
-        )
-    else:
-        key = "probs" if "probs" in data else "logits" if "logits" in data else None
-        if key is None:
-            raise CommandError(
-                "FILE must hold per-exit `probs`/`logits` (n, L, C) or saved `confidence` and "
-                f"`prediction` (n, L); {args.file} holds {sorted(data) or 'nothing'}."
-            )
-        applied = policy.apply(
-            data[key], labels, from_logits=key == "logits", exit_cost=exit_cost, rng=args.seed
-        )
+    applied = _apply_to_file(policy, data, args)
     summary = applied.to_dict()
     if args.json:
         print(json.dumps({"policy": args.policy, **summary}))
@@ -405,6 +381,109 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(f"mean cost       {applied.mean_cost:.4g}{extra}")
     print(f"exits (1..{applied.n_exits})  {counts}")
     return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Replay a stream of saved per-exit outputs through a RiskMonitor; print the alarms."""
+    from exitguard.monitor import RiskAlarmWarning, RiskMonitor
+
+    _check_out(args.state)
+    policy = ExitPolicy.load(args.policy)
+    data = _load_npz(args.stream, argument="STREAM")
+    applied = _apply_to_file(policy, data, args, argument="STREAM")
+    if applied.losses is None:
+        raise CommandError(
+            f"STREAM: the policy's risk {policy.risk!r} cannot be scored on these outputs "
+            "(gap risks need `labels`; Brier risks need probabilities)."
+        )
+    order = np.arange(len(applied.losses))
+    if "time" in data:
+        times = np.asarray(data["time"], dtype=np.float64).reshape(-1)
+        if times.shape != order.shape or not np.all(np.isfinite(times)):
+            raise CommandError(
+                f"STREAM: `time` must be {order.size} finite numbers, one per sample."
+            )
+        order = np.argsort(times, kind="stable")
+    if not (0.0 < args.audit_rate <= 1.0):
+        raise CommandError(f"--audit-rate must lie in (0, 1]; got {args.audit_rate}.")
+    audited = order[np.random.default_rng(args.seed).random(order.size) < args.audit_rate]
+    monitor = (
+        RiskMonitor.load(args.state, policy=policy)
+        if args.state and Path(args.state).exists()
+        else RiskMonitor(policy, alpha=args.alpha, arl=args.arl, horizon=args.horizon)
+    )
+    before = monitor.state.count
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RiskAlarmWarning)
+        status = monitor.update(applied.losses[audited])
+    if args.state:
+        monitor.save(args.state)
+    alarm_sample = None
+    if status.alarm and status.alarm_at is not None and status.alarm_at > before:
+        alarm_sample = int(audited[status.alarm_at - before - 1])
+    summary = {
+        "samples": int(order.size),
+        "audited": int(audited.size),
+        "audit_rate": args.audit_rate,
+        **status.to_dict(),
+        "alarm_sample": alarm_sample,
+        "detector_threshold": monitor.detector_threshold,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"{order.size} samples, {audited.size} audited ({100 * args.audit_rate:g}%), target risk "
+        f"{monitor.target_risk:g}, alpha {monitor.alpha:g}"
+    )
+    print(
+        f"risk of audited samples: in [{status.risk_low:.4f}, {status.risk_high:.4f}] "
+        f"(confidence sequence, {100 * (1 - monitor.alpha):g}%)"
+    )
+    print(
+        f"e-process wealth {status.wealth:.3g} (alarm at {1 / monitor.alpha:g}); "
+        f"detector {status.detector:.3g} (alarm at {monitor.detector_threshold:g})"
+    )
+    if status.alarm:
+        where = "" if alarm_sample is None else f" (stream sample {alarm_sample})"
+        print(f"ALARM ({status.reason}) at audit {status.alarm_at}{where}: {status.action}")
+    else:
+        print("no alarm: keep the policy")
+    return 0
+
+
+def _apply_to_file(
+    policy: ExitPolicy,
+    data: dict[str, np.ndarray],
+    args: argparse.Namespace,
+    *,
+    argument: str = "FILE",
+) -> Any:
+    """``policy.apply`` on an npz of per-exit outputs (probs/logits or saved confidences)."""
+    exit_cost = _exit_cost(args, data)
+    labels = data.get("labels")
+    if "confidence" in data or "prediction" in data:
+        if not ("confidence" in data and "prediction" in data):
+            raise CommandError(
+                f"{argument}: saved outputs need both `confidence` (n, L) and `prediction` (n, L)."
+            )
+        return policy.apply(
+            labels=labels,
+            confidences=data["confidence"],
+            predictions=data["prediction"],
+            confidence=_confidence_name(data) if "confidence_name" in data else None,
+            exit_cost=exit_cost,
+            n_classes=_n_classes(data),
+        )
+    key = "probs" if "probs" in data else "logits" if "logits" in data else None
+    if key is None:
+        raise CommandError(
+            f"{argument} must hold per-exit `probs`/`logits` (n, L, C) or saved `confidence` "
+            f"and `prediction` (n, L); it holds {sorted(data) or 'nothing'}."
+        )
+    return policy.apply(
+        data[key], labels, from_logits=key == "logits", exit_cost=exit_cost, rng=args.seed
+    )
 
 
 DEMO_TASKS = ("classification", "segmentation", "diffusion", "calm")
@@ -554,6 +633,43 @@ def build_parser() -> argparse.ArgumentParser:
     apply_.add_argument("--seed", type=int, default=0, help="seed of sampled pseudo-labels")
     apply_.add_argument("--json", action="store_true", help="print one JSON object")
     apply_.set_defaults(handler=cmd_apply)
+
+    monitor = commands.add_parser(
+        "monitor", help="replay a stream of per-exit outputs through a risk monitor"
+    )
+    monitor.add_argument("policy", help="the deployed policy (JSON)")
+    monitor.add_argument(
+        "stream",
+        help="npz with per-exit `probs`/`logits` or `confidence`+`prediction`, in time order "
+        "or with `time` (n,); [+ `labels` for gap risks]",
+    )
+    monitor.add_argument(
+        "--audit-rate",
+        type=float,
+        default=1.0,
+        help="share of samples audited (independent seeded coin flips; default all)",
+    )
+    monitor.add_argument("--alpha", type=float, default=0.05, help="level of the e-process")
+    monitor.add_argument(
+        "--arl",
+        type=float,
+        default=None,
+        help="average run length (audits) before a false alarm of the change detector "
+        "(default 100000)",
+    )
+    monitor.add_argument(
+        "--horizon",
+        type=int,
+        default=None,
+        help="instead of --arl: audits over which a detector false alarm has probability <= alpha",
+    )
+    monitor.add_argument(
+        "--state", help="monitor state JSON: resumed when it exists, written after the replay"
+    )
+    monitor.add_argument("--exit-cost", nargs="+", metavar="C", help=argparse.SUPPRESS)
+    monitor.add_argument("--seed", type=int, default=0, help="seed of the audit coin flips")
+    monitor.add_argument("--json", action="store_true", help="print one JSON object")
+    monitor.set_defaults(handler=cmd_monitor)
 
     demo = commands.add_parser("demo", help="run the main experiment on embedded real data")
     demo.add_argument(
