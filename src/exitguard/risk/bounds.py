@@ -22,8 +22,6 @@ import math
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import stats
-from scipy.special import xlogy
 
 Array = NDArray[np.float64]
 
@@ -85,6 +83,8 @@ def hoeffding_ucb(losses: Array, *, delta: float, loss_bound: float) -> Array:
 
 def _kl_bernoulli(a: Array, b: Array) -> Array:
     """h1(a, b) = a log(a/b) + (1-a) log((1-a)/(1-b)), with the 0 log 0 = 0 limits."""
+    from scipy.special import xlogy  # imported on use: `import exitguard` stays light
+
     return xlogy(a, a) - xlogy(a, b) + xlogy(1.0 - a, 1.0 - a) - xlogy(1.0 - a, 1.0 - b)
 
 
@@ -99,6 +99,8 @@ def hoeffding_bentkus_p_value(mean: ArrayLike, alpha: ArrayLike, *, n: int) -> A
     hoeffding = np.exp(-n * _kl_bernoulli(np.minimum(mean_, alpha_), alpha_))
     # Guard the ceiling against float noise such as 3.0000000000000004.
     successes = np.ceil(np.round(n * mean_, 9))
+    from scipy import stats
+
     bentkus = math.e * stats.binom.cdf(successes, n, alpha_)
     return np.clip(np.minimum(hoeffding, bentkus), 0.0, 1.0)
 
@@ -106,6 +108,8 @@ def hoeffding_bentkus_p_value(mean: ArrayLike, alpha: ArrayLike, *, n: int) -> A
 def binomial_p_value(mean: ArrayLike, alpha: ArrayLike, *, n: int) -> Array:
     """Exact p-value of "risk >= alpha" for 0-1 losses: ``BinomCDF(n mean; n, alpha)``."""
     successes = np.round(n * np.asarray(mean, float))
+    from scipy import stats
+
     return np.clip(stats.binom.cdf(successes, n, alpha), 0.0, 1.0)
 
 
@@ -128,6 +132,8 @@ def binomial_ucb(mean: ArrayLike, *, n: int, delta: float) -> Array:
     """Clopper-Pearson upper bound for 0-1 losses: the (1 - delta) quantile of Beta(k+1, n-k)."""
     successes = np.round(n * np.asarray(mean, float))
     with np.errstate(invalid="ignore", divide="ignore"):
+        from scipy import stats
+
         bound = stats.beta.ppf(1.0 - delta, successes + 1, n - successes)
     return np.where(successes >= n, 1.0, bound)
 

@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.special import entr, softmax
 
 from exitguard.risk._validation import as_float_array, check_choice, check_int, check_probabilities
 
@@ -35,6 +34,8 @@ def entropy(probs: NDArray[np.float64]) -> NDArray[np.float64]:
     n_classes = probs.shape[-1]
     if n_classes < 2:
         return np.ones(probs.shape[:-1])
+    from scipy.special import entr  # imported on use: `import exitguard` stays light
+
     normalised = entr(probs).sum(axis=-1) / np.log(n_classes)
     return np.clip(1.0 - normalised, 0.0, 1.0)
 
@@ -71,6 +72,8 @@ def as_probabilities(
     """Validate per-exit outputs (n, L, C) and return probabilities in float64."""
     outputs = as_float_array(exit_outputs, name, ndim=3)  # (n, L, C)
     if from_logits:
+        from scipy.special import softmax
+
         return softmax(outputs, axis=-1)
     check_probabilities(outputs, name)
     return outputs
