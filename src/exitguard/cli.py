@@ -490,8 +490,14 @@ def _apply_to_file(
     )
 
 
-DEMO_TASKS = ("classification", "segmentation", "diffusion", "calm")
-DEFAULT_N_CAL = {"classification": 100, "segmentation": 400, "diffusion": 500, "calm": 100}
+DEMO_TASKS = ("classification", "segmentation", "diffusion", "drift", "calm")
+DEFAULT_N_CAL = {
+    "classification": 100,
+    "segmentation": 400,
+    "diffusion": 500,
+    "drift": 400,
+    "calm": 100,
+}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -510,7 +516,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = module.DemoConfig(
         dataset=args.dataset,
         dataset_path=args.data_path,
-        out=args.out or "exitguard-report",
+        out=args.out or f"exitguard-report/{args.task}",
         seed=args.seed,
         n_cal=args.n_cal,
         trials=args.trials if args.trials is not None else 100,
@@ -738,8 +744,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DEMO_TASKS,
         default="classification",
         help="classification, segmentation, diffusion: train (or load) a multi-exit network on "
-        "real images, calibrate, time it and write a report; calm: the paper's "
-        "language-modelling experiment on its released loss table",
+        "real images, calibrate, time it and write a report; drift: serve a certified policy "
+        "on a stream of images that degrade, with audits, the risk monitor, fallback and "
+        "recalibration; calm: the paper's language-modelling experiment on its released loss "
+        "table",
     )
     demo.add_argument(
         "--dataset",
@@ -772,7 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help=QUICK_HELP)
     demo.add_argument(
-        "--out", help="report folder (classification; default exitguard-report) or JSON file (calm)"
+        "--out",
+        help="report folder (default exitguard-report/TASK: each task writes its own) or, for "
+        "calm, a JSON file",
     )
     demo.set_defaults(handler=cmd_demo)
 

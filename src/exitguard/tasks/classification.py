@@ -161,7 +161,7 @@ class DemoConfig:
 
     dataset: str = "digits"
     dataset_path: str | None = None
-    out: str = "exitguard-report"
+    out: str = "exitguard-report/classification"
     seed: int = 0
     n_cal: int = 100
     trials: int = 100

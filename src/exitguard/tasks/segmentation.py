@@ -392,7 +392,7 @@ class DemoConfig:
 
     dataset: str = "digits"
     dataset_path: str | None = None
-    out: str = "exitguard-report"
+    out: str = "exitguard-report/segmentation"
     seed: int = 0
     n_cal: int = 400
     trials: int = 100

@@ -71,7 +71,7 @@ class DemoConfig:
 
     dataset: str = "digits"
     dataset_path: str | None = None
-    out: str = "exitguard-report"
+    out: str = "exitguard-report/diffusion"
     seed: int = 0
     n_cal: int = 500
     n_samples: int | None = None
