@@ -42,9 +42,7 @@ def model_tables() -> list[tuple[str, dict[str, np.ndarray], int]]:
     from exitguard.tasks import classification, segmentation
 
     out = []
-    prepared = classification.prepare(
-        classification.DemoConfig(progress=False), log=lambda _: None
-    )
+    prepared = classification.prepare(classification.DemoConfig(progress=False), log=lambda _: None)
     for risk in RISKS:
         tables = classification.risk_tables(prepared, risk, seed=0)
         out.append((f"digits classifier, {risk}", tables, 100))
