@@ -92,6 +92,43 @@ def _alias_groups(state: Mapping[str, Tensor]) -> list[list[str]]:
     return list(groups.values())
 
 
+def stored_tensors(module: torch.nn.Module) -> dict[str, Tensor]:
+    """The tensors a file stores for ``module``: its state dict on the CPU, tied tensors once."""
+    state = module.state_dict()
+    return {group[0]: state[group[0]].detach().to("cpu").clone() for group in _alias_groups(state)}
+
+
+def assign_tensors(
+    module: torch.nn.Module, tensors: Mapping[str, Tensor], *, strict: bool, source: Any
+) -> None:
+    """Copy ``tensors`` into ``module`` after checking names and shapes, or change nothing.
+
+    A tied tensor (one tensor under several names) counts as present when any of its names
+    is. Raises ValueError naming ``source`` when (with ``strict``) names are missing or
+    unexpected, or when a shape differs.
+    """
+    current = module.state_dict()
+    missing = [group for group in _alias_groups(current) if not any(n in tensors for n in group)]
+    unexpected = sorted(set(tensors) - set(current))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{source} does not match the network: missing {sorted(g[0] for g in missing)}, "
+            f"unexpected {unexpected}; the network was left unchanged."
+        )
+    wrong = [
+        f"{name} {tuple(tensor.shape)} (the network's is {tuple(current[name].shape)})"
+        for name, tensor in tensors.items()
+        if name in current and tuple(tensor.shape) != tuple(current[name].shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"{source} does not match the network: tensor shapes differ: "
+            f"{', '.join(wrong[:5])}; the network was left unchanged."
+        )
+    # Every name and shape was checked above, so this copy cannot stop half-way.
+    module.load_state_dict({k: v for k, v in tensors.items() if k in current}, strict=False)
+
+
 def _non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
     """Names of floating tensors holding NaN or infinite values, with how many."""
     found = []
@@ -130,10 +167,7 @@ def save_weights(
         When ``path`` is a link, a folder or a special file, or its folder does not exist.
     """
     _check_network(network)
-    state = network.state_dict()
-    tensors = {
-        group[0]: state[group[0]].detach().to("cpu").clone() for group in _alias_groups(state)
-    }
+    tensors = stored_tensors(network)
     if not allow_non_finite and (found := _non_finite(tensors)):
         raise ValueError(_non_finite_message(found, "save"))
     metadata = {
@@ -269,28 +303,7 @@ def load_weights(
         )
     if not allow_non_finite and (found := _non_finite(tensors)):
         raise ValueError(f"{path}: " + _non_finite_message(found, "load"))
-    current = network.state_dict()
-    missing = [
-        group for group in _alias_groups(current) if not any(name in tensors for name in group)
-    ]
-    unexpected = sorted(set(tensors) - set(current))
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"{path} does not match the network: missing {sorted(g[0] for g in missing)}, "
-            f"unexpected {unexpected}; the network was left unchanged."
-        )
-    wrong = [
-        f"{name} {tuple(tensor.shape)} (the network's is {tuple(current[name].shape)})"
-        for name, tensor in tensors.items()
-        if name in current and tuple(tensor.shape) != tuple(current[name].shape)
-    ]
-    if wrong:
-        raise ValueError(
-            f"{path} does not match the network: tensor shapes differ: {', '.join(wrong[:5])}; "
-            "the network was left unchanged."
-        )
-    # Every name and shape was checked above, so this copy cannot stop half-way.
-    network.load_state_dict({k: v for k, v in tensors.items() if k in current}, strict=False)
+    assign_tensors(network, tensors, strict=strict, source=path)
     return network
 
 
