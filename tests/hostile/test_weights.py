@@ -242,3 +242,18 @@ def test_model_folders_load_safetensors_only(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises((FileNotFoundError, ValueError), match=r"safetensors"):
         load_model(folder)
+
+
+def test_saved_outputs_never_follow_links(tmp_path):
+    from exitguard.nn import collect
+
+    network = small_network()
+    outputs = collect(network, torch.randn(5, 4))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "outputs.npz").symlink_to(victim)
+    with pytest.raises(ValueError, match=r"symbolic link; refusing to replace it"):
+        outputs.save(tmp_path / "outputs.npz")
+    assert victim.read_text() == "precious"
+    (tmp_path / "outputs.npz").unlink()
+    assert outputs.save(tmp_path / "outputs.npz").is_file()
