@@ -257,3 +257,14 @@ def test_saved_outputs_never_follow_links(tmp_path):
     assert victim.read_text() == "precious"
     (tmp_path / "outputs.npz").unlink()
     assert outputs.save(tmp_path / "outputs.npz").is_file()
+
+
+@pytest.mark.parametrize("cut", [4, 60, -3])
+def test_a_truncated_file_is_refused_clearly(tmp_path, cut):
+    path = save_weights(small_network(), tmp_path / "w.safetensors")
+    path.write_bytes(path.read_bytes()[:cut])
+    target = small_network(seed=1)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"is not a readable safetensors file"):
+        load_weights(target, path)
+    assert_unchanged(target, before)
