@@ -75,6 +75,22 @@ def test_the_model_fingerprint_sees_every_layer():
     assert model_fingerprint(model) != before
 
 
+def test_damaged_or_mixed_up_head_files_are_refused(tmp_path):
+    from exitguard.tasks.language.heads import HeadsFileError
+
+    model = make_tiny_llama()
+    make_heads(model, seed=1).save(tmp_path / "one")
+    make_heads(model, seed=2).save(tmp_path / "two")
+    (tmp_path / "one" / "heads.safetensors").write_bytes(
+        (tmp_path / "two" / "heads.safetensors").read_bytes()  # another save's weights
+    )
+    with pytest.raises(HeadsFileError, match=r"do not match the fingerprint in heads\.json"):
+        ExitHeads.load(tmp_path / "one")
+    (tmp_path / "two" / "heads.json").write_text("[]")
+    with pytest.raises(HeadsFileError, match=r"not an exitguard exit-head file"):
+        ExitHeads.load(tmp_path / "two")
+
+
 # ----------------------------------------------------------------- the API
 
 
