@@ -276,7 +276,9 @@ class EarlyExitNetwork(nn.Module):
                     "network.bind_policy(policy)`; or pass `allow_unbound=True` to apply it "
                     "unchecked."
                 )
-            return math.inf if policy.is_full_model else float(policy.threshold)
+            if policy.is_full_model or policy.threshold is None:
+                return math.inf
+            return float(policy.threshold)
         if isinstance(policy, bool) or not isinstance(policy, (int, float)):
             raise TypeError(
                 "`policy` must be an ExitPolicy or a float threshold in [0, 1] (math.inf: never "

@@ -315,7 +315,7 @@ def check_picture_grid(spec: Mapping[str, Any]) -> list[list[np.ndarray]]:
             f"columns; got {len(rows)} x {len(columns)}.",
         )
     images: list[list[np.ndarray]] = []
-    pixels = 0
+    pixels = 0  # image pixels so far
     for r, row in enumerate(rows):  # a loop over a capped number of rows and cells
         cells = row.get("cells") if isinstance(row, Mapping) else None
         if not isinstance(cells, list):
@@ -354,8 +354,8 @@ def check_picture_grid(spec: Mapping[str, Any]) -> list[list[np.ndarray]]:
                 )
             converted.append(image)
         images.append(converted)
-    width, cell_height, _ = _grid_geometry(images[0][0])
-    canvas = (width * len(columns) + 0.8) * (cell_height * len(rows) + 0.6) * _DPI**2
+    cell_width, cell_height, _ = _grid_geometry(images[0][0])
+    canvas = (cell_width * len(columns) + 0.8) * (cell_height * len(rows) + 0.6) * _DPI**2
     if canvas > MAX_CANVAS_PIXELS:
         raise _grid_error(
             spec,
@@ -404,8 +404,8 @@ def check_figures(results: Mapping[str, Any]) -> None:
     for spec in results.get("figures", []):
         check_picture_grid(spec)
     risks = results.get("risks")
-    if _count(risks, "risks", MAX_RISKS) == 0:
-        raise ValueError("RESULTS: `risks` must name at least one risk.")
+    if _count(risks, "risks", MAX_RISKS) == 0 or not isinstance(risks, Mapping):
+        raise ValueError("RESULTS: `risks` must map at least one risk to its evaluation.")
     for risk, data in risks.items():
         for key in ("evaluation", "evaluation_exits"):
             table = data.get(key) if isinstance(data, Mapping) else None
