@@ -44,13 +44,6 @@ def _safetensors() -> Any:
     return safetensors
 
 
-def default_file_mode(path: str | os.PathLike[str]) -> None:
-    """Give ``path`` the mode a new file gets from the umask (safetensors writes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _check_network(network: Any) -> EarlyExitNetwork:
     if not isinstance(network, EarlyExitNetwork):
         raise TypeError(f"`network` must be an EarlyExitNetwork; got {type(network).__name__}.")
