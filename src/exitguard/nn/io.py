@@ -235,7 +235,9 @@ def load_weights(
     """Load weights written by :func:`save_weights` into a network of the same architecture.
 
     Everything is checked on a separate state dict first; the network's tensors are replaced
-    only when the whole file fits, so a refused file changes nothing.
+    only when the whole file fits, so a refused file changes nothing. The file is read once
+    into memory (then checked and decoded from those bytes), so loading briefly needs about
+    twice its size in memory.
 
     Parameters
     ----------
