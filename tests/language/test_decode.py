@@ -261,6 +261,7 @@ def test_a_calibrated_policy_stands_for_its_threshold(tiny_llama, tiny_heads):
         np.zeros((3, 50)), target_risk=0.1, procedure="crc", thresholds=[math.inf, 0.6, 0.0]
     )
     lm = EarlyExitLM(tiny_llama, tiny_heads)
+    policy = lm.bind_policy(policy, confidence="learned")
     prompt = torch.tensor([[5, 6, 7, 8]])
     by_policy = lm.generate(prompt, max_new_tokens=6, threshold=policy)
     by_value = lm.generate(prompt, max_new_tokens=6, threshold=policy.threshold)

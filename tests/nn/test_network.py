@@ -217,7 +217,8 @@ def test_infer_accepts_a_policy_and_checks_it_fits(cnn_network, images, make_pol
     policy = cnn_network.bind_policy(make_policy(0.3))
     assert policy.n_exits == 3 and policy.model_fingerprint == cnn_network.fingerprint
     assert torch.equal(cnn_network.infer(x, policy).exits, cnn_network.infer(x, 0.3).exits)
-    assert cnn_network.infer(x, make_policy(math.inf)).exits.tolist() == [2] * 8
+    never = cnn_network.bind_policy(make_policy(math.inf))
+    assert cnn_network.infer(x, never).exits.tolist() == [2] * 8
 
     with pytest.raises(
         ValueError, match=r"calibrated for a network with 4 exits; this network has 3\."

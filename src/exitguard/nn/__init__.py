@@ -6,7 +6,7 @@ imports this package.
     network = attach_exits(backbone, at=["layer1", "layer2", "layer3"], input_shape=(3, 32, 32))
     train_exits(network, loader, config=TrainConfig(mode="heads", epochs=5))
     outputs = collect(network, calibration_loader)      # per-exit probs (n, L, C) + labels
-    policy = exitguard.calibrate(outputs.probs, outputs.labels, ...)
+    policy = network.bind_policy(exitguard.calibrate(outputs.probs, outputs.labels, ...))
     result = network.infer(x, policy)                  # really skips compute, any batch size
 """
 
@@ -32,7 +32,7 @@ from exitguard.nn.confidence import (
 from exitguard.nn.flops import FlopsTable, count_flops, flop_counter
 from exitguard.nn.heads import ClassifierHead, DenseHead
 from exitguard.nn.io import load_policy, load_weights, save_policy, save_weights
-from exitguard.nn.network import EarlyExitNetwork, InferenceResult
+from exitguard.nn.network import EarlyExitNetwork, InferenceResult, NonFiniteOutputWarning
 from exitguard.nn.train import TrainConfig, TrainHistory, exit_losses, train_exits
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "ExitOutputs",
     "FlopsTable",
     "InferenceResult",
+    "NonFiniteOutputWarning",
     "TrainConfig",
     "TrainHistory",
     "attach_exits",

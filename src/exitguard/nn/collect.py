@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from exitguard._files import atomic_write
 from exitguard.nn._data import iter_batches, model_device
 from exitguard.nn.network import EarlyExitNetwork
 
@@ -65,9 +66,9 @@ class ExitOutputs:
         }
         if self.labels is not None:
             arrays["labels"] = self.labels
-        with target.open("wb") as handle:
-            np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
-        return target
+        return atomic_write(
+            target, lambda handle: np.savez_compressed(handle, **arrays), argument="path"
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ExitOutputs:

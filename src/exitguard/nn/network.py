@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,10 @@ from exitguard.nn.confidence import CONFIDENCES, ConfidenceFn, is_pointwise, res
 from exitguard.policy import ExitPolicy
 
 Policy = ExitPolicy | float
+
+
+class NonFiniteOutputWarning(UserWarning):
+    """Inference produced NaN or infinite logits (e.g. from non-finite weights)."""
 
 
 def _shape_text(shape: Sequence[int | None]) -> str:
@@ -219,14 +224,19 @@ class EarlyExitNetwork(nn.Module):
                 f"{tuple(x.shape)}. (Set `network.input_shape = None` to accept any shape.)"
             )
 
-    def check_policy(self, policy: Any) -> float:
+    def check_policy(self, policy: Any, *, allow_unbound: bool = False) -> float:
         """The threshold of ``policy``, after checking that the policy fits this network.
 
         Parameters
         ----------
         policy : ExitPolicy or float
-            A policy (its ``n_exits``, ``model_fingerprint`` and ``confidence`` are checked
-            when recorded), or a plain threshold in [0, 1]; ``math.inf`` never exits early.
+            A policy bound to this network (its ``n_exits``, ``model_fingerprint`` and
+            ``confidence`` are checked), or a plain threshold in [0, 1]; ``math.inf`` never
+            exits early.
+        allow_unbound : bool, default False
+            Accept a policy that records no network (no ``n_exits`` or
+            ``model_fingerprint``), which cannot be checked; by default it is refused. Bind
+            a policy calibrated on this network's outputs with :meth:`bind_policy`.
 
         Returns
         -------
@@ -252,14 +262,22 @@ class EarlyExitNetwork(nn.Module):
                     f"network uses {self.confidence!r}. Set `network.confidence = "
                     f"{policy.confidence!r}` or recalibrate."
                 )
-            if policy.is_full_model:
-                return math.inf
-            if policy.threshold is None:
+            if policy.threshold is None and not policy.is_full_model:
                 raise ValueError(
                     f"`policy` selects row {policy.index} of a calibration table without "
                     "thresholds, so it cannot be applied to a network; calibrate with "
                     "thresholds (e.g. exitguard.calibrate on the exit outputs)."
                 )
+            if not allow_unbound and (policy.n_exits is None or policy.model_fingerprint is None):
+                raise ValueError(
+                    "`policy` does not record the network it was calibrated for (no `n_exits` "
+                    "or `model_fingerprint`), so it cannot be checked against this one. After "
+                    "calibrating on this network's exit outputs, bind it: `policy = "
+                    "network.bind_policy(policy)`; or pass `allow_unbound=True` to apply it "
+                    "unchecked."
+                )
+            if policy.is_full_model or policy.threshold is None:
+                return math.inf
             return float(policy.threshold)
         if isinstance(policy, bool) or not isinstance(policy, (int, float)):
             raise TypeError(
@@ -278,7 +296,7 @@ class EarlyExitNetwork(nn.Module):
         """A copy of ``policy`` that records this network (exits, fingerprint, measure)."""
         if not isinstance(policy, ExitPolicy):
             raise TypeError(f"`policy` must be an ExitPolicy; got {type(policy).__name__}.")
-        self.check_policy(policy)
+        self.check_policy(policy, allow_unbound=True)  # what it records must fit
         return policy.with_model(
             n_exits=self.n_exits, model_fingerprint=self.fingerprint, confidence=self.confidence
         )
@@ -371,7 +389,7 @@ class EarlyExitNetwork(nn.Module):
         return scores.double().clamp(0.0, 1.0)
 
     @torch.inference_mode()
-    def infer(self, x: Tensor, policy: Policy) -> InferenceResult:
+    def infer(self, x: Tensor, policy: Policy, *, allow_unbound: bool = False) -> InferenceResult:
         """Early-exit inference that really skips the stages a sample does not need.
 
         After each stage, the samples whose exit fires are written to the output and removed
@@ -384,8 +402,10 @@ class EarlyExitNetwork(nn.Module):
         x : Tensor of shape (B, ...)
             A batch on the network's device.
         policy : ExitPolicy or float
-            A calibrated policy (checked to fit this network) or a threshold in [0, 1];
-            ``math.inf`` never exits early.
+            A calibrated policy bound to this network (see :meth:`bind_policy`; checked to
+            fit) or a threshold in [0, 1]; ``math.inf`` never exits early.
+        allow_unbound : bool, default False
+            Accept a policy that records no network (see :meth:`check_policy`).
 
         Returns
         -------
@@ -406,7 +426,7 @@ class EarlyExitNetwork(nn.Module):
         TypeError, ValueError
             For an input of the wrong type or shape, or a policy that does not fit.
         """
-        threshold = self.check_policy(policy)
+        threshold = self.check_policy(policy, allow_unbound=allow_unbound)
         self.check_input(x)
         never = math.isinf(threshold)
         last = self.n_exits - 1
@@ -466,6 +486,14 @@ class EarlyExitNetwork(nn.Module):
     def _result(
         self, logits: Tensor, probs: Tensor, exits: Tensor, confidence: Tensor, threshold: float
     ) -> InferenceResult:
+        if not bool(torch.isfinite(logits).all()):
+            warnings.warn(
+                "the network gave NaN or infinite logits at the exits taken, so these "
+                "predictions are meaningless; check its weights (load_weights refuses "
+                "non-finite ones) and inputs.",
+                NonFiniteOutputWarning,
+                stacklevel=3,
+            )
         return InferenceResult(
             predictions=probs.max(dim=1).indices,  # first maximum, faster than argmax on dim 1
             probs=probs,
@@ -490,13 +518,15 @@ class EarlyExitNetwork(nn.Module):
         return logits, self._confidence_of(logits.softmax(dim=2))
 
     @torch.inference_mode()
-    def simulate(self, x: Tensor, policy: Policy) -> InferenceResult:
+    def simulate(
+        self, x: Tensor, policy: Policy, *, allow_unbound: bool = False
+    ) -> InferenceResult:
         """The offline reference for :meth:`infer`: one full pass, then the exit rule.
 
         Every stage and head runs on every sample, so nothing is saved; the result is what
         :meth:`infer` returns, computed the way the risk core sees the exit outputs.
         """
-        threshold = self.check_policy(policy)
+        threshold = self.check_policy(policy, allow_unbound=allow_unbound)
         logits, conf = self.exit_confidences(x)  # (B, L, C, ...), (B, L)
         probs = logits.softmax(dim=2)  # (B, L, C, ...)
         last = self.n_exits - 1

@@ -1,13 +1,37 @@
-"""Plots of a demo's results (matplotlib, headless). Each function draws from results.json data."""
+"""Plots of a demo's results (matplotlib, headless). Each function draws from results.json data.
+
+Results files are untrusted: :func:`check_figures` bounds every size that drawing depends on
+(picture-grid rows, columns and pixels; the number of risks, rows and exits) before anything
+is drawn, and text from the results is drawn literally (a ``$`` never starts math mode).
+"""
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+
+from exitguard._files import atomic_save, atomic_write
+
+MAX_GRID_ROWS = 40
+"""Most rows (examples) a picture grid may have."""
+MAX_GRID_COLUMNS = 16
+"""Most columns (variants) a picture grid may have."""
+MAX_IMAGE_SIDE = 2048
+"""Longest side, in pixels, of one image of a picture grid."""
+MAX_GRID_PIXELS = 1 << 24
+"""Most image pixels (summed over the cells) in one picture grid."""
+MAX_CANVAS_PIXELS = 60_000_000
+"""Largest drawn figure, in output pixels (about 240 MB of RGBA while drawing)."""
+MAX_FIGURES = 16
+MAX_RISKS = 12
+MAX_ROWS_PER_RISK = 10_000
+MAX_EXITS = 4096
+_DPI = 110
 
 PROCEDURE_STYLE = {
     "naive": {"color": "#9e9e9e", "linestyle": ":", "marker": "."},
@@ -31,6 +55,11 @@ RISK_TITLES = {
 def risk_title(results: Mapping[str, Any], risk: str) -> str:
     """The title of a risk: the results' own ``risk_titles`` first, then the defaults."""
     return str(results.get("risk_titles", {}).get(risk) or RISK_TITLES.get(risk, risk))
+
+
+def _plain(text: Any) -> str:
+    """Text from the results, drawn literally by matplotlib (``$`` would start math mode)."""
+    return str(text).replace("$", r"\$")
 
 
 def _target_axis(axis: Any, results: Mapping[str, Any]) -> None:
@@ -81,16 +110,23 @@ def _grid(plt: Any, count: int, *, height: float = 3.2) -> tuple[Any, list[Any]]
     return figure, flat[:count]
 
 
-def _save(figure: Any, path: Path) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+def _save(figure: Any, path: Path | IO[bytes], *, layout: bool = True) -> Any:
+    """Write ``figure`` as PNG to a file (atomically) or a binary handle, then close it."""
     import matplotlib.pyplot as plt
 
-    plt.close(figure)
+    try:
+        if layout:
+            figure.tight_layout()
+        if isinstance(path, (str, Path)):
+            atomic_save(path, lambda name: figure.savefig(name, dpi=_DPI, format="png"))
+        else:
+            figure.savefig(path, dpi=_DPI, format="png")
+    finally:
+        plt.close(figure)
     return path
 
 
-def plot_test_risk(results: Mapping[str, Any], path: Path) -> Path:
+def plot_test_risk(results: Mapping[str, Any], path: Path | IO[bytes]) -> Any:
     """Mean test risk (+/- one sd over splits) against the target, with the diagonal."""
     plt = _pyplot()
     risks = results["risks"]
@@ -102,11 +138,11 @@ def plot_test_risk(results: Mapping[str, Any], path: Path) -> Path:
             eps, mean = _series(rows, procedure, "mean_test_risk")
             _, sd = _series(rows, procedure, "sd_test_risk")
             style = PROCEDURE_STYLE.get(procedure, {})
-            axis.plot(eps, mean, label=procedure, markersize=3, **style)
+            axis.plot(eps, mean, label=_plain(procedure), markersize=3, **style)
             axis.fill_between(eps, mean - sd, mean + sd, color=style.get("color"), alpha=0.12)
         line = np.linspace(eps_all.min(), eps_all.max(), 50)  # a curve, straight on any scale
         axis.plot(line, line, color="black", linewidth=0.8, label="risk = target")
-        axis.set_title(risk_title(results, risk))
+        axis.set_title(_plain(risk_title(results, risk)))
         _target_axis(axis, results)
         axis.set_ylabel("test risk")
     axes[0].legend(fontsize=8)
@@ -114,7 +150,7 @@ def plot_test_risk(results: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_violations(results: Mapping[str, Any], path: Path) -> Path:
+def plot_violations(results: Mapping[str, Any], path: Path | IO[bytes]) -> Any:
     """Share of calibration draws whose policy's risk exceeds the target, with delta marked."""
     plt = _pyplot()
     risks = results["risks"]
@@ -125,11 +161,15 @@ def plot_violations(results: Mapping[str, Any], path: Path) -> Path:
         for procedure in _procedures(rows):
             eps, rate = _series(rows, procedure, "population_violation_rate")
             axis.plot(
-                eps, rate, label=procedure, markersize=3, **PROCEDURE_STYLE.get(procedure, {})
+                eps,
+                rate,
+                label=_plain(procedure),
+                markersize=3,
+                **PROCEDURE_STYLE.get(procedure, {}),
             )
         axis.axhline(delta, color="black", linewidth=0.8, linestyle="--", label=f"δ = {delta:g}")
         axis.set_ylim(-0.02, 1.02)
-        axis.set_title(risk_title(results, risk))
+        axis.set_title(_plain(risk_title(results, risk)))
         _target_axis(axis, results)
         axis.set_ylabel("violation rate")
     axes[0].legend(fontsize=8)
@@ -137,7 +177,7 @@ def plot_violations(results: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_efficiency(results: Mapping[str, Any], path: Path) -> Path:
+def plot_efficiency(results: Mapping[str, Any], path: Path | IO[bytes]) -> Any:
     """Mean exit (top) and FLOPs saving (bottom) against the target risk."""
     plt = _pyplot()
     risks = results["risks"]
@@ -149,10 +189,10 @@ def plot_efficiency(results: Mapping[str, Any], path: Path) -> Path:
         for procedure in _procedures(flops_rows):
             style = PROCEDURE_STYLE.get(procedure, {})
             eps, mean_exit = _series(exits_rows, procedure, "mean_cost")
-            axes[0, column].plot(eps, mean_exit, label=procedure, markersize=3, **style)
+            axes[0, column].plot(eps, mean_exit, label=_plain(procedure), markersize=3, **style)
             eps, saving = _series(flops_rows, procedure, "relative_saving")
-            axes[1, column].plot(eps, 100 * saving, label=procedure, markersize=3, **style)
-        axes[0, column].set_title(risk_title(results, risk))
+            axes[1, column].plot(eps, 100 * saving, label=_plain(procedure), markersize=3, **style)
+        axes[0, column].set_title(_plain(risk_title(results, risk)))
         axes[0, column].set_ylim(0.8, n_exits + 0.2)
         axes[0, column].set_ylabel("mean exit (1 = first)")
         axes[1, column].set_ylabel("FLOPs saved (%)")
@@ -163,7 +203,7 @@ def plot_efficiency(results: Mapping[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_exit_histogram(results: Mapping[str, Any], path: Path) -> Path:
+def plot_exit_histogram(results: Mapping[str, Any], path: Path | IO[bytes]) -> Any:
     """Exits taken on the test split by the timed policy."""
     plt = _pyplot()
     histogram = results["exit_histogram"]
@@ -173,10 +213,12 @@ def plot_exit_histogram(results: Mapping[str, Any], path: Path) -> Path:
     axis.bar(exits, counts / max(counts.sum(), 1), color="#d62728", alpha=0.8)
     axis.set_xticks(exits)
     axis.set_xlabel("exit (the last one is the full model)")
-    axis.set_ylabel(f"share of {histogram.get('unit', 'test samples')}")
+    axis.set_ylabel(_plain(f"share of {histogram.get('unit', 'test samples')}"))
     axis.set_title(
-        f"{histogram['procedure']} at ε = {histogram['target_risk']:g} on "
-        f"{risk_title(results, histogram['risk'])}"
+        _plain(
+            f"{histogram['procedure']} at ε = {float(histogram['target_risk']):g} on "
+            f"{risk_title(results, histogram['risk'])}"
+        )
     )
     return _save(figure, path)
 
@@ -196,22 +238,19 @@ def _figure_file(spec: Mapping[str, Any]) -> str:
     return name
 
 
-def plot_picture_grid(spec: Mapping[str, Any], path: Path) -> Path:
+def plot_picture_grid(spec: Mapping[str, Any], path: Path | IO[bytes]) -> Any:
     """A grid of images: one row per example, one column per variant.
 
     ``spec`` holds ``columns`` (titles), ``rows`` (each ``{"label", "cells"}``, one cell per
     column: ``{"image": H x W nested list, "cmap", "vmin", "vmax"}``), optional ``title`` and
-    ``colorbar`` (a label; drawn for the last column's colour scale).
+    ``colorbar`` (a label; drawn for the last column's colour scale). Sizes are checked
+    first (see :func:`check_picture_grid`).
     """
+    images = check_picture_grid(spec)  # (rows, columns) of (H, W) arrays
     plt = _pyplot()
     columns = list(spec["columns"])
     rows = list(spec["rows"])
-    if not rows or not columns:
-        raise ValueError("a picture grid needs at least one row and one column.")
-    first = np.asarray(rows[0]["cells"][0]["image"], dtype=float)
-    aspect = first.shape[1] / max(first.shape[0], 1)
-    cell_height = 1.7 if aspect < 3 else 0.9
-    width = min(2.0 * aspect, 9.0) if aspect >= 3 else 1.7
+    width, cell_height, aspect = _grid_geometry(images[0][0])
     figure, axes = plt.subplots(
         len(rows),
         len(columns),
@@ -219,18 +258,11 @@ def plot_picture_grid(spec: Mapping[str, Any], path: Path) -> Path:
         squeeze=False,
     )
     shown = None
-    for r, row in enumerate(rows):
-        cells = list(row["cells"])
-        if len(cells) != len(columns):
-            raise ValueError(
-                f"row {r} of figure {spec.get('file')!r} has {len(cells)} cells for "
-                f"{len(columns)} columns."
-            )
-        for c, cell in enumerate(cells):
+    for r, row in enumerate(rows):  # a loop over a capped grid: one axis per cell
+        for c, cell in enumerate(row["cells"]):
             axis = axes[r, c]
-            image = np.asarray(cell["image"], dtype=float)  # (H, W)
             shown = axis.imshow(
-                image,
+                images[r][c],
                 cmap=cell.get("cmap", "gray"),
                 vmin=cell.get("vmin"),
                 vmax=cell.get("vmax"),
@@ -240,17 +272,96 @@ def plot_picture_grid(spec: Mapping[str, Any], path: Path) -> Path:
             axis.set_xticks([])
             axis.set_yticks([])
             if r == 0:
-                axis.set_title(str(columns[c]), fontsize=8)
+                axis.set_title(_plain(columns[c]), fontsize=8)
             if c == 0:
-                axis.set_ylabel(str(row.get("label", "")), fontsize=8)
+                axis.set_ylabel(_plain(row.get("label", "")), fontsize=8)
     if spec.get("title"):
-        figure.suptitle(str(spec["title"]), fontsize=10)
+        figure.suptitle(_plain(spec["title"]), fontsize=10)
     figure.tight_layout()
     if spec.get("colorbar") and shown is not None:
-        figure.colorbar(shown, ax=list(axes.ravel()), shrink=0.8, label=str(spec["colorbar"]))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+        figure.colorbar(shown, ax=list(axes.ravel()), shrink=0.8, label=_plain(spec["colorbar"]))
+    return _save(figure, path, layout=False)
+
+
+def _grid_geometry(first: np.ndarray) -> tuple[float, float, float]:
+    """Width and height (inches) of one grid cell, and the first image's aspect ratio."""
+    aspect = first.shape[1] / max(first.shape[0], 1)
+    cell_height = 1.7 if aspect < 3 else 0.9
+    width = min(2.0 * aspect, 9.0) if aspect >= 3 else 1.7
+    return width, cell_height, aspect
+
+
+def _grid_error(spec: Mapping[str, Any], text: str) -> ValueError:
+    return ValueError(f"figure {str(spec.get('file'))[:60]!r}: {text}")
+
+
+def check_picture_grid(spec: Mapping[str, Any]) -> list[list[np.ndarray]]:
+    """The grid's images as float arrays, after checking its shape against the limits.
+
+    At most :data:`MAX_GRID_ROWS` rows and :data:`MAX_GRID_COLUMNS` columns, every row with one
+    cell per column, every image 2-D with sides up to :data:`MAX_IMAGE_SIDE`, at most
+    :data:`MAX_GRID_PIXELS` image pixels in all and a drawn figure of at most
+    :data:`MAX_CANVAS_PIXELS` pixels. The counts are checked before any image is converted.
+    """
+    columns, rows = spec.get("columns"), spec.get("rows")
+    if not isinstance(columns, list) or not isinstance(rows, list):
+        raise _grid_error(spec, "`columns` and `rows` must be lists.")
+    if not rows or not columns:
+        raise ValueError("a picture grid needs at least one row and one column.")
+    if len(rows) > MAX_GRID_ROWS or len(columns) > MAX_GRID_COLUMNS:
+        raise _grid_error(
+            spec,
+            f"a picture grid may have at most {MAX_GRID_ROWS} rows and {MAX_GRID_COLUMNS} "
+            f"columns; got {len(rows)} x {len(columns)}.",
+        )
+    images: list[list[np.ndarray]] = []
+    pixels = 0  # image pixels so far
+    for r, row in enumerate(rows):  # a loop over a capped number of rows and cells
+        cells = row.get("cells") if isinstance(row, Mapping) else None
+        if not isinstance(cells, list):
+            raise _grid_error(spec, f"row {r} must be an object with a list of `cells`.")
+        if len(cells) != len(columns):
+            raise ValueError(
+                f"row {r} of figure {spec.get('file')!r} has {len(cells)} cells for "
+                f"{len(columns)} columns."
+            )
+        converted = []
+        for c, cell in enumerate(cells):
+            raw = cell.get("image") if isinstance(cell, Mapping) else None
+            if not isinstance(raw, list) or not raw or not isinstance(raw[0], list):
+                raise _grid_error(spec, f"cell ({r}, {c}): `image` must be an H x W nested list.")
+            height, width = len(raw), len(raw[0])
+            if height > MAX_IMAGE_SIDE or width > MAX_IMAGE_SIDE:
+                raise _grid_error(
+                    spec,
+                    f"cell ({r}, {c}): images may be at most {MAX_IMAGE_SIDE} pixels on a "
+                    f"side; got {height} x {width}.",
+                )
+            pixels += height * width
+            if pixels > MAX_GRID_PIXELS:
+                raise _grid_error(
+                    spec, f"a picture grid may hold at most {MAX_GRID_PIXELS} image pixels."
+                )
+            try:
+                image = np.asarray(raw, dtype=float)  # (H, W)
+            except (TypeError, ValueError) as error:
+                raise _grid_error(
+                    spec, f"cell ({r}, {c}): `image` must be an H x W array of numbers."
+                ) from error
+            if image.ndim != 2 or image.size == 0:
+                raise _grid_error(
+                    spec, f"cell ({r}, {c}): `image` must be 2-D; got shape {image.shape}."
+                )
+            converted.append(image)
+        images.append(converted)
+    cell_width, cell_height, _ = _grid_geometry(images[0][0])
+    canvas = (cell_width * len(columns) + 0.8) * (cell_height * len(rows) + 0.6) * _DPI**2
+    if canvas > MAX_CANVAS_PIXELS:
+        raise _grid_error(
+            spec,
+            f"the drawn grid would have {canvas:.3g} pixels; the limit is {MAX_CANVAS_PIXELS}.",
+        )
+    return images
 
 
 PLOTS = {
@@ -261,16 +372,87 @@ PLOTS = {
 }
 
 
+def figure_files(results: Mapping[str, Any]) -> list[str]:
+    """The checked PNG file names of the results' picture grids, in order."""
+    figures = results.get("figures", [])
+    if not isinstance(figures, list):
+        raise ValueError(f"RESULTS: `figures` must be a list; got {type(figures).__name__}.")
+    return [_figure_file(spec if isinstance(spec, Mapping) else {}) for spec in figures]
+
+
+def _count(value: Any, name: str, limit: int) -> int:
+    if not isinstance(value, (list, dict)) or len(value) > limit:
+        size = len(value) if isinstance(value, (list, dict)) else type(value).__name__
+        raise ValueError(f"RESULTS: `{name}` must hold at most {limit} entries; got {size}.")
+    return len(value)
+
+
 def check_figures(results: Mapping[str, Any]) -> None:
-    """Raise ValueError when a picture grid's file name is not a plain, free PNG name."""
-    names = [_figure_file(spec) for spec in results.get("figures", [])]
+    """Raise ValueError unless the results can be drawn within the limits.
+
+    Picture grids: plain, distinct PNG names (see :func:`figure_files`), at most
+    :data:`MAX_FIGURES` of them, each within :func:`check_picture_grid`'s limits. Plots: at
+    most :data:`MAX_RISKS` risks of at most :data:`MAX_ROWS_PER_RISK` evaluation rows, and at
+    most :data:`MAX_EXITS` exits.
+    """
+    if not isinstance(results, Mapping):
+        raise ValueError(f"RESULTS: must be a JSON object; got {type(results).__name__}.")
+    names = figure_files(results)
     if len(set(names)) != len(names):
         raise ValueError(f"figure file names must be distinct; got {names}.")
+    _count(results.get("figures", []), "figures", MAX_FIGURES)
+    for spec in results.get("figures", []):
+        check_picture_grid(spec)
+    risks = results.get("risks")
+    if _count(risks, "risks", MAX_RISKS) == 0 or not isinstance(risks, Mapping):
+        raise ValueError("RESULTS: `risks` must map at least one risk to its evaluation.")
+    for risk, data in risks.items():
+        for key in ("evaluation", "evaluation_exits"):
+            table = data.get(key) if isinstance(data, Mapping) else None
+            rows = table.get("rows") if isinstance(table, Mapping) else None
+            _count(rows, f"risks.{str(risk)[:40]}.{key}.rows", MAX_ROWS_PER_RISK)
+    model = results.get("model")
+    n_exits = model.get("n_exits") if isinstance(model, Mapping) else None
+    if isinstance(n_exits, bool) or not isinstance(n_exits, int) or not 1 <= n_exits <= MAX_EXITS:
+        raise ValueError(
+            f"RESULTS: `model.n_exits` must be an integer in [1, {MAX_EXITS}]; got {n_exits!r}."
+        )
+    histogram = results.get("exit_histogram")
+    counts = histogram.get("counts") if isinstance(histogram, Mapping) else None
+    _count(counts, "exit_histogram.counts", MAX_EXITS)
+
+
+def render_plots(results: Mapping[str, Any]) -> dict[str, bytes]:
+    """Every plot and picture grid as PNG bytes, by file name (checked first).
+
+    Raises ValueError for results that cannot be drawn (malformed or over the limits).
+    """
+    check_figures(results)
+    drawn: dict[str, bytes] = {}
+    jobs: list[tuple[str, Any]] = [
+        (name, lambda handle, draw=draw: draw(results, handle)) for name, draw in PLOTS.items()
+    ]
+    jobs += [
+        (name, lambda handle, spec=spec: plot_picture_grid(spec, handle))
+        for name, spec in zip(figure_files(results), results.get("figures", []), strict=True)
+    ]
+    for name, draw in jobs:  # a loop over the report's few pictures
+        handle = io.BytesIO()
+        try:
+            draw(handle)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
+            if isinstance(error, ValueError) and str(error).startswith(("RESULTS", "figure")):
+                raise
+            raise ValueError(
+                f"RESULTS: cannot draw {name} ({type(error).__name__}: {str(error)[:200]})."
+            ) from error
+        drawn[name] = handle.getvalue()
+    return drawn
 
 
 def draw_all(results: Mapping[str, Any], folder: Path) -> list[Path]:
-    """Draw every plot and picture grid into ``folder``; returns the files written."""
-    written = [draw(results, folder / name) for name, draw in PLOTS.items()]
-    for spec in results.get("figures", []):
-        written.append(plot_picture_grid(spec, folder / _figure_file(spec)))
-    return written
+    """Draw every plot and picture grid into ``folder`` (atomically); the files written."""
+    return [
+        atomic_write(Path(folder) / name, data, argument="out")
+        for name, data in render_plots(results).items()
+    ]

@@ -7,16 +7,19 @@ dict that :func:`exitguard.report.write_report` turns into a report folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -25,9 +28,16 @@ import torch
 from torch import Tensor, nn
 
 import exitguard
+from exitguard._files import (
+    atomic_save,
+    atomic_write_text,
+    check_write_target,
+    load_json,
+    read_regular_file,
+)
 from exitguard.evaluation import evaluate
 from exitguard.nn import EarlyExitNetwork, TrainConfig, train_exits
-from exitguard.nn.io import default_file_mode
+from exitguard.nn.io import assign_tensors, stored_tensors
 from exitguard.report import RESULTS_SCHEMA
 
 PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
@@ -140,8 +150,18 @@ def cached_model(
     The entry ``<name>-<key>.safetensors`` (weights) with ``<name>-<key>.json`` (description,
     the weights' sha256, training metadata) is keyed by a hash of ``description``, which must
     hold everything that determines the weights (data fingerprint, architecture, settings,
-    torch version). An entry whose JSON is unreadable, whose hash does not match or whose
-    weights do not load into ``build()`` is trained again; nothing is ever unpickled.
+    torch version). An entry whose JSON is unreadable or not an object, whose description or
+    hash does not match, or whose weights do not load into ``build()`` is trained again;
+    nothing is ever unpickled.
+
+    Concurrency and failures: the entry is read, trained and written under an exclusive
+    lock (``fcntl.flock`` on ``.<name>-<key>.lock`` in the folder), so a second process
+    asking for the same entry waits and then loads it instead of training it again; the
+    weights are read once and checked against the JSON's sha256 before use, so a reader
+    never accepts a mismatched pair. The JSON is removed first and written last (both files
+    atomically), so an interrupted write leaves no pair that passes the checks. A folder
+    that cannot be written (read-only, not a folder) is detected before training: the model
+    is trained and returned without being cached, with a message saying so.
 
     Parameters
     ----------
@@ -158,53 +178,136 @@ def cached_model(
         reproducible.
     cache_dir : path, optional
         Folder of the entries (default ``default_cache_dir() / "models"``).
+    log : callable
+        Receives one-line messages (an unusable entry, waiting for another process, a
+        folder that cannot be written).
     """
     canonical = json.loads(json.dumps(dict(description)))  # as it reads back from the cache
     key = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
     weights_path = folder / f"{name}-{key}.safetensors"
     meta_path = weights_path.with_suffix(".json")
+    with _entry_lock(folder / f".{name}-{key}.lock", log=log) as locked:
+        cached = _read_entry(weights_path, meta_path, canonical, build, log=log)
+        if cached is not None:
+            return cached
+        problem = _unwritable(folder) if locked else "no lock file can be created there"
+        if problem is not None:
+            log(
+                f"the model cache folder {folder} cannot be written ({problem}); training "
+                "without caching (set EXITGUARD_CACHE to a writable folder to keep the model)"
+            )
+        torch.manual_seed(seed)  # the same initial weights for the same seed
+        module = build()
+        start = time.perf_counter()
+        extra = dict(train(module))
+        seconds = time.perf_counter() - start
+        module.eval()
+        metadata = {
+            "description": canonical,
+            "train_seconds": seconds,
+            **extra,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if problem is None:
+            try:
+                metadata = _write_entry(module, weights_path, meta_path, metadata)
+            except (OSError, ValueError) as error:
+                log(f"could not cache the model at {weights_path} ({error}); using it uncached")
+        return CachedModel(module, metadata, from_cache=False)
+
+
+_MAX_ENTRY_JSON = 64 << 20
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path, *, log: Callable[[str], None]) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path``; yields False when no lock file can be opened."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError:
+        try:  # a lock file made by another user: locking it needs only read access
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            yield False  # a read-only or missing folder: nothing can be written there anyway
+            return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that is writing the cache entry {path.name[1:-5]}")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why no file can be created in ``folder``, or None when one can (tried for real)."""
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+    except OSError as error:
+        return error.strerror or str(error)
+    os.close(descriptor)
+    os.unlink(probe)
+    return None
+
+
+def _read_entry(
+    weights_path: Path,
+    meta_path: Path,
+    canonical: Any,
+    build: Callable[[], M],
+    *,
+    log: Callable[[str], None],
+) -> CachedModel[M] | None:
+    """The cached module when the pair is present and consistent, else None (and why)."""
+    import safetensors
     import safetensors.torch
 
-    if weights_path.is_file() and meta_path.is_file():
-        try:
-            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-            if metadata.get("description") != canonical:
-                raise ValueError("the cache entry describes another model")
-            if metadata.get("sha256") != sha256_file(weights_path):
-                raise ValueError("the weights do not match their recorded hash")
-            module = build()
-            missing, unexpected = safetensors.torch.load_model(
-                module, str(weights_path), strict=False
-            )
-            if missing or unexpected:
-                raise ValueError(f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-            module.eval()
-            return CachedModel(module, metadata, from_cache=True)
-        except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as error:
-            log(f"cached model at {weights_path} is unusable ({error}); training again")
-    torch.manual_seed(seed)  # the same initial weights for the same seed
-    module = build()
-    start = time.perf_counter()
-    extra = dict(train(module))
-    seconds = time.perf_counter() - start
-    module.eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = weights_path.with_name(f".{weights_path.name}.tmp")
-    safetensors.torch.save_model(module, str(temporary))
-    default_file_mode(temporary)
-    os.replace(temporary, weights_path)
-    metadata = {
-        "description": canonical,
-        "sha256": sha256_file(weights_path),
-        "train_seconds": seconds,
-        **extra,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    temporary_meta = meta_path.with_name(f".{meta_path.name}.tmp")
-    temporary_meta.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary_meta, meta_path)
-    return CachedModel(module, metadata, from_cache=False)
+    if not (meta_path.exists() or weights_path.exists()):
+        return None
+    try:
+        metadata = load_json(
+            meta_path, max_bytes=_MAX_ENTRY_JSON, max_depth=64, argument="cache entry"
+        )
+        if not isinstance(metadata, dict):
+            raise ValueError(f"its JSON holds {type(metadata).__name__}, not an object")
+        if metadata.get("description") != canonical:
+            raise ValueError("the cache entry describes another model")
+        size = os.stat(weights_path).st_size
+        data = read_regular_file(weights_path, max_bytes=max(size, 8), argument="cache entry")
+        if metadata.get("sha256") != hashlib.sha256(data).hexdigest():
+            raise ValueError("the weights do not match their recorded hash")
+        tensors = safetensors.torch.load(data)
+        module = build()
+        assign_tensors(module, tensors, strict=True, source=weights_path)
+        module.eval()
+        return CachedModel(module, metadata, from_cache=True)
+    except (ValueError, OSError, RuntimeError, safetensors.SafetensorError) as error:
+        log(f"cached model at {weights_path} is unusable ({error}); training again")
+        return None
+
+
+def _write_entry(
+    module: nn.Module, weights_path: Path, meta_path: Path, metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the pair: JSON removed first, weights, then the JSON with their sha256."""
+    from safetensors.torch import save_file
+
+    tensors = stored_tensors(module)
+    if meta_path.is_symlink() or meta_path.exists():
+        check_write_target(meta_path, argument="cache entry")  # no link, no special file
+        meta_path.unlink()
+    atomic_save(
+        weights_path,
+        lambda name: save_file(tensors, name, metadata={"format": "pt"}),
+        argument="cache entry",
+    )
+    metadata = {**metadata, "sha256": sha256_file(weights_path)}
+    atomic_write_text(meta_path, json.dumps(metadata, indent=2) + "\n", argument="cache entry")
+    return metadata
 
 
 def median_seconds(fn: Callable[[], Any], *, repeats: int) -> float:

@@ -36,6 +36,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
+from exitguard._files import atomic_write
 from exitguard.tasks.common import progress_bar
 from exitguard.tasks.diffusion.losses import LOSSES, ssim_loss
 from exitguard.tasks.diffusion.model import Denoiser, exit_flops
@@ -283,9 +284,9 @@ def write_table(sweep: DiffusionSweep, path: str | os.PathLike[str], *, loss: st
     }
     for name, table in sweep.losses.items():
         arrays[f"loss_{name}"] = table
-    with target.open("wb") as handle:
-        np.savez_compressed(handle, **arrays)
-    return target
+    return atomic_write(
+        target, lambda handle: np.savez_compressed(handle, **arrays), argument="path"
+    )
 
 
 def sweep(

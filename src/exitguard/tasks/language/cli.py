@@ -6,10 +6,12 @@ The main CLI registers this group with :func:`add_lm_parser` and dispatches to
     exitguard lm train-exits [--model smollm2] [--train-corpus kjv-ot]
     exitguard lm sweep --out table.npz [--corpus kjv-nt] [--confidence learned] [--kv-fill defer]
     exitguard calibrate table.npz --target-risk 0.05 --out policy.json
-    exitguard lm generate --policy policy.json --prompt "In the beginning" [--kv-fill defer]
+    exitguard lm generate --policy policy.json --prompt "In the beginning"
 
-``generate`` must use the sweep's decoding settings (confidence, decay, kv-fill, heads): the
-policy's guarantee holds for the decoding it was calibrated on.
+``generate`` must use the sweep's decoding (model, heads, confidence, decay, kv-fill): the
+policy's guarantee holds for the decoding it was calibrated on. The sweep's table records it,
+a policy calibrated on the table records it in turn, and ``generate`` takes its settings from
+the policy and refuses a policy for another model, other heads, or another kind of model.
 """
 
 from __future__ import annotations
@@ -111,12 +113,20 @@ def add_lm_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="default: the policy's, else 'learned'",
     )
-    generate.add_argument("--decay", type=float, default=0.0)
+    generate.add_argument(
+        "--decay", type=float, default=None, help="threshold decay (default: the policy's, else 0)"
+    )
     generate.add_argument(
         "--kv-fill",
         choices=("propagate", "recompute", "defer"),
-        default="propagate",
-        help="use the sweep's setting: the policy's guarantee holds for that decoding only",
+        default=None,
+        help="cache mode (default: the policy's, else propagate); the policy's guarantee holds "
+        "for its sweep's decoding only",
+    )
+    generate.add_argument(
+        "--allow-unbound",
+        action="store_true",
+        help="apply a policy that records no model, heads or decoding (unchecked)",
     )
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy")
@@ -136,7 +146,12 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Model, tokenizer, heads and the heads' metadata named by the common options."""
     import torch
 
-    from exitguard.tasks.language.heads import ExitHeads, HeadsFileError, default_exit_layers
+    from exitguard.tasks.language.heads import (
+        ExitHeads,
+        HeadsFileError,
+        default_exit_layers,
+        read_heads_meta,
+    )
     from exitguard.tasks.language.model import load_model, model_fingerprint
     from exitguard.tasks.language.train import TrainConfig, cached_exit_heads
 
@@ -148,8 +163,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     if args.heads is not None and Path(args.heads, "heads.json").is_file():
         try:
             heads = ExitHeads.load(args.heads, model_fingerprint=model_fingerprint(model))
-            meta = json.loads(Path(args.heads, "heads.json").read_text(encoding="utf-8"))
-            return model, tokenizer, heads, meta
+            return model, tokenizer, heads, read_heads_meta(args.heads)
         except HeadsFileError as error:
             if args.handler is not cmd_train_exits:
                 raise ValueError(str(error)) from error
@@ -245,31 +259,77 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate from a prompt under a policy; print the text and every token's exit."""
-    import torch
+def _decoding(args: argparse.Namespace) -> tuple[Any, float, str, float, str]:
+    """The policy (or None), threshold, confidence, decay and kv_fill for ``generate``.
 
+    A policy's recorded decoding is the default, and an explicit option that contradicts it
+    is refused; a policy for another kind of model, or one that records none (without
+    ``--allow-unbound``), is refused before the model is loaded.
+    """
     from exitguard.policy import load_policy
-    from exitguard.tasks.language.decode import EarlyExitLM
+    from exitguard.tasks.language.binding import LMBinding
 
-    threshold, confidence = math.inf, args.confidence
     if args.policy is not None and args.threshold is not None:
         raise ValueError("give `--policy` or `--threshold`, not both.")
-    if args.policy is not None:
-        policy = load_policy(args.policy)  # PolicyFileError (a ValueError) on a bad file
-        if policy.threshold is None:
-            raise ValueError(f"the policy in {args.policy} has no threshold (no grid was given).")
-        threshold = float(policy.threshold)
-        confidence = confidence or policy.confidence
-    elif args.threshold is not None:
-        threshold = args.threshold
-    confidence = confidence or "learned"
+    confidence, decay, kv_fill = args.confidence, args.decay, args.kv_fill
+    if args.policy is None:
+        threshold = math.inf if args.threshold is None else args.threshold
+        return None, threshold, confidence or "learned", decay or 0.0, kv_fill or "propagate"
+    policy = load_policy(args.policy)  # PolicyFileError (a ValueError) on a bad file
+    recorded = LMBinding.parse(policy.model_fingerprint)
+    if recorded is None and policy.model_fingerprint is not None:
+        raise ValueError(
+            f"--policy: {args.policy} was calibrated for another kind of model (fingerprint "
+            f"{policy.model_fingerprint!r}, confidence {policy.confidence!r}), not for a "
+            "language model with exit heads; calibrate on an `exitguard lm sweep` table."
+        )
+    if recorded is None and not args.allow_unbound:
+        raise ValueError(
+            f"--policy: {args.policy} does not record the language model, exit heads and "
+            "decoding it was calibrated for (calibrate it from an `exitguard lm sweep` table "
+            "with an exitguard that copies them), so it cannot be checked; pass "
+            "--allow-unbound to apply it unchecked."
+        )
+    if recorded is not None:
+        for option, given, wanted in (
+            ("--decay", decay, recorded.decay),
+            ("--kv-fill", kv_fill, recorded.kv_fill),
+            ("--confidence", confidence, policy.confidence),
+        ):
+            if given is not None and given != wanted:
+                raise ValueError(
+                    f"{option} {given} contradicts the policy, calibrated with {wanted}; its "
+                    "guarantee holds only for that decoding (leave the option out)."
+                )
+        decay, kv_fill = recorded.decay, recorded.kv_fill
+    confidence = confidence or policy.confidence or "learned"
     if confidence not in CONFIDENCE_CHOICES:
         raise ValueError(
             f"the policy's confidence must be one of {CONFIDENCE_CHOICES}; got {confidence!r}."
         )
+    threshold = math.inf if policy.is_full_model else policy.threshold
+    if threshold is None:
+        raise ValueError(f"the policy in {args.policy} has no threshold (no grid was given).")
+    return policy, float(threshold), confidence, decay or 0.0, kv_fill or "propagate"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a prompt under a policy; print the text and every token's exit."""
+    import torch
+
+    from exitguard.tasks.language.decode import EarlyExitLM
+
+    policy, threshold, confidence, decay, kv_fill = _decoding(args)
     model, tokenizer, heads, _ = _setup(args)
     lm = EarlyExitLM(model, heads)
+    if policy is not None:  # model, heads, exits, confidence, decay and kv_fill must fit
+        lm.check_policy(
+            policy,
+            confidence=confidence,
+            decay=decay,
+            kv_fill=kv_fill,
+            allow_unbound=args.allow_unbound,
+        )
     text = args.prompt
     if args.chat:
         text = tokenizer.apply_chat_template(
@@ -281,8 +341,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         threshold=threshold,
         confidence=confidence,
-        decay=args.decay,
-        kv_fill=args.kv_fill,
+        decay=decay,
+        kv_fill=kv_fill,
         do_sample=args.sample,
         temperature=args.temperature,
         top_k=args.top_k,

