@@ -165,7 +165,7 @@ def read_regular_file(
             raise FileSafetyError(
                 f"{argument}: {source} holds {info.st_size} bytes; the limit is {max_bytes}."
             )
-        data = handle.read(max_bytes + 1)
+        data = handle.read(min(max_bytes, info.st_size) + 1)  # never allocate the whole limit
     if len(data) > max_bytes:
         raise FileSafetyError(
             f"{argument}: {source} is larger than the limit of {max_bytes} bytes."

@@ -38,7 +38,9 @@ class CommandError(Exception):
 
 
 def _load_npz(path: str, *, argument: str = "FILE") -> dict[str, np.ndarray]:
-    return read_npz(path, argument=argument, allowed_text=frozenset({"confidence_name"}))
+    return read_npz(
+        path, argument=argument, allowed_text=frozenset({"confidence_name", "model_fingerprint"})
+    )
 
 
 def _check_out(path: str | None) -> None:
@@ -116,14 +118,21 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
                 "--thresholds and --grid-step apply to per-exit files; a table's rows are fixed "
                 "(give its thresholds as `thresholds` in the file)."
             )
+        from exitguard.tasks.language.binding import policy_fields_from_table  # numpy only
+
         bound = 1.0 if args.loss_bound is None else args.loss_bound
+        try:
+            model_fields = policy_fields_from_table(data)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
         return {
             "losses": data["losses"],
             "cost": data.get("cost"),
             "thresholds": data.get("thresholds"),
             "loss_bound": bound,
             "risk": None,
-            "confidence": None,
+            "confidence": model_fields.get("confidence"),
+            "model_fields": model_fields,
         }
     grid = _grid(args, data)
     exit_cost = _exit_cost(args, data)
@@ -268,6 +277,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             order=args.order,
             seed=args.seed,
         )
+    if tables.get("model_fields"):  # a table from `exitguard lm sweep` names its model
+        policy = policy.with_model(**tables["model_fields"])
     if tables.get("n_exits") is not None:
         policy = policy.with_model(n_exits=int(tables["n_exits"]))
     if args.out:
