@@ -228,12 +228,11 @@ def read_npz(
     path: str | os.PathLike[str],
     *,
     argument: str = "FILE",
-    allowed_text: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Arrays of an ``.npz`` file, each checked before it is read.
 
-    Every member must be a ``.npy`` array of booleans, integers or floats (the members named
-    in ``allowed_text`` may instead hold one string); the header of each is read first and
+    Every member must be a ``.npy`` array of booleans, integers or floats, or one string of
+    at most 100,000 characters (a name, fingerprint or settings); the header of each is read first and
     the total size checked against the memory limit (:mod:`exitguard._memory`) before any
     data is loaded, so a header that claims terabytes is refused up front. Pickled objects
     are never loaded; a truncated or damaged archive gives one clear error.
@@ -280,7 +279,8 @@ def read_npz(
                         else np.lib.format.read_array_header_2_0
                     )
                     shape, _, dtype = reader(stream)
-                text = name in allowed_text and dtype.kind == "U" and shape == ()
+                # One short string (a name or a fingerprint) is metadata, never data.
+                text = dtype.kind == "U" and shape == () and dtype.itemsize <= 4 * 100_000
                 if dtype.kind not in _NPZ_KINDS and not text:
                     raise FileSafetyError(
                         f"{argument}: `{name}` in {source} has dtype {dtype}; only boolean, "

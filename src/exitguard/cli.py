@@ -38,9 +38,7 @@ class CommandError(Exception):
 
 
 def _load_npz(path: str, *, argument: str = "FILE") -> dict[str, np.ndarray]:
-    return read_npz(
-        path, argument=argument, allowed_text=frozenset({"confidence_name", "model_fingerprint"})
-    )
+    return read_npz(path, argument=argument)
 
 
 def _check_out(path: str | None) -> None:
