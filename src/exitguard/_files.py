@@ -232,10 +232,10 @@ def read_npz(
     """Arrays of an ``.npz`` file, each checked before it is read.
 
     Every member must be a ``.npy`` array of booleans, integers or floats, or one string of
-    at most 100,000 characters (a name, fingerprint or settings); the header of each is read first and
-    the total size checked against the memory limit (:mod:`exitguard._memory`) before any
-    data is loaded, so a header that claims terabytes is refused up front. Pickled objects
-    are never loaded; a truncated or damaged archive gives one clear error.
+    at most 100,000 characters (a name, fingerprint or settings); the header of each is read
+    first and the total size checked against the memory limit (:mod:`exitguard._memory`)
+    before any data is loaded, so a header that claims terabytes is refused up front.
+    Pickled objects are never loaded; a truncated or damaged archive gives one clear error.
     """
     import zipfile
 
