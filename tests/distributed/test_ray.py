@@ -1,0 +1,142 @@
+"""Distributed collection and sweeps on a local Ray: bitwise equality, faults, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray", reason='needs Ray: pip install "exitguard[ray]"')
+torch = pytest.importorskip("torch")
+
+from exitguard.distributed import (  # noqa: E402
+    CollectJob,
+    DiffusionSweepJob,
+    IncompleteRunError,
+    ShardFileError,
+    ShardStore,
+    collect,
+    run,
+)
+from exitguard.nn import collect as collect_here  # noqa: E402
+from exitguard.tasks.diffusion.sweep import sweep  # noqa: E402
+from tests.distributed.faults import KillingJob  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+OUTPUT_FIELDS = ("logits", "probs", "confidences", "labels")
+SWEEP_FIELDS = ("exits", "images", "cost", "thresholds", "indices")
+
+
+def assert_same_sweep(got, expected):
+    for field in SWEEP_FIELDS:
+        assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+    assert got.losses.keys() == expected.losses.keys()
+    for name in expected.losses:
+        assert np.array_equal(got.losses[name], expected.losses[name]), name
+    assert (got.seed, got.stream, got.n_exits, got.flops) == (
+        expected.seed,
+        expected.stream,
+        expected.n_exits,
+        expected.flops,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_collection_is_bitwise_the_single_process_one(digits_classifier, tmp_path):
+    network, payload, images, labels = digits_classifier
+    expected = collect_here(network, torch.from_numpy(images), labels=labels, batch_size=32)
+    got = collect(
+        payload,
+        images,
+        labels=labels,
+        batch_size=32,
+        block_size=64,
+        workers=2,
+        shards=tmp_path / "shards",
+        log=lambda _: None,
+    )
+    for field in OUTPUT_FIELDS:
+        assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+        assert getattr(got, field).dtype == getattr(expected, field).dtype
+    assert got.measure == expected.measure
+    # 300 samples in blocks of 64: 5 shards, the last one short; readable without Ray.
+    store = ShardStore(tmp_path / "shards")
+    assert sorted(store.done()) == [f"b{i:05d}" for i in range(5)]
+    assert [s.sample_ids.size for s in store.shards()] == [64, 64, 64, 64, 44]
+
+
+def test_diffusion_sweep_is_bitwise_the_single_process_one_despite_a_killed_worker(
+    tiny_denoiser, tmp_path
+):
+    """Cells of 4 seeds x 2 thresholds; the cells without the full model's row wait for the
+    cell that has it and use its images as the loss reference. The worker process dies
+    (os._exit) on its first attempt at one such cell; Ray restarts it (reloading the model)
+    and retries the cell; the table is still the single-process one, bit for bit."""
+    model, grid = tiny_denoiser
+    expected = sweep(model, n=10, seed=3, thresholds=grid, batch_size=4, thresholds_per_batch=2)
+    job = DiffusionSweepJob(
+        model, n=10, seed=3, thresholds=grid, batch_size=4, thresholds_per_batch=2
+    )
+    assert len(job.items()) == 3 * 3  # 3 blocks of seeds x 3 groups of thresholds
+    marker = tmp_path / "attempts"
+    report = run(
+        KillingJob(job, target="g01-b00001", marker=str(marker)),
+        workers=2,
+        shards=tmp_path / "shards",
+        retries=2,
+        log=lambda _: None,
+    )
+    assert marker.read_text() == "2"  # killed once, then done on the retry
+    assert report.complete and len(report.computed) == 9
+    got = job.merge(ShardStore(report.folder), seconds=report.seconds)
+    assert_same_sweep(got, expected)
+    assert np.any(got.table("ssim")[1:] > 0)  # the table is not trivially zero
+
+
+def test_a_block_that_keeps_failing_is_reported_and_a_rerun_resumes(digits_classifier, tmp_path):
+    """A block kills its worker on every attempt: the run reports it by id and keeps the
+    other shards; a rerun computes only that block (and a shard found corrupt), and the
+    merged outputs are the single-process ones."""
+    network, payload, images, labels = digits_classifier
+    job = CollectJob(payload, images, labels=labels, batch_size=50, block_size=100)
+    folder = tmp_path / "shards"
+    killing = KillingJob(job, target="b00001", marker=str(tmp_path / "attempts"), always=True)
+    with pytest.raises(IncompleteRunError) as caught:
+        run(killing, workers=2, shards=folder, retries=1, log=lambda _: None)
+    report = caught.value.report
+    assert set(report.failed) == {"b00001"}
+    assert "1 of 3 work items failed: b00001 (samples 100-199): its worker died" in str(
+        caught.value
+    )
+    assert f"kept in {folder}" in str(caught.value)
+    assert (tmp_path / "attempts").read_text() == "2"  # the first try and Ray's one retry
+    assert sorted(ShardStore(folder).done()) == ["b00000", "b00002"]  # partial results kept
+
+    (folder / "b00002.npz").write_bytes(b"truncated")  # a shard damaged on disk
+    messages = []
+    report = run(job, workers=2, shards=folder, log=messages.append)
+    assert sorted(report.computed) == ["b00001", "b00002"]  # only what was missing
+    assert report.resumed == ("b00000",)
+    assert any("computing b00002 again" in m for m in messages)
+    assert any("1 of 3 work items already done" in m for m in messages)
+    got = job.merge(ShardStore(folder), seconds=0.0)
+    expected = collect_here(network, torch.from_numpy(images), labels=labels, batch_size=50)
+    for field in OUTPUT_FIELDS:
+        assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+
+    other = CollectJob(payload, images, labels=labels, batch_size=25, block_size=100)
+    with pytest.raises(ShardFileError, match=r"another run \(it differs in \['batch_size'\]\)"):
+        run(other, workers=1, shards=folder, log=lambda _: None)
+
+
+def test_block_size_must_be_whole_batches(digits_classifier):
+    _, payload, images, _ = digits_classifier
+    with pytest.raises(ValueError, match=r"`block_size` must be a multiple of `batch_size` \(32\)"):
+        CollectJob(payload, images, batch_size=32, block_size=48)
