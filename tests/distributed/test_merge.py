@@ -92,7 +92,7 @@ def test_merge_checks_shapes_kinds_and_ids(rng):
     a = Shard("a", [0], {"x": np.zeros((1, 2))})
     with pytest.raises(ValueError, match=r"array 'x' of shard 'b' has trailing shape \(3,\)"):
         merge_samples([a, Shard("b", [1], {"x": np.zeros((1, 3))})], sample_ids=[0, 1])
-    with pytest.raises(ValueError, match=r"shard 'b' holds arrays \['z'\]; shard 'a' holds \['x'\]"):
+    with pytest.raises(ValueError, match=r"'b' holds arrays \['z'\]; shard 'a' holds \['x'\]"):
         merge_samples([a, Shard("b", [1], {"z": np.zeros((1, 2))})], sample_ids=[0, 1])
     with pytest.raises(ValueError, match=r"shard 'a' holds per-sample outputs, not table rows"):
         merge_table([a], sample_ids=[0], n_rows=1)

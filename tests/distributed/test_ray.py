@@ -140,3 +140,45 @@ def test_block_size_must_be_whole_batches(digits_classifier):
     _, payload, images, _ = digits_classifier
     with pytest.raises(ValueError, match=r"`block_size` must be a multiple of `batch_size` \(32\)"):
         CollectJob(payload, images, batch_size=32, block_size=48)
+
+
+@pytest.mark.slow  # the workers import transformers: about 10 s more
+def test_lm_sweep_is_bitwise_the_single_process_one():
+    """Prompt batches x groups of 2 thresholds on a tiny random Llama with exit heads; the
+    decoder and heads travel as safetensors bytes and are rebuilt from their configs."""
+    pytest.importorskip("transformers")
+    from exitguard.distributed import lm_sweep
+    from exitguard.tasks.language.decode import EarlyExitLM
+    from exitguard.tasks.language.heads import ExitHeads, ExitHeadsConfig
+    from exitguard.tasks.language.sweep import sweep as sweep_here
+    from tests.language.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    torch.manual_seed(1)
+    heads = ExitHeads(
+        ExitHeadsConfig(exit_layers=(1, 3), hidden_size=32, rank=4, confidence_width=8),
+        final_norm_weight=model.model.norm.weight,
+    )
+    with torch.no_grad():
+        for parameter in heads.parameters():
+            parameter.normal_(0.0, 0.3)
+    lm = EarlyExitLM(model, heads.eval())
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 9, (11,), generator=generator).tolist()
+    prompts = [torch.randint(3, 97, (n,), generator=generator).tolist() for n in lengths]
+    references = [torch.randint(3, 97, (6,), generator=generator).tolist() for _ in prompts]
+    settings = dict(
+        thresholds=[np.inf, 0.9, 0.7, 0.5, 0.3, 0.0],
+        references=references,
+        max_new_tokens=8,
+        batch_size=4,
+        thresholds_per_batch=2,
+        eos_token_id=2,
+    )
+    expected = sweep_here(lm, prompts, progress=False, **settings)
+    got = lm_sweep(lm, prompts, workers=2, log=lambda _: None, **settings)
+    for field in ("consistency", "disagreement", "gap", "quality", "cost", "layers", "tokens"):
+        assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+    assert got.settings == expected.settings and got.n_layers == expected.n_layers
+    assert np.any(got.consistency[1:] > 0)  # early exits change some outputs
+    assert got.seconds.shape == (6,) and np.all(got.seconds > 0)

@@ -48,6 +48,11 @@ def _block_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + size)) for start in range(0, n, size)]
 
 
+def _block_width(count: int, least: int = 5) -> int:
+    """Digits of item numbers (zero-padded, so that file names sort in order)."""
+    return max(least, len(str(count - 1)))
+
+
 class _Shipped:
     """A model payload whose weights travel as an object-store reference."""
 
@@ -151,7 +156,7 @@ class CollectJob(Job):
             )
         self.block_size = size
         bounds = _block_bounds(n, size)
-        width = max(5, len(str(len(bounds) - 1)))
+        width = _block_width(len(bounds))
         self._items = [
             WorkItem(f"b{index:0{width}d}", self.sample_ids[start:stop])
             for index, (start, stop) in enumerate(bounds)
@@ -373,8 +378,7 @@ class DiffusionSweepJob(Job):
         self.steps = denoiser.config.steps
         self.image_shape = denoiser.config.image_shape
         bounds = _block_bounds(self.n, self.batch_size)
-        width = max(5, len(str(len(bounds) - 1)))
-        gwidth = max(2, len(str(len(self.groups) - 1)))
+        width, gwidth = _block_width(len(bounds)), _block_width(len(self.groups), 2)
         self._items = []
         for block, (start, stop) in enumerate(bounds):  # a loop over blocks x groups: items
             first = f"g{0:0{gwidth}d}-b{block:0{width}d}"
