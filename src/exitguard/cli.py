@@ -17,6 +17,7 @@ import numpy as np
 
 from exitguard import __version__
 from exitguard.calibration import build_table, calibrate_table
+from exitguard.distributed.options import add_ray_options, ray_settings
 from exitguard.evaluation import evaluate
 from exitguard.policy import ExitPolicy
 from exitguard.risk.confidence import CONFIDENCES
@@ -179,12 +180,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 DEMO_TASKS = ("classification", "segmentation", "diffusion", "calm")
 DEFAULT_N_CAL = {"classification": 100, "segmentation": 400, "diffusion": 500, "calm": 100}
+RAY_TASKS = ("classification", "diffusion")  # the demos whose collection or sweep runs on Ray
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: a vision task end to end, or the paper's CALM experiment."""
     if args.n_cal is None:
         args.n_cal = DEFAULT_N_CAL[args.task]
+    ray = ray_settings(args)
+    if ray is not None and args.task not in RAY_TASKS:
+        raise CommandError(f"--ray applies to --task {' or '.join(RAY_TASKS)}; got {args.task}.")
     if args.task == "calm":
         return demo_calm(args)
     try:
@@ -195,6 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             'them with: pip install torch==2.13.0 && pip install "exitguard[torch,plot,data]"'
         ) from error
     config = module.DemoConfig(
+        **({"ray": ray} if ray is not None else {}),
         dataset=args.dataset,
         dataset_path=args.data_path,
         out=args.out or "exitguard-report",
@@ -316,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", help="report folder (classification; default exitguard-report) or JSON file (calm)"
     )
+    add_ray_options(demo)
     demo.set_defaults(handler=cmd_demo)
 
     report = commands.add_parser("report", help="rebuild a report folder from its results.json")

@@ -31,7 +31,9 @@ def digits_classifier():
     torch.manual_seed(0)
     network = build_classifier(config, image_shape=data.image_shape).eval()
     payload = classifier_payload(network, config, image_shape=data.image_shape)
-    return network, payload, data.images[:300], data.labels[:300]
+    held = data.subset(np.arange(300))  # numpy indexing: the strides the demo's data has
+    assert held.images.strides[1] != held.images.strides[0]  # a size-1 axis with its own stride
+    return network, payload, held.images, held.labels
 
 
 @pytest.fixture(scope="module")

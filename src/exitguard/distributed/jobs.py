@@ -38,6 +38,31 @@ def array_sha256(array: NDArray[Any] | None) -> str | None:
     return digest.hexdigest()
 
 
+def restore_layout(array: NDArray[Any], strides: tuple[int, ...]) -> NDArray[Any]:
+    """``array`` laid out in memory with the byte ``strides`` of the block it was sent from.
+
+    Ray (like pickle) delivers a dense array with default C strides; the strides of the
+    original matter, because torch chooses kernels by memory format (a (B, 1, H, W) batch
+    whose channel stride is 1 counts as channels-last) and different kernels round
+    differently. A dense original (every element once, in some axis order; size-1 axes with
+    any stride) is rebuilt exactly; any other is returned as it came.
+    """
+    shape = array.shape
+    if array.strides == tuple(strides) or len(strides) != array.ndim:
+        return array
+    big = [axis for axis in range(array.ndim) if shape[axis] > 1]
+    order = sorted(big, key=lambda axis: -strides[axis])  # memory order, outermost first
+    expected = array.itemsize
+    for axis in reversed(order):  # a loop over the few axes: is the original dense?
+        if strides[axis] != expected:
+            return array
+        expected *= shape[axis]
+    rest = [axis for axis in range(array.ndim) if axis not in order]
+    dense = np.ascontiguousarray(array.transpose([*rest, *order]))  # that memory order
+    view = dense.transpose(np.argsort([*rest, *order]))  # back to the original axes
+    return np.lib.stride_tricks.as_strided(view, shape=shape, strides=strides, writeable=False)
+
+
 def _positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
@@ -88,9 +113,10 @@ class _CollectWorker(Worker):
         from exitguard.nn.collect import collect as collect_outputs
 
         labels = inputs["labels"]
+        data = restore_layout(inputs["data"], inputs["strides"])
         outputs = collect_outputs(
             self.network,
-            torch.from_numpy(inputs["data"]),
+            torch.from_numpy(data),
             labels=None if labels is None else torch.from_numpy(labels),
             batch_size=self.batch_size,
         )
@@ -181,7 +207,8 @@ class CollectJob(Job):
     def inputs(self, item: WorkItem, store: ShardStore) -> dict[str, Any]:
         start, stop = self._bounds[item.id]
         labels = None if self.labels is None else self.labels[start:stop]
-        return {"data": self.data[start:stop], "labels": labels}
+        block = self.data[start:stop]
+        return {"data": block, "strides": block.strides, "labels": labels}
 
     def worker(self) -> Worker:
         return _CollectWorker(_Shipped(self.model), self.batch_size)

@@ -282,6 +282,15 @@ class IncompleteRunError(RuntimeError):
 # -------------------------------------------------------------------------------- run
 
 
+def _progress(total: int) -> Any:
+    """A tqdm bar over ``total`` work items, or None without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="work items", unit="item", leave=False)
+
+
 def _reason(error: BaseException) -> str:
     text = str(getattr(error, "cause", None) or error).strip().splitlines()
     first = text[0] if text else type(error).__name__
@@ -387,12 +396,7 @@ def run(
     running: dict[Any, tuple[Any, WorkItem]] = {}
     idle = list(actors)
     replacements = 0
-    bar = None
-    if progress:
-        from exitguard.tasks.common import progress_bar
-
-        bar = progress_bar(range(len(pending)), enabled=True, desc=f"{len(pending)} work items")
-        bar = iter(bar)  # type: ignore[assignment]
+    bar = _progress(len(pending)) if progress else None
 
     def next_ready() -> WorkItem | None:
         for _ in range(len(pending)):  # a loop over the queue: skip items still blocked
@@ -442,8 +446,10 @@ def run(
                 compute_seconds[item.id] = float(info["seconds"])
                 idle.append(actor)
                 if bar is not None:
-                    next(bar, None)
+                    bar.update()
     finally:
+        if bar is not None:
+            bar.close()
         for actor in actors:  # a loop over the few actors: free their CPUs
             ray.kill(actor)
     for item in pending:  # blocked behind a failed item
