@@ -16,8 +16,8 @@ class KillingWorker(Worker):
     def __init__(self, inner: Worker, *, target: str, marker: str, always: bool) -> None:
         self.inner, self.target, self.marker, self.always = inner, target, marker, always
 
-    def setup(self) -> None:
-        self.inner.setup()
+    def setup(self, weights: Any) -> None:
+        self.inner.setup(weights)
 
     def compute(self, item: Any, inputs: Any) -> Any:
         if item.id == self.target:
@@ -48,6 +48,9 @@ class KillingJob(Job):
         return KillingWorker(
             self.job.worker(), target=self.target, marker=self.marker, always=self.always
         )
+
+    def weights(self) -> dict[str, bytes]:
+        return self.job.weights()
 
     def merge(self, store: Any, *, seconds: float) -> Any:
         return self.job.merge(store, seconds=seconds)

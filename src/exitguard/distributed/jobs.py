@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from exitguard.distributed.merge import merge_samples, merge_table
 from exitguard.distributed.models import ModelPayload, denoiser_payload
-from exitguard.distributed.runner import Job, Worker, WorkItem, import_ray, run_and_merge
+from exitguard.distributed.runner import Job, Worker, WorkItem, run_and_merge
 from exitguard.distributed.shards import ShardStore
 
 
@@ -78,34 +78,16 @@ def _block_width(count: int, least: int = 5) -> int:
     return max(least, len(str(count - 1)))
 
 
-class _Shipped:
-    """A model payload whose weights travel as an object-store reference."""
-
-    def __init__(self, payload: ModelPayload) -> None:
-        ray = import_ray()
-        self.payload = ModelPayload(
-            factory=payload.factory,
-            arguments=payload.arguments,
-            weights=b"",
-            fingerprint=payload.fingerprint,
-        )
-        self.weights = ray.put(payload.weights)
-
-    def build(self) -> torch.nn.Module:
-        ray = import_ray()
-        return self.payload.build(weights=ray.get(self.weights))
-
-
 # ------------------------------------------------------------------------- collection
 
 
 class _CollectWorker(Worker):
-    def __init__(self, model: _Shipped, batch_size: int) -> None:
-        self.model = model
+    def __init__(self, model: ModelPayload, batch_size: int) -> None:
+        self.model = model.light()
         self.batch_size = batch_size
 
-    def setup(self) -> None:
-        self.network = self.model.build()
+    def setup(self, weights: Mapping[str, bytes]) -> None:
+        self.network = self.model.build(weights=weights["model"])
 
     def compute(
         self, item: WorkItem, inputs: Mapping[str, Any]
@@ -211,7 +193,10 @@ class CollectJob(Job):
         return {"data": block, "strides": block.strides, "labels": labels}
 
     def worker(self) -> Worker:
-        return _CollectWorker(_Shipped(self.model), self.batch_size)
+        return _CollectWorker(self.model, self.batch_size)
+
+    def weights(self) -> dict[str, bytes]:
+        return {"model": self.model.weights}
 
     def merge(self, store: ShardStore, *, seconds: float) -> Any:
         from exitguard.nn.collect import ExitOutputs
@@ -302,8 +287,8 @@ def collect(
 class _DiffusionWorker(Worker):
     def __init__(
         self,
-        model: _Shipped,
-        features: _Shipped | None,
+        model: ModelPayload,
+        features: ModelPayload | None,
         *,
         losses: Sequence[str],
         seed: int,
@@ -311,22 +296,25 @@ class _DiffusionWorker(Worker):
         thresholds: NDArray[np.float64],
         earliest_exit: int,
     ) -> None:
-        self.model, self.features = model, features
+        self.model = model.light()
+        self.features = None if features is None else features.light()
         self.losses = tuple(losses)
         self.seed, self.stream = seed, stream
         self.thresholds = thresholds
         self.earliest_exit = earliest_exit
 
-    def setup(self) -> None:
+    def setup(self, weights: Mapping[str, bytes]) -> None:
         from exitguard.tasks.diffusion.losses import FeatureDistance, ssim_loss
 
-        self.denoiser = self.model.build()
+        self.denoiser = self.model.build(weights=weights["model"])
         self.loss_fns: dict[str, Any] = {}
         for name in self.losses:  # a loop over the few losses
             if name == "ssim":
                 self.loss_fns[name] = ssim_loss
             elif self.features is not None:  # the job checked that it is given
-                self.loss_fns[name] = FeatureDistance(self.features.build())
+                self.loss_fns[name] = FeatureDistance(
+                    self.features.build(weights=weights["features"])
+                )
 
     def compute(
         self, item: WorkItem, inputs: Mapping[str, Any]
@@ -445,14 +433,20 @@ class DiffusionSweepJob(Job):
 
     def worker(self) -> Worker:
         return _DiffusionWorker(
-            _Shipped(self.payload),
-            None if self.features is None else _Shipped(self.features),
+            self.payload,
+            self.features,
             losses=self.losses,
             seed=self.seed,
             stream=self.stream,
             thresholds=self.grid,
             earliest_exit=self.earliest_exit,
         )
+
+    def weights(self) -> dict[str, bytes]:
+        found = {"model": self.payload.weights}
+        if self.features is not None:
+            found["features"] = self.features.weights
+        return found
 
     def merge(self, store: ShardStore, *, seconds: float) -> Any:
         from exitguard.tasks.diffusion.sweep import sweep_from_cells

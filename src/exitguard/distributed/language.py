@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from exitguard.distributed.jobs import _block_width, _Shipped
+from exitguard.distributed.jobs import _block_width
 from exitguard.distributed.merge import merge_table
 from exitguard.distributed.models import ModelPayload
 from exitguard.distributed.runner import Job, Worker, WorkItem, run_and_merge
@@ -80,13 +80,16 @@ def _tokens_sha256(sequences: Sequence[Sequence[int]] | None) -> str | None:
 
 
 class _LMWorker(Worker):
-    def __init__(self, model: _Shipped, heads: _Shipped, settings: Mapping[str, Any]) -> None:
-        self.model, self.heads, self.settings = model, heads, dict(settings)
+    def __init__(
+        self, model: ModelPayload, heads: ModelPayload, settings: Mapping[str, Any]
+    ) -> None:
+        self.model, self.heads, self.settings = model.light(), heads.light(), dict(settings)
 
-    def setup(self) -> None:
+    def setup(self, weights: Mapping[str, bytes]) -> None:
         from exitguard.tasks.language.decode import EarlyExitLM
 
-        self.lm = EarlyExitLM(self.model.build(), self.heads.build())
+        model = self.model.build(weights=weights["model"])
+        self.lm = EarlyExitLM(model, self.heads.build(weights=weights["heads"]))
 
     def compute(
         self, item: WorkItem, inputs: Mapping[str, Any]
@@ -198,7 +201,10 @@ class LMSweepJob(Job):
         }
 
     def worker(self) -> Worker:
-        return _LMWorker(_Shipped(self.decoder), _Shipped(self.head_payload), self.cell_settings)
+        return _LMWorker(self.decoder, self.head_payload, self.cell_settings)
+
+    def weights(self) -> dict[str, bytes]:
+        return {"model": self.decoder.weights, "heads": self.head_payload.weights}
 
     def merge(self, store: ShardStore, *, seconds: float) -> Any:
         from exitguard.tasks.language.sweep import table_from_outputs

@@ -138,6 +138,11 @@ class ModelPayload:
             "weights_sha256": self.sha256,
         }
 
+    def light(self) -> ModelPayload:
+        """This payload without its weights (what travels inside a worker; the bytes travel
+        once per node through the object store and are passed to :meth:`build`)."""
+        return dataclasses.replace(self, weights=b"")
+
     def __repr__(self) -> str:
         return (
             f"ModelPayload({self.factory!r}, fingerprint={self.fingerprint!r}, "

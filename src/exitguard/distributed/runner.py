@@ -122,16 +122,16 @@ class WorkItem:
 
 
 class Worker(abc.ABC):
-    """What every actor holds: small settings, and models as references to safetensors bytes.
+    """What every actor holds: code and small settings (models as payloads without weights).
 
-    Ray pickles this object (code and settings) into each actor; it must not hold a model or
-    data. :meth:`setup` runs once per actor (also after a restart), :meth:`compute` once per
-    item.
+    Ray pickles this object into each actor; it must not hold a model, weights or data.
+    :meth:`setup` runs once per actor (again after a restart) with the weights of
+    :meth:`Job.weights` fetched from the object store; :meth:`compute` once per item.
     """
 
     @abc.abstractmethod
-    def setup(self) -> None:
-        """Build the models (once per actor)."""
+    def setup(self, weights: Mapping[str, bytes]) -> None:
+        """Build the models (once per actor) from their safetensors bytes."""
 
     @abc.abstractmethod
     def compute(
@@ -157,8 +157,12 @@ class Job(abc.ABC):
 
     @abc.abstractmethod
     def worker(self) -> Worker:
-        """The worker the actors run (called once Ray is connected, to put models in the
-        object store)."""
+        """The worker the actors run."""
+
+    def weights(self) -> dict[str, bytes]:
+        """Safetensors bytes by name, put into the object store once and given to
+        :meth:`Worker.setup` on every actor."""
+        return {}
 
     @abc.abstractmethod
     def merge(self, store: ShardStore, *, seconds: float) -> Any:
@@ -166,21 +170,32 @@ class Job(abc.ABC):
 
 
 class _Actor:
-    """The Ray actor around a :class:`Worker`."""
+    """The Ray actor around a :class:`Worker`.
+
+    The weights come as object references nested in a dict with every call (only the ids
+    travel; Ray does not resolve nested references), so a restarted actor, whose constructor
+    Ray runs again, sets itself up on its next call.
+    """
 
     def __init__(self, worker: Worker, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.worker = worker
-        worker.setup()
+        self.ready = False
 
-    def ready(self) -> int:
+    def setup(self, weights: Mapping[str, Any]) -> int:
+        if not self.ready:
+            import ray
+
+            self.worker.setup({name: ray.get(ref) for name, ref in weights.items()})
+            self.ready = True
         return os.getpid()
 
     def compute(
-        self, item: WorkItem, inputs: Mapping[str, Any]
+        self, item: WorkItem, inputs: Mapping[str, Any], weights: Mapping[str, Any]
     ) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
+        self.setup(weights)
         start = time.perf_counter()
         arrays, info = self.worker.compute(item, inputs)
         info = {
@@ -318,7 +333,7 @@ def run(
         when this process is not connected yet, ``"auto"`` joins the running cluster.
     workers : int, optional
         Actors to start (default: the cluster's CPUs divided by ``threads``), never more than
-        the items left.
+        that nor than the items left.
     threads : int
         Torch CPU threads (and Ray CPUs) per actor.
     shards : path, optional
@@ -374,16 +389,25 @@ def run(
     ray = import_ray()
     start = time.perf_counter()
     connect(address)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    most = max(1, cpus // threads)
     if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+        workers = most
+    elif workers > most:  # more would wait for CPUs that never come
+        log(
+            f"{workers} workers of {threads} thread(s) asked for, the cluster has {cpus} CPUs: "
+            f"starting {most}"
+        )
+        workers = most
     n_actors = min(workers, len(pending))
     actor_class = ray.remote(num_cpus=threads, max_restarts=retries, max_task_retries=retries)(
         _Actor
     )
     worker = job.worker()
+    weights = {name: ray.put(value) for name, value in job.weights().items()}
     actors = [actor_class.remote(worker, threads) for _ in range(n_actors)]
     try:
-        ray.get([actor.ready.remote() for actor in actors])
+        ray.get([actor.setup.remote(weights) for actor in actors])
     except ray.exceptions.RayError as error:
         for actor in actors:  # a loop over the few actors
             ray.kill(actor)
@@ -417,7 +441,7 @@ def run(
                     break
                 actor = idle.pop()
                 inputs = job.inputs(item, store)
-                running[actor.compute.remote(item, inputs)] = (actor, item)
+                running[actor.compute.remote(item, inputs, weights)] = (actor, item)
             if not running:
                 break  # the rest waits on failed items (already reported)
             done, _ = ray.wait(list(running), num_returns=1)
