@@ -27,7 +27,7 @@ class RaySettings:
     shards : str or None
         The shard folder (keep it to resume an interrupted run); default a temporary one.
     retries : int
-        Ray's restarts of a dead worker and retries of its item.
+        How often Ray retries an item whose worker died (the worker always restarts).
     """
 
     address: str = "local"

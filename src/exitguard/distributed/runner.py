@@ -10,9 +10,9 @@ Faults:
 
 - a worker process that dies (killed, out of memory, a crash in native code) is restarted by
   Ray, which reloads the model, and the item it was running is retried — Ray's own retries
-  (``max_restarts`` and ``max_task_retries`` = ``retries``);
-- an item that still fails (it kills its worker every time, or raises) is reported by id; the
-  dead actor is replaced and the other items go on. The run then raises
+  (``max_task_retries`` = ``retries`` per item; the actor itself always restarts);
+- an item that still fails (it kills its worker every time, or raises) is reported by id and
+  the other items go on. The run then raises
   :class:`IncompleteRunError` naming the failed items; the shards of the others stay on
   disk, and a rerun with the same folder computes only what is missing (resume).
 
@@ -340,7 +340,7 @@ def run(
         The shard folder. A folder of the same run resumes it; a folder of another run is
         refused. Default: a new temporary folder.
     retries : int
-        Ray's restarts of a dead worker and retries of the item it was running.
+        How often Ray retries an item whose worker died (the worker itself always restarts).
     progress : bool
         A progress bar over the items.
     log : callable
@@ -400,9 +400,8 @@ def run(
         )
         workers = most
     n_actors = min(workers, len(pending))
-    actor_class = ray.remote(num_cpus=threads, max_restarts=retries, max_task_retries=retries)(
-        _Actor
-    )
+    # A dead actor always restarts; each item is retried `retries` times (Ray counts per task).
+    actor_class = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=retries)(_Actor)
     worker = job.worker()
     weights = {name: ray.put(value) for name, value in job.weights().items()}
     actors = [actor_class.remote(worker, threads) for _ in range(n_actors)]
@@ -452,8 +451,10 @@ def run(
                 except ray.exceptions.RayActorError as error:
                     failed[item.id] = f"its worker died {retries + 1} times ({_reason(error)})"
                     log(f"work item {item.describe()} failed: {failed[item.id]}")
-                    ray.kill(actor)
-                    if replacements < n_actors + len(items):
+                    if not isinstance(error, ray.exceptions.ActorDiedError):
+                        idle.append(actor)  # Ray restarts it
+                    elif replacements < n_actors + len(items):  # gone for good: replace it
+                        ray.kill(actor)
                         replacements += 1
                         fresh = actor_class.remote(worker, threads)
                         actors.append(fresh)
