@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from exitguard.distributed.merge import MergeError, merge_samples, merge_table
+from exitguard.distributed.options import RaySettings
 from exitguard.distributed.shards import Shard, ShardFileError, ShardStore
 
 _LAZY = {
@@ -40,6 +41,7 @@ __all__ = [
     "LMSweepJob",
     "MergeError",
     "ModelPayload",
+    "RaySettings",
     "RunReport",
     "Shard",
     "ShardFileError",

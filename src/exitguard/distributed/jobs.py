@@ -34,7 +34,7 @@ def array_sha256(array: NDArray[Any] | None) -> str | None:
         return None
     data = np.ascontiguousarray(array)
     digest = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
-    digest.update(memoryview(data).cast("B"))
+    digest.update(data.reshape(-1).view(np.uint8).data)
     return digest.hexdigest()
 
 
@@ -87,7 +87,7 @@ class _CollectWorker(Worker):
         self.batch_size = batch_size
 
     def setup(self, weights: Mapping[str, bytes]) -> None:
-        self.network = self.model.build(weights=weights["model"])
+        self.network: Any = self.model.build(weights=weights["model"])
 
     def compute(
         self, item: WorkItem, inputs: Mapping[str, Any]
@@ -176,6 +176,7 @@ class CollectJob(Job):
             "kind": "collect",
             "model": self.model.describe(),
             "data_sha256": array_sha256(self.data),
+            "data_strides": list(self.data.strides),  # the layout picks the kernels
             "labels_sha256": array_sha256(self.labels),
             "sample_ids_sha256": array_sha256(self.sample_ids),
             "n": int(self.sample_ids.size),
@@ -306,7 +307,7 @@ class _DiffusionWorker(Worker):
     def setup(self, weights: Mapping[str, bytes]) -> None:
         from exitguard.tasks.diffusion.losses import FeatureDistance, ssim_loss
 
-        self.denoiser = self.model.build(weights=weights["model"])
+        self.denoiser: Any = self.model.build(weights=weights["model"])
         self.loss_fns: dict[str, Any] = {}
         for name in self.losses:  # a loop over the few losses
             if name == "ssim":

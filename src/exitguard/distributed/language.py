@@ -89,7 +89,8 @@ class _LMWorker(Worker):
         from exitguard.tasks.language.decode import EarlyExitLM
 
         model = self.model.build(weights=weights["model"])
-        self.lm = EarlyExitLM(model, self.heads.build(weights=weights["heads"]))
+        heads: Any = self.heads.build(weights=weights["heads"])
+        self.lm = EarlyExitLM(model, heads)
 
     def compute(
         self, item: WorkItem, inputs: Mapping[str, Any]

@@ -188,7 +188,7 @@ def denoiser(config: Mapping[str, Any]) -> nn.Module:
     return Denoiser(DenoiserConfig(**config))
 
 
-def denoiser_payload(model: nn.Module) -> ModelPayload:
+def denoiser_payload(model: Any) -> ModelPayload:
     """The payload of a trained :class:`~exitguard.tasks.diffusion.model.Denoiser`."""
     config = dataclasses.asdict(model.config)
     return ModelPayload.of(model, factory=f"{__name__}:denoiser", arguments={"config": config})
@@ -200,7 +200,7 @@ def classifier(
     """The classification task's multi-exit CNN from its :class:`CNNConfig` as a dict."""
     from exitguard.tasks.classification import CNNConfig, build_classifier
 
-    fields = {key: tuple(v) if isinstance(v, list) else v for key, v in config.items()}
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     network = build_classifier(CNNConfig(**fields), image_shape=tuple(image_shape))
     network.confidence = confidence
     return network

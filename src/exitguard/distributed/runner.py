@@ -369,16 +369,18 @@ def run(
     folder = Path(shards) if shards is not None else Path(tempfile.mkdtemp(prefix="exitguard-"))
     store = ShardStore(folder, description=job.description(), items=list(by_id))
     finished, bad = store.finished(list(by_id))
-    for item, why in sorted(bad.items()):  # a loop over unusable shards, to say so
-        log(f"computing {item} again: {why}")
+    for name, why in sorted(bad.items()):  # a loop over unusable shards, to say so
+        log(f"computing {name} again: {why}")
     resumed = tuple(sorted(finished))
     if resumed:
         log(f"resuming from {folder}: {len(resumed)} of {len(items)} work items already done")
     pending = collections.deque(item for item in items if item.id not in finished)
-    report = dict(folder=str(folder), items=len(items), resumed=resumed, threads=threads)
     if not pending:
         return RunReport(
-            **report,
+            folder=str(folder),
+            items=len(items),
+            resumed=resumed,
+            threads=threads,
             computed=(),
             failed={},
             workers=0,
@@ -480,7 +482,10 @@ def run(
     for item in pending:  # blocked behind a failed item
         failed.setdefault(item.id, f"it needs item {item.after}, which failed")
     result = RunReport(
-        **report,
+        folder=str(folder),
+        items=len(items),
+        resumed=resumed,
+        threads=threads,
         computed=tuple(computed),
         failed=failed,
         workers=n_actors,
