@@ -38,29 +38,31 @@ def array_sha256(array: NDArray[Any] | None) -> str | None:
     return digest.hexdigest()
 
 
-def restore_layout(array: NDArray[Any], strides: tuple[int, ...]) -> NDArray[Any]:
-    """``array`` laid out in memory with the byte ``strides`` of the block it was sent from.
+def restore_layout(array: NDArray[Any], strides: Sequence[int]) -> NDArray[Any]:
+    """A writeable copy of ``array`` laid out with the byte ``strides`` of the block it was
+    sent from (``array`` itself when it already is one).
 
-    Ray (like pickle) delivers a dense array with default C strides; the strides of the
+    Ray (like pickle) delivers a read-only array with default C strides; the strides of the
     original matter, because torch chooses kernels by memory format (a (B, 1, H, W) batch
     whose channel stride is 1 counts as channels-last) and different kernels round
     differently. A dense original (every element once, in some axis order; size-1 axes with
-    any stride) is rebuilt exactly; any other is returned as it came.
+    any stride) is rebuilt exactly; any other comes back with C strides.
     """
-    shape = array.shape
-    if array.strides == tuple(strides) or len(strides) != array.ndim:
+    shape, strides = array.shape, tuple(strides)
+    if array.strides == strides and array.flags.writeable:
         return array
     big = [axis for axis in range(array.ndim) if shape[axis] > 1]
     order = sorted(big, key=lambda axis: -strides[axis])  # memory order, outermost first
     expected = array.itemsize
     for axis in reversed(order):  # a loop over the few axes: is the original dense?
-        if strides[axis] != expected:
-            return array
+        if len(strides) != array.ndim or strides[axis] != expected:
+            return np.array(array, copy=True)
         expected *= shape[axis]
     rest = [axis for axis in range(array.ndim) if axis not in order]
-    dense = np.ascontiguousarray(array.transpose([*rest, *order]))  # that memory order
+    dense = np.array(array.transpose([*rest, *order]), order="C", copy=True)  # that order
     view = dense.transpose(np.argsort([*rest, *order]))  # back to the original axes
-    return np.lib.stride_tricks.as_strided(view, shape=shape, strides=strides, writeable=False)
+    # Only size-1 axes change their stride: no element is reachable twice.
+    return np.lib.stride_tricks.as_strided(view, shape=shape, strides=strides, writeable=True)
 
 
 def _positive(value: Any, name: str) -> int:
