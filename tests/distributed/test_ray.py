@@ -182,3 +182,31 @@ def test_lm_sweep_is_bitwise_the_single_process_one():
     assert got.settings == expected.settings and got.n_layers == expected.n_layers
     assert np.any(got.consistency[1:] > 0)  # early exits change some outputs
     assert got.seconds.shape == (6,) and np.all(got.seconds > 0)
+
+
+@pytest.mark.slow  # one more run with two models per worker
+def test_diffusion_sweep_with_the_feature_loss(tiny_denoiser, digits_classifier):
+    """The `features` loss: the classifier travels as a payload and each worker builds its
+    FeatureDistance; the table is the single-process one with the same classifier."""
+    from exitguard.distributed import diffusion_sweep
+    from exitguard.tasks.diffusion.losses import FeatureDistance, ssim_loss
+
+    model, grid = tiny_denoiser
+    network, payload, _, _ = digits_classifier
+    losses = {"ssim": ssim_loss, "features": FeatureDistance(network)}
+    expected = sweep(model, n=6, seed=5, thresholds=grid, batch_size=3, losses=losses)
+    got = diffusion_sweep(
+        model,
+        n=6,
+        seed=5,
+        thresholds=grid,
+        batch_size=3,
+        losses=("ssim", "features"),
+        features=payload,
+        workers=2,
+        log=lambda _: None,
+    )
+    assert_same_sweep(got, expected)
+    assert np.any(got.table("features")[1:] > 0)
+    with pytest.raises(ValueError, match=r"`features` \(the classifier's ModelPayload\) must be"):
+        diffusion_sweep(model, n=6, seed=5, thresholds=grid, losses=("ssim", "features"))
