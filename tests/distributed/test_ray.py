@@ -49,29 +49,6 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def test_collection_is_bitwise_the_single_process_one(digits_classifier, tmp_path):
-    network, payload, images, labels = digits_classifier
-    expected = collect_here(network, torch.from_numpy(images), labels=labels, batch_size=32)
-    got = collect(
-        payload,
-        images,
-        labels=labels,
-        batch_size=32,
-        block_size=64,
-        workers=2,
-        shards=tmp_path / "shards",
-        log=lambda _: None,
-    )
-    for field in OUTPUT_FIELDS:
-        assert np.array_equal(getattr(got, field), getattr(expected, field)), field
-        assert getattr(got, field).dtype == getattr(expected, field).dtype
-    assert got.measure == expected.measure
-    # 300 samples in blocks of 64: 5 shards, the last one short; readable without Ray.
-    store = ShardStore(tmp_path / "shards")
-    assert sorted(store.done()) == [f"b{i:05d}" for i in range(5)]
-    assert [s.sample_ids.size for s in store.shards()] == [64, 64, 64, 64, 44]
-
-
 def test_diffusion_sweep_is_bitwise_the_single_process_one_despite_a_killed_worker(
     tiny_denoiser, tmp_path
 ):
@@ -102,34 +79,39 @@ def test_diffusion_sweep_is_bitwise_the_single_process_one_despite_a_killed_work
 
 def test_a_block_that_keeps_failing_is_reported_and_a_rerun_resumes(digits_classifier, tmp_path):
     """A block kills its worker on every attempt: the run reports it by id and keeps the
-    other shards; a rerun computes only that block (and a shard found corrupt), and the
-    merged outputs are the single-process ones."""
+    other shards (npz, readable without Ray); a rerun computes only that block (and a shard
+    found corrupt), and the merged outputs are the single-process ones, bit for bit."""
     network, payload, images, labels = digits_classifier
-    job = CollectJob(payload, images, labels=labels, batch_size=50, block_size=100)
+    settings = dict(labels=labels, batch_size=50, block_size=100)
+    job = CollectJob(payload, images, **settings)
     folder = tmp_path / "shards"
     killing = KillingJob(job, target="b00001", marker=str(tmp_path / "attempts"), always=True)
     with pytest.raises(IncompleteRunError) as caught:
         run(killing, workers=2, shards=folder, retries=1, log=lambda _: None)
     report = caught.value.report
     assert set(report.failed) == {"b00001"}
-    assert "1 of 3 work items failed: b00001 (samples 100-199): its worker died" in str(
+    assert "1 of 3 work items failed: b00001 (samples 100-199): its worker died 2 times" in str(
         caught.value
     )
     assert f"kept in {folder}" in str(caught.value)
     assert (tmp_path / "attempts").read_text() == "2"  # the first try and Ray's one retry
-    assert sorted(ShardStore(folder).done()) == ["b00000", "b00002"]  # partial results kept
+    store = ShardStore(folder)  # partial results kept
+    assert [(s.item, s.sample_ids.size) for s in store.shards()] == [
+        ("b00000", 100),
+        ("b00002", 100),
+    ]
 
     (folder / "b00002.npz").write_bytes(b"truncated")  # a shard damaged on disk
     messages = []
-    report = run(job, workers=2, shards=folder, log=messages.append)
-    assert sorted(report.computed) == ["b00001", "b00002"]  # only what was missing
-    assert report.resumed == ("b00000",)
+    got = collect(payload, images, **settings, workers=2, shards=folder, log=messages.append)
+    assert "resuming from" in messages[-1] and "1 of 3 work items already done" in messages[-1]
     assert any("computing b00002 again" in m for m in messages)
-    assert any("1 of 3 work items already done" in m for m in messages)
-    got = job.merge(ShardStore(folder), seconds=0.0)
     expected = collect_here(network, torch.from_numpy(images), labels=labels, batch_size=50)
     for field in OUTPUT_FIELDS:
         assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+        assert getattr(got, field).dtype == getattr(expected, field).dtype
+    assert got.measure == expected.measure
+    assert run(job, shards=folder, log=lambda _: None).resumed == ("b00000", "b00001", "b00002")
 
     other = CollectJob(payload, images, labels=labels, batch_size=25, block_size=100)
     with pytest.raises(ShardFileError, match=r"another run \(it differs in \['batch_size'\]\)"):

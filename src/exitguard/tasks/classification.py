@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,7 +21,6 @@ from torch import nn
 import exitguard
 from exitguard.calibration import build_table, calibrate
 from exitguard.data.images import ImageDataset, load_dataset
-from exitguard.distributed.options import RaySettings
 from exitguard.nn import (
     ClassifierHead,
     EarlyExitNetwork,
@@ -45,6 +44,9 @@ from exitguard.tasks.common import (
     time_inference,
     train_jointly,
 )
+
+if TYPE_CHECKING:
+    from exitguard.distributed.options import RaySettings
 
 TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)

@@ -17,14 +17,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from exitguard.calibration import calibrate_table
 from exitguard.data.images import ImageDataset, load_dataset
-from exitguard.distributed.options import RaySettings
 from exitguard.evaluation import Evaluation
 from exitguard.policy import ExitPolicy
 from exitguard.report import write_report
@@ -46,6 +45,9 @@ from exitguard.tasks.diffusion.sweep import (
     write_table,
 )
 from exitguard.tasks.diffusion.train import TrainSettings, load_or_train
+
+if TYPE_CHECKING:
+    from exitguard.distributed.options import RaySettings
 
 # Bounded image losses between samples from the same noise are small: on 8 x 8 digits even
 # the most aggressive policy changes (1 - SSIM) / 2 by 0.002 on average, and with n = 500 no
