@@ -197,3 +197,26 @@ def test_demo_passes_its_options_to_the_task(monkeypatch, capsys, task, n_cal):
     )
     assert main([*argv, "--n-cal", "50"]) == 0 and seen["config"].n_cal == 50
     assert "- ran" in capsys.readouterr().out
+
+
+def test_demo_ray_options_reach_the_task(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from exitguard.distributed.options import RaySettings
+
+    module = importlib.import_module("exitguard.tasks.diffusion")
+    seen = {}
+    monkeypatch.setattr(
+        module, "run_demo", lambda config: seen.update(config=config) or {"summary": []}
+    )
+    base = ["demo", "--task", "diffusion", "--quick"]
+    assert main([*base, "--ray"]) == 0  # no value: a local Ray
+    assert seen["config"].ray == RaySettings(address="local")
+    assert main([*base, "--ray", "auto", "--workers", "3", "--shards", "parts"]) == 0
+    assert seen["config"].ray == RaySettings(address="auto", workers=3, shards="parts")
+    assert main(base) == 0 and seen["config"].ray is None
+    capsys.readouterr()
+    for task in ("segmentation", "calm"):
+        assert main(["demo", "--task", task, "--ray"]) == 2
+        assert "--ray applies to --task classification or diffusion" in capsys.readouterr().err
+    assert main([*base, "--workers", "2"]) == 2
+    assert "`--workers` and `--shards` apply to a run with `--ray`" in capsys.readouterr().err

@@ -5,13 +5,19 @@ import importlib
 
 import pytest
 
-MODULES = ["exitguard.calibration", "exitguard.risk.exits", "exitguard.tasks.language.rouge"]
+MODULES = [
+    "exitguard.calibration",
+    "exitguard.distributed.merge",
+    "exitguard.risk.exits",
+    "exitguard.tasks.language.rouge",
+]
 TORCH_MODULES = [
     "exitguard.nn.attach",
     "exitguard.nn.confidence",
     "exitguard.nn.flops",
     "exitguard.nn.network",
     "exitguard.tasks.diffusion.model",
+    "exitguard.tasks.diffusion.sweep",
 ]
 LM_MODULES = [
     "exitguard.tasks.language.heads",

@@ -23,6 +23,7 @@ from exitguard.calibration import (
     build_table_from_predictions,
     calibrate_table,
 )
+from exitguard.distributed.options import add_ray_options, ray_settings
 from exitguard.evaluation import evaluate
 from exitguard.policy import ExitPolicy
 from exitguard.risk.confidence import CONFIDENCES
@@ -507,12 +508,16 @@ DEFAULT_N_CAL = {
     "drift": 400,
     "calm": 100,
 }
+RAY_TASKS = ("classification", "diffusion")  # the demos whose collection or sweep runs on Ray
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: a vision task end to end, or the paper's CALM experiment."""
     if args.n_cal is None:
         args.n_cal = DEFAULT_N_CAL[args.task]
+    ray = ray_settings(args)
+    if ray is not None and args.task not in RAY_TASKS:
+        raise CommandError(f"--ray applies to --task {' or '.join(RAY_TASKS)}; got {args.task}.")
     if args.task == "calm":
         return demo_calm(args)
     try:
@@ -523,6 +528,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             'them with: pip install torch==2.13.0 && pip install "exitguard[torch,plot,data]"'
         ) from error
     config = module.DemoConfig(
+        **({"ray": ray} if ray is not None else {}),
         dataset=args.dataset,
         dataset_path=args.data_path,
         out=args.out or f"exitguard-report/{args.task}",
@@ -793,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="report folder (default exitguard-report/TASK: each task writes its own) or, for "
         "calm, a JSON file",
     )
+    add_ray_options(demo)
     demo.set_defaults(handler=cmd_demo)
 
     report = commands.add_parser("report", help="rebuild a report folder from its results.json")

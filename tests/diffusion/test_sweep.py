@@ -23,8 +23,11 @@ from exitguard.tasks.diffusion.sweep import (  # noqa: E402
     pilot_thresholds,
     sample_costs,
     sweep,
+    sweep_cell,
     write_table,
 )
+
+LOSS = {"ssim": ssim_loss}
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +124,34 @@ def test_sweep_bad_inputs(tiny_model):
         sweep(tiny_model, n=0, seed=0, thresholds=[0.5])
     with pytest.raises(ValueError, match=r"`loss` must be one of the computed losses \['ssim'\]"):
         sweep(tiny_model, n=1, seed=0, thresholds=[0.0]).table("features")
+
+
+def test_threshold_groups_make_the_same_table_cell_by_cell(table, tiny_model):
+    """Two thresholds per call: each cell without row 0 takes the full model's images of its
+    samples as the loss reference; the exits are the same and the images agree to float32
+    rounding (other batches), and the sweep is a loop over :func:`sweep_cell`."""
+    grid = table.thresholds
+    grouped = sweep(tiny_model, n=10, seed=3, thresholds=grid, batch_size=4, thresholds_per_batch=2)
+    assert np.array_equal(grouped.exits, table.exits)
+    np.testing.assert_allclose(grouped.images, table.images, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(grouped.table("ssim"), table.table("ssim"), rtol=0, atol=1e-5)
+    assert np.all(grouped.table("ssim")[0] == 0.0)
+    ids = np.arange(4, 8)
+    head = sweep_cell(tiny_model, ids, seed=3, thresholds=grid, rows=[0, 1], losses=LOSS)
+    tail = sweep_cell(
+        tiny_model,
+        ids,
+        seed=3,
+        thresholds=grid,
+        rows=[2, 3],
+        reference=torch.from_numpy(head.images[0]),
+        losses=LOSS,
+    )
+    assert np.array_equal(tail.images, grouped.images[2:4, 4:8])
+    assert np.array_equal(tail.losses["ssim"], grouped.table("ssim")[2:4, 4:8])
+    with pytest.raises(ValueError, match=r"`reference` must be the full model's images, shape"):
+        sweep_cell(tiny_model, ids, seed=3, thresholds=grid, rows=[2, 3], losses=LOSS)
+    with pytest.raises(ValueError, match=r"`rows` must be increasing grid rows in \[0, 5\]"):
+        sweep_cell(tiny_model, ids, seed=3, thresholds=grid, rows=[3, 2], losses=LOSS)
+    with pytest.raises(ValueError, match=r"`thresholds_per_batch` must be a positive integer"):
+        sweep(tiny_model, n=2, seed=0, thresholds=grid, thresholds_per_batch=0)

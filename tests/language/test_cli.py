@@ -153,3 +153,23 @@ def test_standalone_main_reports_errors(workspace, capsys):
     bad.write_text("[]")
     assert main(["lm", "generate", *common, "--policy", str(bad), "--prompt", "x"]) == 2
     assert "a policy must be a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # starts a local Ray whose workers import transformers
+def test_sweep_on_ray_writes_the_same_table(workspace, capsys):
+    ray = pytest.importorskip("ray")
+    tmp_path, common = workspace
+    assert run(["lm", "train-exits", *common]) == 0
+    sweep = [*common, "--corpus", "pydoc", "--n-prompts", "6", "--max-new-tokens", "5"]
+    sweep += ["--grid", "3", "--prompt-tokens", "30"]
+    assert run(["lm", "sweep", *sweep, "--out", str(tmp_path / "plain.npz")]) == 0
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        argv = ["lm", "sweep", *sweep, "--out", str(tmp_path / "ray.npz"), "--ray"]
+        assert run([*argv, "--workers", "2", "--shards", str(tmp_path / "shards")]) == 0
+    finally:
+        ray.shutdown()
+    with np.load(tmp_path / "plain.npz") as plain, np.load(tmp_path / "ray.npz") as on_ray:
+        for key in ("losses", "cost", "thresholds", "loss_disagreement", "layers", "tokens"):
+            assert np.array_equal(plain[key], on_ray[key]), key
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.npz"))[0] == "g00-b00000.npz"

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from exitguard.tasks.common import (
     time_inference,
     train_jointly,
 )
+
+if TYPE_CHECKING:
+    from exitguard.distributed.options import RaySettings
 
 TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -176,6 +179,7 @@ class DemoConfig:
     cache_dir: str | None = None
     epochs: int | None = None
     timing_repeats: int | None = None
+    ray: RaySettings | None = None  # collect the held-out outputs on Ray
 
 
 def _split(n: int, n_heldout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +268,22 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
     )
     log("model: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
     images = torch.from_numpy(heldout.images)
-    outputs = collect(trained.module, images, labels=heldout.labels, batch_size=256)
+    if config.ray is None:
+        outputs = collect(trained.module, images, labels=heldout.labels, batch_size=256)
+    else:  # the same batches on Ray workers: the same outputs, bit for bit
+        from exitguard.distributed import collect as collect_on_ray
+        from exitguard.distributed.models import classifier_payload
+
+        payload = classifier_payload(trained.module, model_config, image_shape=train.image_shape)
+        outputs = collect_on_ray(
+            payload,
+            heldout.images,
+            labels=heldout.labels,
+            batch_size=256,
+            progress=config.progress,
+            log=log,
+            **config.ray.run_options(),
+        )
     flops = count_flops(trained.module, images[:1])
     return Prepared(data, train, heldout, trained, model_config, settings, outputs, flops)
 

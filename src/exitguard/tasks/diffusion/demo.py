@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from exitguard.tasks.diffusion.sweep import (
     write_table,
 )
 from exitguard.tasks.diffusion.train import TrainSettings, load_or_train
+
+if TYPE_CHECKING:
+    from exitguard.distributed.options import RaySettings
 
 # Bounded image losses between samples from the same noise are small: on 8 x 8 digits even
 # the most aggressive policy changes (1 - SSIM) / 2 by 0.002 on average, and with n = 500 no
@@ -93,6 +96,7 @@ class DemoConfig:
     quick: bool = False
     progress: bool = True
     cache_dir: str | None = None
+    ray: RaySettings | None = None  # sweep on Ray
     model: DenoiserConfig | None = None
     train: TrainSettings | None = None
     train_iterations: int | None = None
@@ -235,16 +239,41 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
                 progress=config.progress,
                 log=log,
             )
-    table = sweep(
-        trained.module,
-        n=n_samples,
-        seed=config.seed,
-        thresholds=thresholds,
-        earliest_exit=config.earliest_exit,
-        losses=loss_fns,
-        batch_size=max(1, min(config.batch_size, 2048 // max(1, thresholds.size))),
-        progress=config.progress,
-    )
+    batch_size = max(1, min(config.batch_size, 2048 // max(1, thresholds.size)))
+    if config.ray is None:
+        table = sweep(
+            trained.module,
+            n=n_samples,
+            seed=config.seed,
+            thresholds=thresholds,
+            earliest_exit=config.earliest_exit,
+            losses=loss_fns,
+            batch_size=batch_size,
+            progress=config.progress,
+        )
+    else:  # the same cells on Ray workers: the same table, bit for bit
+        from exitguard.distributed import diffusion_sweep
+        from exitguard.distributed.models import classifier_payload
+        from exitguard.tasks.classification import classifier_settings
+
+        features = None
+        if "features" in loss_fns:
+            classifier = classifier_settings(config.dataset, seed=config.seed)[0]
+            network = loss_fns["features"].network  # type: ignore[attr-defined]
+            features = classifier_payload(network, classifier, image_shape=data.image_shape)
+        table = diffusion_sweep(
+            trained.module,
+            n=n_samples,
+            seed=config.seed,
+            thresholds=thresholds,
+            earliest_exit=config.earliest_exit,
+            losses=tuple(loss_fns),
+            features=features,
+            batch_size=batch_size,
+            progress=config.progress,
+            log=log,
+            **config.ray.run_options(),
+        )
     log(f"sweep: {thresholds.size} thresholds x {n_samples} samples in {table.seconds:.0f} s")
     return Prepared(data, train, trained, model_config, settings, thresholds, table, n_cal, trials)
 

@@ -9,7 +9,9 @@ loss-free by construction. Cost: FLOPs of one sample summed over the ``T`` steps
 
 One call samples a batch of noise seeds under all K thresholds at once, as ``K x b`` rows of
 one early-exit sampler (rows leave the batch at each step as they exit), so only row 0 runs
-the full model; the other rows pay for the blocks they use.
+the full model; the other rows pay for the blocks they use. Such a call is a *cell*
+(:func:`sweep_cell`: a block of samples x a group of grid rows); the sweep is a loop over
+cells, and :mod:`exitguard.distributed` computes the same cells on a Ray cluster.
 
 The threshold grid is chosen on a *pilot* set of noise seeds (stream 1, never used for
 calibration or testing, which use stream 0): :func:`pilot_thresholds` runs the full model on
@@ -289,6 +291,187 @@ def write_table(sweep: DiffusionSweep, path: str | os.PathLike[str], *, loss: st
     )
 
 
+def threshold_groups(count: int, per_batch: int | None) -> list[NDArray[np.int64]]:
+    """Grid rows sampled together: consecutive runs of ``per_batch`` rows (all when None).
+
+    The first group holds row 0 (``inf``, the full model), whose images are the reference of
+    every row's losses.
+
+    >>> [g.tolist() for g in threshold_groups(5, 2)]
+    [[0, 1], [2, 3], [4]]
+    """
+    if per_batch is None:
+        per_batch = count
+    if isinstance(per_batch, bool) or not isinstance(per_batch, int) or per_batch < 1:
+        raise ValueError(
+            f"`thresholds_per_batch` must be a positive integer or None (all); got {per_batch!r}."
+        )
+    rows = np.arange(count, dtype=np.int64)
+    return [rows[start : start + per_batch] for start in range(0, count, per_batch)]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SweepCell:
+    """What one call of :func:`sweep_cell` gives: ``k`` grid rows x ``b`` samples.
+
+    Attributes
+    ----------
+    rows : int64 array of shape (k,)
+        The grid rows (indices into the thresholds).
+    indices : int64 array of shape (b,)
+        The sample indices.
+    losses : mapping of str to float64 arrays of shape (k, b)
+    exits : int8 array of shape (k, b, T)
+    images : float32 array of shape (k, b, C, H, W)
+        The generated images in [0, 1].
+    """
+
+    rows: NDArray[np.int64]
+    indices: NDArray[np.int64]
+    losses: dict[str, NDArray[np.float64]]
+    exits: NDArray[np.int8]
+    images: NDArray[np.float32]
+
+    def __repr__(self) -> str:
+        return f"SweepCell(rows={self.rows.tolist()}, indices={self.indices.size})"
+
+
+def sweep_cell(
+    model: Denoiser,
+    indices: ArrayLike,
+    *,
+    seed: int,
+    thresholds: ArrayLike,
+    rows: ArrayLike | None = None,
+    reference: Tensor | None = None,
+    earliest_exit: int = 1,
+    losses: Mapping[str, LossFn],
+    stream: int = 0,
+) -> SweepCell:
+    """Sample the given noise seeds under some rows of the grid in ONE call of :func:`sample`.
+
+    The unit of work of :func:`sweep` (and of a distributed sweep): a cell is computed the
+    same way wherever it runs, so the same cells give the same table bit for bit. The ``k``
+    rows run as ``k * b`` rows of one early-exit sampler (row ``r * b + j``: sample ``j``
+    under ``thresholds[rows[r]]``).
+
+    Parameters
+    ----------
+    model : Denoiser
+    indices : int array of shape (b,)
+        Sample indices (noise seeds ``[seed, stream, i]``).
+    seed, stream : int
+    thresholds : array of shape (K,)
+        The whole grid, ``thresholds[0] = inf``.
+    rows : int array of shape (k,), optional
+        Increasing grid rows to sample (default: all).
+    reference : Tensor of shape (b, C, H, W), optional
+        The full model's images in [0, 1] from the same noise (row 0 of another cell of the
+        same samples); required when ``rows`` does not start with row 0, which then provides
+        it.
+    earliest_exit : int
+    losses : mapping of name to callable
+        ``fn(images, reference)`` -> (B,) losses, as in :func:`sweep`.
+
+    Returns
+    -------
+    SweepCell
+    """
+    grid = np.asarray(thresholds, dtype=np.float64)  # (K,)
+    picked = np.arange(grid.size) if rows is None else np.asarray(rows, dtype=np.int64)  # (k,)
+    if (
+        picked.ndim != 1
+        or picked.size == 0
+        or (picked < 0).any()
+        or (picked >= grid.size).any()
+        or (np.diff(picked) <= 0).any()
+    ):
+        raise ValueError(
+            f"`rows` must be increasing grid rows in [0, {grid.size - 1}]; got {picked.tolist()}."
+        )
+    ids = np.asarray(indices, dtype=np.int64)  # (b,)
+    config = model.config
+    shape = config.image_shape
+    k, b, steps = picked.size, ids.size, config.steps
+    if picked[0] == 0:
+        if reference is not None:
+            raise ValueError("`reference` must be None when `rows` holds row 0 (the full model).")
+    elif reference is None or tuple(reference.shape) != (b, *shape):
+        got = None if reference is None else tuple(reference.shape)
+        raise ValueError(
+            f"`reference` must be the full model's images, shape {(b, *shape)}, when `rows` "
+            f"does not hold row 0; got {got}."
+        )
+    noise = sample_noise(ids, seed=seed, steps=steps, image_shape=shape, stream=stream)
+    batch = noise.repeat(k, 1, 1, 1, 1)  # (k*b, T, C, H, W): row r*b + j is sample j
+    limits = torch.as_tensor(grid[picked])  # (k,)
+    result = sample(
+        model, batch, threshold=limits.repeat_interleave(b), earliest_exit=earliest_exit
+    )
+    pictures = to_unit(result.images).view(k, b, *shape)  # (k, b, C, H, W)
+    full = pictures[:1] if reference is None else reference[None]  # (1, b, C, H, W)
+    against = full.expand_as(pictures).reshape(k * b, *shape)  # (k*b, C, H, W)
+    tables = {}
+    for name, fn in losses.items():  # a loop over the few losses
+        values = fn(pictures.reshape(k * b, *shape), against)  # (k*b,)
+        tables[name] = values.view(k, b).double().numpy()
+    return SweepCell(
+        rows=picked,
+        indices=ids,
+        losses=tables,
+        exits=result.exits.view(k, b, steps).numpy().astype(np.int8),
+        images=pictures.numpy(),
+    )
+
+
+def check_loss_fns(losses: Mapping[str, LossFn] | None) -> Mapping[str, LossFn]:
+    """The loss callables of a sweep: ``ssim`` by default; names from :data:`LOSSES`."""
+    loss_fns: Mapping[str, LossFn] = {"ssim": ssim_loss} if losses is None else losses
+    unknown = sorted(set(loss_fns) - set(LOSSES))
+    if unknown or not loss_fns:
+        raise ValueError(f"`losses` must name some of {LOSSES}; got {sorted(loss_fns)}.")
+    return loss_fns
+
+
+def sweep_from_cells(
+    *,
+    thresholds: NDArray[np.float64],
+    losses: Mapping[str, NDArray[np.float64]],
+    exits: NDArray[np.int8],
+    images: NDArray[np.float32],
+    flops: dict[str, Any],
+    n_exits: int,
+    seed: int,
+    stream: int,
+    earliest_exit: int,
+    seconds: float,
+) -> DiffusionSweep:
+    """The :class:`DiffusionSweep` of complete (K, N) tables, after checking the losses.
+
+    ``flops`` is :func:`exitguard.tasks.diffusion.model.exit_flops` of the model.
+    """
+    for name, table in losses.items():  # bounded losses, checked once
+        if table.min() < 0.0 or table.max() > 1.0 or not np.all(table[0] == 0.0):
+            raise ValueError(
+                f"loss {name!r} must lie in [0, 1] and be 0 for the full model; got values in "
+                f"[{table.min():g}, {table.max():g}], row 0 max {table[0].max():g}."
+            )
+    return DiffusionSweep(
+        thresholds=thresholds,
+        losses=dict(losses),
+        cost=sample_costs(exits, thresholds, flops),
+        exits=exits,
+        images=images,
+        indices=np.arange(exits.shape[1], dtype=np.int64),
+        seed=seed,
+        stream=stream,
+        earliest_exit=earliest_exit,
+        n_exits=n_exits,
+        flops=flops,
+        seconds=seconds,
+    )
+
+
 def sweep(
     model: Denoiser,
     *,
@@ -298,6 +481,7 @@ def sweep(
     earliest_exit: int = 1,
     losses: Mapping[str, LossFn] | None = None,
     batch_size: int = 32,
+    thresholds_per_batch: int | None = None,
     stream: int = 0,
     progress: bool = False,
 ) -> DiffusionSweep:
@@ -319,6 +503,10 @@ def sweep(
         names from :data:`~exitguard.tasks.diffusion.losses.LOSSES`. Default: ``ssim`` only.
     batch_size : int
         Noise seeds per call; each call samples ``K * batch_size`` rows.
+    thresholds_per_batch : int, optional
+        Grid rows per call (default: all K). The table is computed cell by cell
+        (:func:`sweep_cell`: ``batch_size`` samples x ``thresholds_per_batch`` rows); a
+        distributed sweep with the same cells gives the same table bit for bit.
     progress : bool
         Show a progress bar.
 
@@ -336,54 +524,46 @@ def sweep(
         raise ValueError(f"`n` must be a positive integer; got {n!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
-    loss_fns: Mapping[str, LossFn] = {"ssim": ssim_loss} if losses is None else losses
-    unknown = sorted(set(loss_fns) - set(LOSSES))
-    if unknown or not loss_fns:
-        raise ValueError(f"`losses` must name some of {LOSSES}; got {sorted(loss_fns)}.")
+    groups = threshold_groups(grid.size, thresholds_per_batch)
+    loss_fns = check_loss_fns(losses)
     config = model.config
     k, steps = grid.size, config.steps
-    flops = exit_flops(model, earliest_exit=earliest_exit)
     tables = {name: np.zeros((k, n)) for name in loss_fns}
     exits = np.zeros((k, n, steps), dtype=np.int8)
     images = np.zeros((k, n, *config.image_shape), dtype=np.float32)
-    limits = torch.as_tensor(grid)  # (K,)
     start_time = time.perf_counter()
     starts = range(0, n, batch_size)
     for start in progress_bar(starts, enabled=progress, desc=f"sweep of {k} thresholds"):
         ids = np.arange(start, min(n, start + batch_size))
-        b = ids.size
-        noise = sample_noise(
-            ids, seed=seed, steps=steps, image_shape=config.image_shape, stream=stream
-        )  # (b, T, C, H, W)
-        rows = noise.repeat(k, 1, 1, 1, 1)  # (K*b, T, C, H, W): row k*b + j is sample j
-        result = sample(
-            model, rows, threshold=limits.repeat_interleave(b), earliest_exit=earliest_exit
-        )
-        pictures = to_unit(result.images).view(k, b, *config.image_shape)  # (K, b, C, H, W)
-        reference = pictures[:1].expand_as(pictures).reshape(k * b, *config.image_shape)
-        for name, fn in loss_fns.items():  # a loop over the few losses
-            values = fn(pictures.reshape(k * b, *config.image_shape), reference)  # (K*b,)
-            tables[name][:, ids] = values.view(k, b).double().numpy()
-        exits[:, ids] = result.exits.view(k, b, steps).numpy().astype(np.int8)
-        images[:, ids] = pictures.numpy()
-    for name, table in tables.items():  # bounded losses, checked once
-        if table.min() < 0.0 or table.max() > 1.0 or not np.all(table[0] == 0.0):
-            raise ValueError(
-                f"loss {name!r} must lie in [0, 1] and be 0 for the full model; got values in "
-                f"[{table.min():g}, {table.max():g}], row 0 max {table[0].max():g}."
+        reference = None
+        for rows in groups:  # a loop over the few groups of thresholds
+            cell = sweep_cell(
+                model,
+                ids,
+                seed=seed,
+                thresholds=grid,
+                rows=rows,
+                reference=reference,
+                earliest_exit=earliest_exit,
+                losses=loss_fns,
+                stream=stream,
             )
-    return DiffusionSweep(
+            if reference is None:
+                reference = torch.from_numpy(cell.images[0])  # (b, C, H, W) the full model
+            for name, table in cell.losses.items():  # a loop over the few losses
+                tables[name][rows[:, None], ids[None, :]] = table
+            exits[rows[:, None], ids[None, :]] = cell.exits
+            images[rows[:, None], ids[None, :]] = cell.images
+    return sweep_from_cells(
         thresholds=grid,
         losses=tables,
-        cost=sample_costs(exits, grid, flops),
         exits=exits,
         images=images,
-        indices=np.arange(n, dtype=np.int64),
+        flops=exit_flops(model, earliest_exit=earliest_exit),
+        n_exits=model.n_exits,
         seed=seed,
         stream=stream,
         earliest_exit=earliest_exit,
-        n_exits=model.n_exits,
-        flops=flops,
         seconds=time.perf_counter() - start_time,
     )
 

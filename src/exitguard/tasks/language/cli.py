@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from exitguard.distributed.options import add_ray_options, ray_settings
+
 DEFAULT_MODEL = "smollm2"
 CONFIDENCE_CHOICES = ("learned", "state", "softmax", "margin")
 CORPUS_CHOICES = ("kjv", "kjv-ot", "kjv-nt", "pydoc", "python-docs")
@@ -98,6 +100,7 @@ def add_lm_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="consistency",
         help="the loss written as `losses`",
     )
+    add_ray_options(sweep)
     sweep.set_defaults(handler=cmd_sweep)
 
     generate = commands.add_parser("generate", help="generate text with a calibrated policy")
@@ -218,6 +221,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from exitguard.tasks.language.decode import EarlyExitLM
     from exitguard.tasks.language.sweep import lm_thresholds, prompt_set, sweep
 
+    ray = ray_settings(args, threads=args.threads)
     model, tokenizer, heads, _ = _setup(args)
     lm = EarlyExitLM(model, heads)
     prompts, references = prompt_set(
@@ -227,9 +231,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_prompt_tokens=args.prompt_tokens,
     )
-    table = sweep(
-        lm,
-        prompts,
+    settings: dict[str, Any] = dict(
         thresholds=lm_thresholds(args.confidence, count=args.grid),
         references=references,
         max_new_tokens=args.max_new_tokens,
@@ -241,6 +243,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         pad_token_id=tokenizer.pad_token_id,
         progress=not args.quiet,
     )
+    if ray is None:
+        table = sweep(lm, prompts, **settings)
+    else:  # the same cells on Ray workers: the same table (timings aside), bit for bit
+        from exitguard.distributed import lm_sweep
+
+        table = lm_sweep(lm, prompts, **settings, **ray.run_options())
     path = table.save(args.out, risk=args.risk)
     header = ("threshold", "layers", "cost", "consist.", "disagree", "gap")
     print(

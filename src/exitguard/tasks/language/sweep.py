@@ -221,6 +221,179 @@ def _trim(tokens: torch.Tensor, length: int, eos: int | None) -> list[int]:
     return out
 
 
+def prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[NDArray[np.int64]]:
+    """The prompt indices of each batch: sorted by length (stable), ``batch_size`` at a time.
+
+    >>> [b.tolist() for b in prompt_batches([[1, 2, 3], [4], [5, 6]], 2)]
+    [[1, 2], [0]]
+    """
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
+    return [order[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class DecodeCell:
+    """What one call of :func:`decode_cell` gives: ``k`` thresholds x ``b`` prompts.
+
+    Attributes
+    ----------
+    tokens : int64 array of shape (k, b, max_new_tokens)
+        The outputs (end-of-sequence token removed), padded with -1.
+    output_lengths : int64 array of shape (k, b)
+        Tokens of each output.
+    lengths : int64 array of shape (k, b)
+        Generated tokens, the end-of-sequence token included (``SweepTable.tokens``).
+    cost, layers : float64 arrays of shape (k, b)
+        Layer-equivalents and mean exit depth per generated token.
+    seconds : float64 array of shape (k,)
+        The call's wall time, shared by the thresholds in proportion to their tokens.
+    """
+
+    tokens: NDArray[np.int64]
+    output_lengths: NDArray[np.int64]
+    lengths: NDArray[np.int64]
+    cost: NDArray[np.float64]
+    layers: NDArray[np.float64]
+    seconds: NDArray[np.float64]
+
+    def __repr__(self) -> str:
+        k, b, _ = self.tokens.shape
+        return f"DecodeCell(thresholds={k}, prompts={b})"
+
+    def outputs(self) -> list[list[list[int]]]:
+        """``outputs[r][j]``: the output of prompt ``j`` under threshold ``r``."""
+        k, b, _ = self.tokens.shape
+        return [
+            [self.tokens[r, j, : self.output_lengths[r, j]].tolist() for j in range(b)]
+            for r in range(k)  # a loop over (threshold, prompt): ragged outputs
+        ]
+
+
+def decode_cell(
+    lm: EarlyExitLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    thresholds: Sequence[float] | NDArray[np.float64],
+    max_new_tokens: int,
+    confidence: str,
+    decay: float,
+    kv_fill: str,
+    eos_token_id: int | None,
+    pad_token_id: int,
+) -> DecodeCell:
+    """Decode ``b`` prompts under ``k`` thresholds in ONE call (``k * b`` rows sharing the
+    prompts' prefill): the unit of work of :func:`sweep` and of a distributed sweep."""
+    ids, mask = left_pad(prompts, pad_token_id)
+    grid = torch.as_tensor(np.asarray(thresholds, dtype=np.float64))  # (k,)
+    result = lm.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        threshold=grid,
+        confidence=confidence,
+        decay=decay,
+        kv_fill=kv_fill,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    k, b = grid.numel(), len(prompts)
+    lengths = result.lengths.view(k, b)  # (k, b)
+    depth = result.layers.view(k, b, -1).sum(-1) / lengths.clamp(min=1)  # (k, b)
+    # The rows of a threshold share the call's time in proportion to their tokens.
+    share = lengths.sum(-1).double() / lengths.sum().clamp(min=1)  # (k,)
+    tokens = np.full((k, b, max_new_tokens), -1, dtype=np.int64)
+    output_lengths = np.zeros((k, b), dtype=np.int64)
+    for row in range(k * b):  # a loop over rows: ragged outputs
+        out = _trim(result.tokens[row], int(result.lengths[row]), eos_token_id)
+        tokens[row // b, row % b, : len(out)] = out
+        output_lengths[row // b, row % b] = len(out)
+    return DecodeCell(
+        tokens=tokens,
+        output_lengths=output_lengths,
+        lengths=lengths.numpy().astype(np.int64),
+        cost=result.cost.view(k, b).numpy().astype(np.float64),
+        layers=depth.numpy().astype(np.float64),
+        seconds=(result.seconds * share).numpy(),
+    )
+
+
+def table_from_outputs(
+    outputs: Sequence[Sequence[Sequence[int]]],
+    *,
+    thresholds: NDArray[np.float64],
+    references: Sequence[Sequence[int]] | None,
+    cost: NDArray[np.float64],
+    layers: NDArray[np.float64],
+    tokens: NDArray[np.int64],
+    seconds: NDArray[np.float64],
+    n_layers: int,
+    settings: dict[str, Any],
+) -> SweepTable:
+    """The :class:`SweepTable` of complete outputs ``outputs[k][i]`` (K x n token lists):
+    the losses against row 0 (the full model) and the references."""
+    full = outputs[0]
+    consistency = np.array(
+        [
+            [1.0 - rouge_l_f1(out, ref) for out, ref in zip(row, full, strict=True)]
+            for row in outputs
+        ]
+    )
+    disagreement = np.array(
+        [
+            [token_disagreement(out, ref) for out, ref in zip(row, full, strict=True)]
+            for row in outputs
+        ]
+    )
+    gap = quality = None
+    if references is not None:
+        quality = np.array(
+            [
+                [rouge_l_f1(out, list(ref)) for out, ref in zip(row, references, strict=True)]
+                for row in outputs
+            ]
+        )
+        gap = quality[0][None, :] - quality  # (K, n), in [-1, 1]
+    return SweepTable(
+        thresholds=thresholds,
+        consistency=consistency,
+        disagreement=disagreement,
+        gap=gap,
+        quality=quality,
+        cost=cost,
+        layers=layers,
+        tokens=tokens,
+        seconds=seconds,
+        n_layers=n_layers,
+        settings=settings,
+    )
+
+
+def sweep_settings(
+    lm: EarlyExitLM,
+    *,
+    confidence: str,
+    decay: float,
+    kv_fill: str,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """The ``settings`` a sweep records (JSON-ready)."""
+    return {
+        "confidence": confidence,
+        "decay": decay,
+        "kv_fill": kv_fill,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "exit_layers": list(lm.exit_layers),
+        "cost_unit": "decoder-layer multiply-adds per generated token",
+        # What a policy calibrated on the table must be bound to (see binding.py).
+        "model_fingerprint": lm.binding(decay=decay, kv_fill=kv_fill).fingerprint(),
+        "n_exits": lm.n_exits,
+    }
+
+
 def sweep(
     lm: EarlyExitLM,
     prompts: Sequence[Sequence[int]],
@@ -229,6 +402,7 @@ def sweep(
     references: Sequence[Sequence[int]] | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    thresholds_per_batch: int | None = None,
     confidence: str = "learned",
     decay: float = 0.0,
     kv_fill: str = "propagate",
@@ -252,6 +426,10 @@ def sweep(
     max_new_tokens, batch_size : int
         Tokens per output; prompts per batch (each batch decodes all K thresholds at once, as
         ``K * batch_size`` rows sharing the prompts' prefill).
+    thresholds_per_batch : int, optional
+        Thresholds per call (default: all K). The table is computed cell by cell
+        (:func:`decode_cell`: a batch of prompts x a group of thresholds); a distributed sweep
+        with the same cells gives the same table (timings aside) bit for bit.
     confidence, decay, kv_fill
         As in :meth:`EarlyExitLM.generate`.
     eos_token_id, pad_token_id : int, optional
@@ -266,6 +444,7 @@ def sweep(
     from tqdm.auto import tqdm
 
     from exitguard.risk.exits import as_threshold_grid
+    from exitguard.tasks.diffusion.sweep import threshold_groups
 
     grid = as_threshold_grid(lm_thresholds(confidence) if thresholds is None else thresholds)
     n = len(prompts)
@@ -275,8 +454,8 @@ def sweep(
         raise ValueError(
             f"`references` must have one entry per prompt ({n}); got {len(references)}."
         )
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    batches = prompt_batches(prompts, batch_size)
+    groups = threshold_groups(grid.size, thresholds_per_batch)
     n_grid = grid.size
     pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
     outputs: list[list[list[int]]] = [[[] for _ in range(n)] for _ in range(n_grid)]
@@ -285,74 +464,39 @@ def sweep(
     tokens = np.zeros((n_grid, n), dtype=np.int64)
     seconds = np.zeros(n_grid)
 
-    order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     for chunk in tqdm(batches, desc=f"sweep {n_grid} thresholds", disable=not progress):
-        ids, mask = left_pad([prompts[i] for i in chunk], pad)
-        result = lm.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            threshold=torch.as_tensor(grid),
-            confidence=confidence,
-            decay=decay,
-            kv_fill=kv_fill,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad,
-        )
-        b = len(chunk)
-        lengths = result.lengths.view(n_grid, b)  # (K, b)
-        depth = result.layers.view(n_grid, b, -1).sum(-1) / lengths.clamp(min=1)  # (K, b)
-        cost[:, chunk] = result.cost.view(n_grid, b).numpy()
-        layers[:, chunk] = depth.numpy()
-        tokens[:, chunk] = lengths.numpy()
-        # The rows of a threshold share the call's time in proportion to their tokens.
-        share = lengths.sum(-1).double() / lengths.sum().clamp(min=1)  # (K,)
-        seconds += result.seconds * share.numpy()
-        for k in range(n_grid):  # a loop over (threshold, prompt): ragged outputs
-            for j, i in enumerate(chunk):
-                row = k * b + j
-                outputs[k][i] = _trim(result.tokens[row], int(result.lengths[row]), eos_token_id)
+        for rows in groups:  # a loop over the few groups of thresholds
+            cell = decode_cell(
+                lm,
+                [prompts[i] for i in chunk],
+                thresholds=grid[rows],
+                max_new_tokens=max_new_tokens,
+                confidence=confidence,
+                decay=decay,
+                kv_fill=kv_fill,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad,
+            )
+            cost[rows[:, None], chunk[None, :]] = cell.cost
+            layers[rows[:, None], chunk[None, :]] = cell.layers
+            tokens[rows[:, None], chunk[None, :]] = cell.lengths
+            seconds[rows] += cell.seconds
+            for r, row_outputs in zip(rows, cell.outputs(), strict=True):  # ragged outputs
+                for i, out in zip(chunk, row_outputs, strict=True):
+                    outputs[r][i] = out
 
-    full = outputs[0]
-    consistency = np.array(
-        [
-            [1.0 - rouge_l_f1(out, ref) for out, ref in zip(row, full, strict=True)]
-            for row in outputs
-        ]
+    settings = sweep_settings(
+        lm,
+        confidence=confidence,
+        decay=decay,
+        kv_fill=kv_fill,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
     )
-    disagreement = np.array(
-        [
-            [token_disagreement(out, ref) for out, ref in zip(row, full, strict=True)]
-            for row in outputs
-        ]
-    )
-    gap = quality = None
-    if references is not None:
-        quality = np.array(
-            [
-                [rouge_l_f1(out, list(ref)) for out, ref in zip(row, references, strict=True)]
-                for row in outputs
-            ]
-        )
-        gap = quality[0][None, :] - quality  # (K, n), in [-1, 1]
-    settings = {
-        "confidence": confidence,
-        "decay": decay,
-        "kv_fill": kv_fill,
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
-        "exit_layers": list(lm.exit_layers),
-        "cost_unit": "decoder-layer multiply-adds per generated token",
-        "model_fingerprint": lm.binding(decay=decay, kv_fill=kv_fill).fingerprint(),
-        "n_exits": lm.n_exits,
-    }
-    return SweepTable(
+    return table_from_outputs(
+        outputs,
         thresholds=grid,
-        consistency=consistency,
-        disagreement=disagreement,
-        gap=gap,
-        quality=quality,
+        references=references,
         cost=cost,
         layers=layers,
         tokens=tokens,

@@ -1,0 +1,95 @@
+"""Where and how a distributed run runs: the settings the demos and the command line pass.
+
+Imports neither Ray nor torch, so task configurations and the CLI can hold these settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RaySettings:
+    """Settings of :func:`exitguard.distributed.run` for the demos and the CLI.
+
+    Attributes
+    ----------
+    address : str
+        ``"local"`` starts a Ray on this machine (when this process is not connected yet),
+        ``"auto"`` joins the running cluster (``ray start --head`` ...), ``"host:port"`` or
+        ``"ray://host:10001"`` a given one.
+    workers : int or None
+        Actors (default: the cluster's CPUs divided by ``threads``).
+    threads : int
+        Torch threads (and Ray CPUs) per actor.
+    shards : str or None
+        The shard folder (keep it to resume an interrupted run); default a temporary one.
+    retries : int
+        How often Ray retries an item whose worker died (the worker always restarts).
+    """
+
+    address: str = "local"
+    workers: int | None = None
+    threads: int = 1
+    shards: str | None = None
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, str) or not self.address:
+            raise ValueError(
+                "`address` must be 'local', 'auto', 'host:port' or 'ray://host:port'; got "
+                f"{self.address!r}."
+            )
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise ValueError(f"`workers` must be a positive integer or None; got {self.workers!r}.")
+        for name, low in (("threads", 1), ("retries", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
+
+    def run_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`exitguard.distributed.run` (and the task functions)."""
+        return {
+            "address": self.address,
+            "workers": self.workers,
+            "threads": self.threads,
+            "shards": self.shards,
+            "retries": self.retries,
+        }
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``, ``--workers N`` and ``--shards DIR`` on a command."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run the collection or sweep on Ray: no value starts a local Ray, 'auto' joins "
+        "the running cluster (ray start --head ...), or give host:port / ray://host:10001 "
+        '(needs pip install "exitguard[ray]")',
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="Ray workers (default: one per CPU)"
+    )
+    parser.add_argument(
+        "--shards",
+        default=None,
+        help="folder of the finished work items (npz); run again with it to resume",
+    )
+
+
+def ray_settings(args: argparse.Namespace, *, threads: int | None = None) -> RaySettings | None:
+    """The :class:`RaySettings` of parsed ``--ray``/``--workers``/``--shards``, or None."""
+    if args.ray is None:
+        if args.workers is not None or args.shards is not None:
+            raise ValueError("`--workers` and `--shards` apply to a run with `--ray`.")
+        return None
+    return RaySettings(
+        address=args.ray, workers=args.workers, threads=threads or 1, shards=args.shards
+    )
