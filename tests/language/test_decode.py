@@ -267,3 +267,14 @@ def test_a_calibrated_policy_stands_for_its_threshold(tiny_llama, tiny_heads):
     by_value = lm.generate(prompt, max_new_tokens=6, threshold=policy.threshold)
     assert torch.equal(by_policy.tokens, by_value.tokens)
     assert torch.equal(by_policy.exits, by_value.exits)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan")])
+def test_thresholds_outside_the_unit_interval_are_refused(tiny_llama, tiny_heads, bad):
+    """The decoder shares the core's threshold check (it used to accept 1.5)."""
+    lm = EarlyExitLM(tiny_llama, tiny_heads)
+    prompt = torch.randint(3, 97, (1, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"`threshold` must be a float in \[0, 1\] or inf"):
+        lm.generate(prompt, max_new_tokens=2, threshold=bad)
+    with pytest.raises(ValueError, match=r"`threshold` must be a float in \[0, 1\] or inf"):
+        lm.generate(prompt, max_new_tokens=2, threshold=[0.5, bad])

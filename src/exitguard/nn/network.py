@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from exitguard.nn.confidence import CONFIDENCES, ConfidenceFn, is_pointwise, resolve_measure
 from exitguard.policy import ExitPolicy
+from exitguard.risk.exits import check_threshold, first_exit
 
 Policy = ExitPolicy | float
 
@@ -284,13 +285,7 @@ class EarlyExitNetwork(nn.Module):
                 "`policy` must be an ExitPolicy or a float threshold in [0, 1] (math.inf: never "
                 f"exit early); got {type(policy).__name__}."
             )
-        threshold = float(policy)
-        if not (0.0 <= threshold <= 1.0 or threshold == math.inf):
-            raise ValueError(
-                "`policy` must be a threshold in [0, 1] or math.inf (never exit early); "
-                f"got {threshold!r}."
-            )
-        return threshold
+        return check_threshold(policy, name="policy")
 
     def bind_policy(self, policy: ExitPolicy) -> ExitPolicy:
         """A copy of ``policy`` that records this network (exits, fingerprint, measure)."""
@@ -529,11 +524,7 @@ class EarlyExitNetwork(nn.Module):
         threshold = self.check_policy(policy, allow_unbound=allow_unbound)
         logits, conf = self.exit_confidences(x)  # (B, L, C, ...), (B, L)
         probs = logits.softmax(dim=2)  # (B, L, C, ...)
-        last = self.n_exits - 1
-        exit_ids = torch.arange(last + 1, device=x.device)  # (L,)
-        fires = conf >= threshold  # (B, L) compared in float64, like the numpy rule
-        fires[:, last] = True  # the last exit always takes whoever reaches it
-        exits = torch.where(fires, exit_ids, last).amin(dim=1)  # (B,) first exit that fires
+        exits = first_exit(conf[:, :-1] >= threshold)  # (B,) the core's rule, in float64
         at = exits.view(-1, 1, *([1] * (logits.ndim - 2)))  # (B, 1, 1, ...)
         at = at.expand(-1, 1, *logits.shape[2:])  # (B, 1, C, ...)
         chosen_logits = logits.gather(1, at).squeeze(1)  # (B, C, ...)

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from exitguard.policy import ExitPolicy
+from exitguard.risk.exits import check_thresholds
 from exitguard.tasks.language.binding import CONFIDENCES, KV_FILLS, LMBinding
 from exitguard.tasks.language.heads import ExitHeads, heads_fingerprint
 from exitguard.tasks.language.model import model_fingerprint
@@ -558,12 +559,11 @@ class EarlyExitLM:
                 kv_fill=kv_fill,
                 allow_unbound=allow_unbound,
             )
-        grid = torch.as_tensor(threshold, dtype=torch.float64).reshape(-1).cpu()  # (R,)
-        if grid.numel() == 0 or bool(torch.isnan(grid).any()) or bool((grid < 0).any()):
-            raise ValueError(
-                "`threshold` must be a float in [0, 1] or inf, or a 1-D grid of them; "
-                f"got {threshold!r}."
-            )
+        if isinstance(threshold, torch.Tensor):
+            threshold = threshold.detach().cpu().numpy()
+        grid = torch.from_numpy(check_thresholds(threshold).reshape(-1))  # (R,), the core's check
+        if grid.numel() == 0:
+            raise ValueError("`threshold` must hold at least one threshold; got an empty grid.")
         if decay < 0 or not math.isfinite(decay):
             raise ValueError(f"`decay` must be a finite float >= 0; got {decay!r}.")
         if do_sample and not temperature > 0:
