@@ -91,7 +91,7 @@ def test_one_rule_for_arrays_and_tensors(rng):
     from exitguard.risk.exits import check_thresholds, first_exit
 
     fires = rng.random((50, 4)) < 0.3  # (n, L-1)
-    loop = [next((l for l in range(4) if row[l]), 4) for row in fires]
+    loop = [next((e for e in range(4) if row[e]), 4) for row in fires]
     np.testing.assert_array_equal(first_exit(fires), loop)
     torch = pytest.importorskip("torch")
     np.testing.assert_array_equal(first_exit(torch.from_numpy(fires)).numpy(), loop)
