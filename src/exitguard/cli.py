@@ -177,8 +177,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_TASKS = ("classification", "segmentation", "diffusion", "calm")
-DEFAULT_N_CAL = {"classification": 100, "segmentation": 400, "diffusion": 500, "calm": 100}
+DEMO_TASKS = ("classification", "segmentation", "diffusion", "text", "calm")
+DEFAULT_N_CAL = {
+    "classification": 100,
+    "segmentation": 400,
+    "diffusion": 500,
+    "text": 500,
+    "calm": 100,
+}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -194,9 +200,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"the {args.task} demo needs PyTorch and the data extras ({error}); install "
             'them with: pip install torch==2.13.0 && pip install "exitguard[torch,plot,data]"'
         ) from error
+    data = {"dataset": args.dataset, "dataset_path": args.data_path}
+    if args.task == "text":  # one corpus: King James verses (scripts/install-text.sh)
+        if args.dataset != "digits" or args.data_path:
+            raise CommandError("--dataset and --data-path apply to the image tasks, not to text.")
+        data = {}
     config = module.DemoConfig(
-        dataset=args.dataset,
-        dataset_path=args.data_path,
+        **data,
         out=args.out or "exitguard-report",
         seed=args.seed,
         n_cal=args.n_cal,
@@ -292,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DEMO_TASKS,
         default="classification",
         help="classification, segmentation, diffusion: train (or load) a multi-exit network on "
-        "real images, calibrate, time it and write a report; calm: the paper's "
+        "real images, calibrate, time it and write a report; text: the same for MiniLM on King "
+        "James verses (scripts/install-text.sh); calm: the paper's "
         "language-modelling experiment on its released loss table",
     )
     demo.add_argument(

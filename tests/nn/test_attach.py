@@ -163,7 +163,7 @@ def test_input_skip_and_tuple_outputs_are_explained():
         def forward(self, x):
             return self.a(x), x
 
-    with pytest.raises(ValueError, match=r"its forward must return one tensor; it returns tuple"):
+    with pytest.raises(ValueError, match=r"must return one tensor \(or a mapping with a `logits`"):
         attach_exits(Pair(), at=["a"], input_shape=(4,))
 
 

@@ -114,6 +114,7 @@ def render_html(results: Mapping[str, Any]) -> str:
     flops_label = "FLOPs to reach and decide" + (
         f" ({model['flops_unit']})" if model.get("flops_unit") else ""
     )
+    unit = html.escape(str(dataset.get("unit", "images")))
     timing_rows = [[k.replace("_", " "), v] for k, v in timing.items() if not isinstance(v, dict)]
     pictures = "".join(
         f"<h3>{html.escape(str(spec.get('title', '')))}</h3>"
@@ -155,7 +156,7 @@ test split's own noise); the binomial p-value tests "population violation rate â
 {_table(["exit", flops_label, accuracy_label], exit_rows)}
 <p class="note">Dataset: {html.escape(str(dataset.get("name")))}
 ({html.escape(str(dataset.get("source", "")))}); {_cell(dataset.get("n_train"))} training and
-{_cell(dataset.get("n_heldout"))} held-out images. Created {html.escape(results.get("created", ""))}
+{_cell(dataset.get("n_heldout"))} held-out {unit}. Created {html.escape(results.get("created", ""))}
 with exitguard {html.escape(results.get("exitguard_version", ""))}.</p>
 </body></html>
 """
