@@ -84,7 +84,7 @@ def test_the_whole_bible_has_the_documented_class_balance():
     assert len(data) == 31102
     assert data.class_counts().tolist() == [5852, 8025, 4785, 5894, 3779, 2767]
     assert len(np.unique(data.groups)) == 1189  # chapters
-    train, heldout = split_by_chapter(data, heldout_fraction=0.3, seed=0)
+    _, heldout = split_by_chapter(data, heldout_fraction=0.3, seed=0)
     assert 0.3 <= len(heldout) / len(data) < 0.31
 
 

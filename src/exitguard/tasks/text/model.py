@@ -389,14 +389,21 @@ def plain_logits(encoder: nn.Module, head: TokenPoolHead, tokens: Tensor) -> Ten
 # ------------------------------------------------------------------------ FLOPs
 
 
+def _counted(network: EarlyExitNetwork, length: int) -> tuple[NDArray[np.int64], int]:
+    counted = count_flops(network, torch.ones((1, 2, length), dtype=torch.long))
+    return counted.to_exit, counted.full
+
+
 def flops_by_length(
     network: EarlyExitNetwork, lengths: NDArray[np.int64]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """FLOPs of every sample given its length: to each exit, and of the never-exit policy.
 
     A sentence of ``T`` tokens costs what one sample of ``T`` tokens costs
-    (:func:`exitguard.nn.count_flops`; attention grows with ``T^2``), so each distinct length
-    is counted once.
+    (:func:`exitguard.nn.count_flops`). In a transformer that is a quadratic polynomial in
+    ``T`` (projections grow with ``T``, attention with ``T^2``), so it is counted at 1, 2
+    and 3 tokens and extended exactly by finite differences; a count at the longest length
+    checks the extension (on a mismatch every distinct length is counted instead).
 
     Returns
     -------
@@ -414,13 +421,16 @@ def flops_by_length(
     ):
         raise ValueError("`lengths` must be a non-empty 1-D array of positive token counts.")
     distinct, position = np.unique(lengths, return_inverse=True)  # (U,), (n,)
-    to_exit, full = [], []
-    for length in distinct.tolist():  # a loop over the few distinct lengths, each counted once
-        tokens = torch.ones((1, 2, length), dtype=torch.long)  # any ids, all unmasked
-        counted = count_flops(network, tokens)
-        to_exit.append(counted.to_exit)
-        full.append(counted.full)
+    # Counts at T = 1, 2, 3: a (3, L + 1) table of [to_exit..., full].
+    base = np.stack([np.append(*_counted(network, length)) for length in (1, 2, 3)])
+    first, second = base[1] - base[0], base[2] - 2 * base[1] + base[0]  # (L + 1,) each
+    steps = (distinct - 1)[:, None]  # (U, 1)
+    table = base[0] + steps * first + (steps * (steps - 1) // 2) * second  # (U, L + 1)
+    longest = int(distinct[-1])
+    if longest > 3 and not np.array_equal(table[-1], np.append(*_counted(network, longest))):
+        # Not a quadratic in the length: count every distinct length.
+        table = np.stack([np.append(*_counted(network, int(t))) for t in distinct.tolist()])
     return (
-        np.stack(to_exit).astype(np.float64)[position],  # (n, L)
-        np.asarray(full, dtype=np.float64)[position],  # (n,)
+        table[position, :-1].astype(np.float64),  # (n, L)
+        table[position, -1].astype(np.float64),  # (n,)
     )
