@@ -316,11 +316,17 @@ def attach_exits(
     ----------
     model : nn.Module
         The backbone; its forward takes one tensor and returns one tensor of logits,
-        (B, C) or (B, C, *S). Works for CNNs (feature maps (B, C, H, W)) and transformer
-        encoders (tokens (B, T, D)).
+        (B, C) or (B, C, *S), or a mapping with such a ``logits`` entry (a Hugging Face
+        ``ModelOutput``). Works for CNNs (feature maps (B, C, H, W)) and transformer
+        encoders (tokens (B, T, D)), e.g. timm's ResNet, ConvNeXt and ViT, and Hugging Face
+        BERT and ViT classifiers called on one tensor (token ids without padding, or pixels).
+        The forward may branch on the dtype and number of dimensions of its input and
+        parameters; the cut is specialised to those seen here.
     at : sequence of str
         Names from ``model.named_modules()``, in execution order: an exit follows each.
-        Each must run once and its output must be the only value its successors use.
+        Each must run once and its output must be the only value its successors use; a
+        module returning a tuple of which only the first element is used (as the layers of
+        transformers 4.x do) is cut after that element.
     num_classes : int, optional
         Number of classes; by default that of the model's output. Checked against it.
     input_shape : sequence of int, optional

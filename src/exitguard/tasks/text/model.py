@@ -342,7 +342,7 @@ def build_text_network(
         raise ValueError(f"`num_classes` must be an integer >= 2; got {num_classes!r}.")
     heads = heads or TextHeadConfig()
     embeddings, layers = encoder_layers(encoder)
-    config = encoder.config  # type: ignore[union-attr]
+    config: Any = getattr(encoder, "config", None)
     stages: list[nn.Module] = [EmbeddingStage(embeddings, layers[0], config)]
     stages += [LayerStage(layer, config) for layer in layers[1:]]
     width = int(config.hidden_size)
@@ -367,8 +367,9 @@ def pooled_features(network: EarlyExitNetwork, tokens: Tensor) -> Tensor:
     """
     with torch.no_grad():
         states = network.forward_intermediates(tokens)
+        heads: list[Any] = list(network.heads)
         return torch.stack(
-            [head.forward_pool(s) for head, s in zip(network.heads, states, strict=True)], dim=1
+            [head.forward_pool(s) for head, s in zip(heads, states, strict=True)], dim=1
         )  # (B, L, D)
 
 

@@ -121,7 +121,8 @@ def train_heads(
     n, n_exits = features.shape[:2]
     if labels.shape != (n,):
         raise ValueError(f"`labels` must have shape ({n},); got {tuple(labels.shape)}.")
-    classifiers = nn.ModuleList([head.classifier for head in network.heads])
+    heads: list[Any] = list(network.heads)
+    classifiers = nn.ModuleList([head.classifier for head in heads])
     if len(classifiers) != n_exits:
         raise ValueError(f"`features` has {n_exits} exits; the network has {len(classifiers)}.")
     weights = torch.ones(n_exits)
