@@ -234,7 +234,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python benchmarks/text.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        + " ".join(
+            f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+            for k, v in vars(args).items()
+            if v is not None
+        ),
         "dataset": prepared.data.describe(),
         "n_train": len(prepared.train),
         "n_heldout": n,

@@ -21,7 +21,7 @@ def _import_timm():
     try:
         import timm
     except ImportError as error:  # timm, or the torchvision it imports, is missing
-        pytest.skip(f'needs timm and a torchvision built for this torch ({error}); see the README')
+        pytest.skip(f"needs timm and a torchvision built for this torch ({error}); see the README")
     except RuntimeError as error:  # torchvision built for another torch (e.g. CUDA vs CPU)
         pytest.skip(f"timm cannot be imported: torchvision does not load against torch ({error})")
     return timm

@@ -78,7 +78,9 @@ def test_dataset_checks_its_fields():
                     ("c",), "test")  # fmt: skip
 
 
-@pytest.mark.skipif(shutil.which("bible") is None, reason="needs scripts/install-text.sh")
+@pytest.mark.skipif(
+    shutil.which("bible") is None, reason="needs Debian bible-kjv: run scripts/install-text.sh"
+)
 def test_the_whole_bible_has_the_documented_class_balance():
     data = kjv_genres()
     assert len(data) == 31102

@@ -38,7 +38,7 @@ def minilm():
     try:
         minilm_path()
     except (ModuleNotFoundError, FileNotFoundError) as error:
-        pytest.skip(f"needs all-MiniLM-L6-v2: run scripts/install-text.sh ({error})")
+        pytest.skip(str(error))  # names scripts/install-text.sh
     return load_encoder()
 
 
