@@ -500,12 +500,13 @@ def _apply_to_file(
     )
 
 
-DEMO_TASKS = ("classification", "segmentation", "diffusion", "drift", "calm")
+DEMO_TASKS = ("classification", "segmentation", "diffusion", "drift", "text", "calm")
 DEFAULT_N_CAL = {
     "classification": 100,
     "segmentation": 400,
     "diffusion": 500,
     "drift": 400,
+    "text": 500,
     "calm": 100,
 }
 RAY_TASKS = ("classification", "diffusion")  # the demos whose collection or sweep runs on Ray
@@ -527,10 +528,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"the {args.task} demo needs PyTorch and the data extras ({error}); install "
             'them with: pip install torch==2.13.0 && pip install "exitguard[torch,plot,data]"'
         ) from error
+    data = {"dataset": args.dataset, "dataset_path": args.data_path}
+    if args.task == "text":  # one corpus: King James verses (scripts/install-text.sh)
+        if args.dataset != "digits" or args.data_path:
+            raise CommandError("--dataset and --data-path apply to the image tasks, not to text.")
+        data = {}
     config = module.DemoConfig(
         **({"ray": ray} if ray is not None else {}),
-        dataset=args.dataset,
-        dataset_path=args.data_path,
+        **data,
         out=args.out or f"exitguard-report/{args.task}",
         seed=args.seed,
         n_cal=args.n_cal,
@@ -759,10 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DEMO_TASKS,
         default="classification",
         help="classification, segmentation, diffusion: train (or load) a multi-exit network on "
-        "real images, calibrate, time it and write a report; drift: serve a certified policy "
-        "on a stream of images that degrade, with audits, the risk monitor, fallback and "
-        "recalibration; calm: the paper's language-modelling experiment on its released loss "
-        "table",
+        "real images, calibrate, time it and write a report; text: the same for MiniLM on King "
+        "James verses (scripts/install-text.sh); drift: serve a certified policy on a stream "
+        "of images that degrade, with audits, the risk monitor, fallback and recalibration; "
+        "calm: the paper's language-modelling experiment on its released loss table",
     )
     demo.add_argument(
         "--dataset",
