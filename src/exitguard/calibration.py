@@ -7,6 +7,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -559,21 +560,34 @@ def calibrate_predictions(
         n_classes=n_classes,
         clip=clip,
     )
-    policy = calibrate_table(
-        tables["losses"],
+    return _calibrate_built(
+        tables,
+        chosen,
+        confidence,
+        n_exits=int(np.shape(confidences)[1]),
         target_risk=target_risk,
         delta=delta,
         procedure=procedure,
-        loss_bound=chosen.loss_bound,
-        cost=tables["cost"],
-        thresholds=tables["thresholds"],
         bet_cap=bet_cap,
-        risk=chosen.name,
-        confidence=confidence,
         order=order,
         seed=seed,
     )
-    return policy.with_model(n_exits=int(np.shape(confidences)[1]), confidence=confidence)
+
+
+def _calibrate_built(
+    tables: dict[str, Array], risk: Risk, confidence: str, *, n_exits: int, **settings: Any
+) -> ExitPolicy:
+    """:func:`calibrate_table` on tables built from outputs, recording risk, measure, exits."""
+    policy = calibrate_table(
+        tables["losses"],
+        loss_bound=risk.loss_bound,
+        cost=tables["cost"],
+        thresholds=tables["thresholds"],
+        risk=risk.name,
+        confidence=confidence,
+        **settings,
+    )
+    return policy.with_model(n_exits=n_exits, confidence=confidence)
 
 
 def calibrate(
@@ -645,21 +659,18 @@ def calibrate(
         from_logits=from_logits,
         clip=clip,
     )
-    policy = calibrate_table(
-        tables["losses"],
+    return _calibrate_built(
+        tables,
+        chosen,
+        confidence_label,
+        n_exits=int(np.shape(exit_probs)[1]),
         target_risk=target_risk,
         delta=delta,
         procedure=procedure,
-        loss_bound=chosen.loss_bound,
-        cost=tables["cost"],
-        thresholds=tables["thresholds"],
         bet_cap=bet_cap,
-        risk=chosen.name,
-        confidence=confidence_label,
         order=order,
         seed=seed,
     )
-    return policy.with_model(n_exits=int(np.shape(exit_probs)[1]), confidence=confidence_label)
 
 
 def confidence_label_of(confidence: str | ConfidenceFn, name: str | None) -> str:

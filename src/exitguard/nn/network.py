@@ -384,7 +384,16 @@ class EarlyExitNetwork(nn.Module):
         return scores.double().clamp(0.0, 1.0)
 
     @torch.inference_mode()
-    def infer(self, x: Tensor, policy: Policy, *, allow_unbound: bool = False) -> InferenceResult:
+    def infer(
+        self,
+        x: Tensor,
+        policy: Policy,
+        *,
+        allow_unbound: bool = False,
+        audit: float | None = None,
+        rng: Any = None,
+        sample_ids: Any = None,
+    ) -> Any:
         """Early-exit inference that really skips the stages a sample does not need.
 
         After each stage, the samples whose exit fires are written to the output and removed
@@ -401,13 +410,20 @@ class EarlyExitNetwork(nn.Module):
             fit) or a threshold in [0, 1]; ``math.inf`` never exits early.
         allow_unbound : bool, default False
             Accept a policy that records no network (see :meth:`check_policy`).
+        audit : float in [0, 1], optional
+            Audited inference: each sample is also run to the last exit with this
+            probability (independent coin flips from ``rng``, required), giving the policy's
+            loss against the full model for a :class:`exitguard.monitor.RiskMonitor` (see
+            :func:`exitguard.nn.audit.audited_infer`). ``sample_ids`` (B,) name the samples
+            so that labels arriving later can be matched to the audits.
 
         Returns
         -------
-        InferenceResult
+        InferenceResult, or AuditedResult with ``audit``
             Predictions, probabilities, logits, exit and confidence of every sample, in the
             order of ``x``. The exits equal those of :meth:`simulate`; confidences are
             computed in float64 from the head's probabilities, as in the numpy reference.
+            An ``AuditedResult`` also carries the audit and passes these attributes through.
 
         Notes
         -----
@@ -421,6 +437,18 @@ class EarlyExitNetwork(nn.Module):
         TypeError, ValueError
             For an input of the wrong type or shape, or a policy that does not fit.
         """
+        if audit is not None:
+            from exitguard.nn.audit import audited_infer
+
+            return audited_infer(
+                self,
+                x,
+                policy,
+                audit=audit,
+                rng=rng,
+                allow_unbound=allow_unbound,
+                sample_ids=sample_ids,
+            )
         threshold = self.check_policy(policy, allow_unbound=allow_unbound)
         self.check_input(x)
         never = math.isinf(threshold)
