@@ -31,8 +31,6 @@ from exitguard.risk.exits import default_thresholds
 from exitguard.risk.losses import RISKS, get_risk
 from exitguard.risk.procedures import ALIASES, PROCEDURES
 
-CALM_TARGET_RISKS = tuple(round(0.01 * k, 2) for k in range(1, 20))
-
 
 class CommandError(Exception):
     """A problem with the command's input, reported as one line on stderr (exit status 2)."""
@@ -822,6 +820,30 @@ INPUT_ERRORS = (CommandError, ValueError, TypeError, OSError, MemoryError, Modul
 """What a command reports as one line (exit status 2): bad input, files, memory, installs."""
 
 
+def _raised_by_exitguard(error: BaseException) -> bool:
+    """Whether ``error`` was raised by exitguard's own code (its checks), not deep in a library.
+
+    exitguard validates its input and raises ValueError/TypeError naming the argument; the
+    same types raised inside numpy, torch or the standard library mean that a check is missing
+    or something is wrong in exitguard itself, and are reported as internal errors.
+    """
+    if isinstance(error, (CommandError, OSError, MemoryError, ModuleNotFoundError)):
+        return True
+    frame = error.__traceback__
+    last = None
+    while frame is not None:
+        last = frame
+        frame = frame.tb_next
+    if last is None:
+        return True
+    package = Path(__file__).resolve().parent
+    try:
+        Path(last.tb_frame.f_code.co_filename).resolve().relative_to(package)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -834,6 +856,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
+        if not _raised_by_exitguard(error):
+            print(
+                f"exitguard {args.command}: internal error: {type(error).__name__}: {message} "
+                "(this is a bug in exitguard, not in your input; --traceback shows where)",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"exitguard {args.command}: error: {message} (--traceback shows where)",
             file=sys.stderr,
