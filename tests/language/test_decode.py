@@ -286,3 +286,22 @@ def test_thresholds_outside_the_unit_interval_are_refused(tiny_llama, tiny_heads
         lm.generate(prompt, max_new_tokens=2, threshold=bad)
     with pytest.raises(ValueError, match=r"`threshold` must be a float in \[0, 1\] or inf"):
         lm.generate(prompt, max_new_tokens=2, threshold=[0.5, bad])
+
+
+def test_settings_object_and_keywords_agree(tiny_llama, tiny_heads):
+    from exitguard.tasks.language.decode import DecodingSettings
+
+    lm = EarlyExitLM(tiny_llama, tiny_heads)
+    prompt = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    settings = DecodingSettings(max_new_tokens=6, confidence="softmax", kv_fill="defer")
+    a = lm.generate(prompt, threshold=0.3, settings=settings)
+    b = lm.generate(prompt, threshold=0.3, max_new_tokens=6, confidence="softmax", kv_fill="defer")
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exits, b.exits)
+    c = lm.generate(prompt, threshold=0.3, settings=settings, kv_fill="recompute")  # override
+    assert torch.equal(a.tokens, c.tokens)  # defer and recompute: the same exact cache
+    with pytest.raises(ValueError, match="`kv_fill` must be one of"):
+        DecodingSettings(kv_fill="lazy")
+    with pytest.raises(ValueError, match="`max_new_tokens` must be a positive integer"):
+        lm.generate(prompt, max_new_tokens=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        lm.generate(prompt, max_tokens=3)
