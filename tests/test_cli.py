@@ -27,6 +27,8 @@ def test_calibrate_json(calm, calm_file, capsys):
             "0.1",
             "--procedure",
             "ucb-wsr",
+            "--order-seed",
+            "4",
             "--json",
         ]
     )
@@ -42,10 +44,21 @@ def test_calibrate_json(calm, calm_file, capsys):
         procedure="ucb-wsr",
         cost=calm["cost"],
         thresholds=calm["thresholds"],
-        seed=0,  # the CLI's default --seed
+        seed=4,
     )
     assert ExitPolicy.from_dict(out) == expected  # the same policy, field by field
     assert out["certified"] is True and out["n"] == 2000 and warnings_seen == []
+
+
+def test_calibrate_draws_a_fresh_reading_order_and_records_it(calm_file, capsys):
+    seeds = []
+    for _ in range(2):
+        args = ["calibrate", calm_file, "--target-risk", "0.05", "--procedure", "ucb-wsr"]
+        assert main([*args, "--json"]) == 0
+        seeds.append(json.loads(capsys.readouterr().out)["order_seed"])
+    assert seeds[0] != seeds[1]  # fresh entropy each time, as the guarantee needs
+    assert main([*args, "--order-seed", str(seeds[0])]) == 0
+    assert f"seed {seeds[0]}" in capsys.readouterr().out  # printed, so it can be repeated
 
 
 def test_calibrate_writes_a_policy(calm_file, tmp_path, capsys):

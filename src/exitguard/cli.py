@@ -239,15 +239,23 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=0,
-        help="seed of the random reading order of order-dependent bounds (ucb-wsr) and of "
-        "labels sampled for distribution_consistency; evaluate: also of the splits",
+        help="seed of labels sampled for distribution_consistency; evaluate: of the splits "
+        "and, through them, of each split's reading order",
     )
     parser.add_argument(
         "--order",
         choices=ORDERS,
         default="random",
-        help="read the samples in a seeded random permutation (valid in any file order) or "
-        "in the file's order (valid only if that order is random)",
+        help="read the samples in a random permutation (valid in any file order) or in the "
+        "file's order (valid only if that order is random)",
+    )
+    parser.add_argument(
+        "--order-seed",
+        type=int,
+        default=None,
+        help="calibrate: seed of the random reading order of order-dependent bounds (ucb-wsr); "
+        "default: fresh, printed and recorded in the policy. A fixed seed is valid only for a "
+        "file in random order",
     )
     parser.add_argument(
         "--bet-cap", type=float, default=None, help="cap on the WSR bets (default 1/B)"
@@ -272,7 +280,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             risk=tables["risk"],
             confidence=tables["confidence"],
             order=args.order,
-            seed=args.seed,
+            seed=args.order_seed,
         )
     if tables.get("model_fields"):  # a table from `exitguard lm sweep` names its model
         policy = policy.with_model(**tables["model_fields"])
@@ -305,6 +313,10 @@ def describe_policy(policy: ExitPolicy, *, unit: str = "in the units of `cost`")
         f"guarantee       {policy.guarantee}",
         f"calibration     n = {policy.n}, empirical risk {policy.empirical_risk:.4f}",
     ]
+    if policy.order_seed is not None:
+        lines.append(f"reading order   random, seed {policy.order_seed} (--order-seed repeats it)")
+    elif policy.sample_order == "given":
+        lines.append("reading order   as in the file (valid only if the file is in random order)")
     if policy.upper_bound is not None:
         lines.append(f"upper bound     {policy.upper_bound:.4f}")
     if policy.p_value is not None:
