@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from exitguard.nn import ClassifierHead, EarlyExitNetwork, count_flops
 from exitguard.nn.confidence import ConfidenceFn
+from exitguard.risk._validation import check_int
 from exitguard.tasks.language.model import hub_offline
 
 MINILM = "all-MiniLM-L6-v2"
@@ -167,8 +168,7 @@ def length_batches(
 
     Sorting is stable, so sentences of equal length keep their order.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    check_int(batch_size, "batch_size")
     order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(lengths))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
