@@ -17,3 +17,13 @@ def calm() -> dict[str, np.ndarray]:
     source = resources.files("exitguard") / "data" / CALM_PATH
     with resources.as_file(source) as path, np.load(path) as data:
         return {key: data[key] for key in data.files}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: more torch threads only add contention (and make timings noisy)."""
+    torch = pytest.importorskip("torch")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
