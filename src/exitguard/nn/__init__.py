@@ -34,6 +34,7 @@ from exitguard.nn.heads import ClassifierHead, DenseHead
 from exitguard.nn.io import load_policy, load_weights, save_policy, save_weights
 from exitguard.nn.latency import LatencyProfile, profile_latency
 from exitguard.nn.network import EarlyExitNetwork, InferenceResult, NonFiniteOutputWarning
+from exitguard.nn.optimize import OptimizeReport, optimize_for_inference
 from exitguard.nn.train import TrainConfig, TrainHistory, exit_losses, train_exits
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "InferenceResult",
     "LatencyProfile",
     "NonFiniteOutputWarning",
+    "OptimizeReport",
     "TrainConfig",
     "TrainHistory",
     "attach_exits",
@@ -60,6 +62,7 @@ __all__ = [
     "load_weights",
     "margin",
     "max_softmax",
+    "optimize_for_inference",
     "patience",
     "profile_latency",
     "save_policy",
