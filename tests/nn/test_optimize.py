@@ -66,7 +66,7 @@ def test_same_exit_outputs_and_exits(network_and_input, channels_last):
 
 
 def test_the_given_network_is_not_changed(network_and_input):
-    network, x = network_and_input
+    network, _ = network_and_input
     before = {k: v.clone() for k, v in network.state_dict().items()}
     optimize_for_inference(network, channels_last=True)
     after = network.state_dict()

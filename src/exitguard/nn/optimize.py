@@ -102,7 +102,7 @@ def optimize_for_inference(
                     continue
                 try:
                     modules[index] = _fold(module)
-                except Exception as error:  # noqa: BLE001 - any tracing failure keeps the module
+                except Exception as error:  # any tracing failure keeps the module as it is
                     kept.append(f"{group}.{index} ({type(error).__name__}: {error})"[:200])
                 else:
                     folded.append(f"{group}.{index}")
