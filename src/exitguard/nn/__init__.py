@@ -32,7 +32,12 @@ from exitguard.nn.confidence import (
 from exitguard.nn.flops import FlopsTable, count_flops, flop_counter
 from exitguard.nn.heads import ClassifierHead, DenseHead
 from exitguard.nn.io import load_policy, load_weights, save_policy, save_weights
-from exitguard.nn.latency import LatencyProfile, profile_latency
+from exitguard.nn.latency import (
+    LatencyProfile,
+    SpeedupMeasurement,
+    measure_speedup,
+    profile_latency,
+)
 from exitguard.nn.network import EarlyExitNetwork, InferenceResult, NonFiniteOutputWarning
 from exitguard.nn.optimize import OptimizeReport, optimize_for_inference
 from exitguard.nn.train import TrainConfig, TrainHistory, exit_losses, train_exits
@@ -48,6 +53,7 @@ __all__ = [
     "LatencyProfile",
     "NonFiniteOutputWarning",
     "OptimizeReport",
+    "SpeedupMeasurement",
     "TrainConfig",
     "TrainHistory",
     "attach_exits",
@@ -62,6 +68,7 @@ __all__ = [
     "load_weights",
     "margin",
     "max_softmax",
+    "measure_speedup",
     "optimize_for_inference",
     "patience",
     "profile_latency",
