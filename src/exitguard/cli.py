@@ -32,6 +32,8 @@ from exitguard.risk.losses import RISKS, get_risk
 from exitguard.risk.procedures import ALIASES, PROCEDURES
 
 CALM_TARGET_RISKS = tuple(round(0.01 * k, 2) for k in range(1, 20))
+EXIT_NOTE = "exits are counted from 0; the last one is the full model"
+"""The exit convention, as the command lines state it (the reports state it in full)."""
 
 
 class CommandError(Exception):
@@ -161,7 +163,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             "risk": risk.name,
             "confidence": _confidence_name(data),
             "n_exits": data["confidence"].shape[1],
-            "cost_label": "exits" if exit_cost is None else "cost",
+            "cost_label": "exits evaluated" if exit_cost is None else "cost",
         }
     outputs_key = "probs" if "probs" in data else "logits" if "logits" in data else None
     if outputs_key is None:
@@ -193,7 +195,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
         "risk": risk.name,
         "confidence": args.confidence,
         "n_exits": data[outputs_key].shape[1],
-        "cost_label": "exits" if exit_cost is None else "cost",
+        "cost_label": "exits evaluated" if exit_cost is None else "cost",
     }
 
 
@@ -287,7 +289,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    unit = "exits evaluated" if tables.get("cost_label") == "exits" else "in the units of `cost`"
+    unit = (
+        "exits evaluated" if tables.get("cost_label") == "exits evaluated" else "in the units of `cost`"
+    )
     print(describe_policy(policy, unit=unit))
     if args.out:
         print(f"policy written to {args.out}")
@@ -364,6 +368,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"delta = {result.delta:g}"
         )
         print(result.table(cost_label=tables.get("cost_label", "cost")))
+        if tables.get("cost_label") == "exits evaluated":
+            print(f"\nexits evaluated = exit + 1 ({EXIT_NOTE})")
     return 0
 
 
@@ -380,7 +386,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{c}" for c in summary["exit_counts"])
     print(f"samples         {summary['n']}")
     if risk is None:
-        print(f"risk            unknown ({policy.risk} needs labels or probabilities)")
+        print(
+            f"risk            unknown: {policy.risk} needs `labels` in FILE (or probabilities); "
+            "for label-free outputs calibrate with --risk prediction_consistency"
+        )
     else:
         error = float(np.std(applied.losses, ddof=1) / np.sqrt(len(applied.exits)))
         print(
@@ -393,7 +402,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
     unit = "exits evaluated" if _exit_cost(args, data) is None else "in the units of the exit costs"
     print(f"mean cost       {applied.mean_cost:.4g} ({unit}){extra}")
-    print(f"exits (1..{applied.n_exits})  {counts}")
+    print(f"mean exit       {float(np.mean(applied.exits)):.3f} (0-based)")
+    print(f"exit counts     {counts}  (exits 0..{applied.n_exits - 1}; {EXIT_NOTE})")
     return 0
 
 
@@ -545,9 +555,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     start = time.perf_counter()
-    results = module.run_demo(config)
+    try:
+        results = module.run_demo(config)
+    except FileNotFoundError as error:
+        if args.dataset != "fashion-mnist" or "Fashion-MNIST" not in str(error):
+            raise
+        raise CommandError(
+            f"{error} From the command line: `sudo scripts/install-data.sh`, or "
+            "`exitguard demo --dataset fashion-mnist --data-path FOLDER`."
+        ) from error
     print()
-    for line in results["summary"]:
+    for line in results.summary:
         print(f"- {line}")
     seconds = time.perf_counter() - start
     print(f"\nreport written to {Path(config.out) / 'index.html'} ({seconds:.0f} s)")

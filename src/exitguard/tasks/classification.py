@@ -9,6 +9,7 @@ for real against the full model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import exitguard
 from exitguard.calibration import build_table, calibrate
 from exitguard.data.images import ImageDataset, load_dataset
 from exitguard.nn import (
@@ -31,6 +31,15 @@ from exitguard.nn import (
 )
 from exitguard.nn.blocks import BasicBlock
 from exitguard.report import write_report
+from exitguard.report.plots import default_risk_title
+from exitguard.report.results import (
+    DatasetInfo,
+    DemoResults,
+    ModelInfo,
+    RiskResult,
+    Settings,
+    summary_lines,
+)
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
 from exitguard.tasks.common import (
@@ -39,9 +48,13 @@ from exitguard.tasks.common import (
     cached_model,
     evaluate_risk,
     model_description,
+    npz_writer,
     progress_bar,
     results_header,
+    speed,
+    table_writer,
     time_inference,
+    timed_policy,
     train_jointly,
 )
 
@@ -302,8 +315,14 @@ def risk_tables(prepared: Prepared, risk: str, *, seed: int) -> dict[str, np.nda
     return tables
 
 
-def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the classification main job and write its report; returns the results dict."""
+def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResults:
+    """Run the classification main job and write its report; returns the results.
+
+    Beside the report (``config.out``) it saves the loss table of every risk
+    (``table_<risk>.npz``), the held-out per-exit outputs split as the timed policy used
+    them (``exits_calibration.npz``, ``exits_test.npz``: ``probs`` (n, L, C), ``labels``,
+    ``exit_cost``) and that policy (``policy.json``), so the README's examples run on them.
+    """
     prepared = prepare(config, log=log)
     data, train, heldout = prepared.data, prepared.train, prepared.heldout
     network, trained, flops = prepared.network, prepared.trained, prepared.flops
@@ -313,14 +332,17 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     accuracy = (outputs.probs.argmax(-1) == heldout.labels[:, None]).mean(axis=0)  # (L,)
 
     trials = config.trials
-    risks: dict[str, Any] = {}
+    risks: dict[str, RiskResult] = {}
+    files: dict[str, Any] = {}
     for risk in progress_bar(RISKS, enabled=config.progress, desc="calibrating risks"):
         tables = risk_tables(prepared, risk, seed=config.seed)
+        bound = 2.0 if risk.startswith("distribution") else 1.0
         risks[risk] = evaluate_risk(
             tables["losses"],
             cost=tables["cost"],
             exits=tables["exits"],
-            loss_bound=2.0 if risk.startswith("distribution") else 1.0,
+            loss_bound=bound,
+            title=default_risk_title(risk),
             procedures=config.procedures,
             target_risks=config.target_risks,
             delta=config.delta,
@@ -328,8 +350,12 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
             trials=trials,
             seed=config.seed,
         )
+        files[f"table_{risk}.npz"] = table_writer(
+            tables, loss_bound=bound, risk=risk, model=network
+        )
 
     # One calibrated policy, run for real on the rest of the held-out data.
+    log("running one calibrated policy for real and timing it against the full model")
     cal_idx, test_idx = np.split(
         np.random.default_rng(config.seed + 1).permutation(len(heldout)), [config.n_cal]
     )
@@ -366,90 +392,95 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         repeats=max(1, repeats // 2),
     )
     full_only = float(flops.full)
-    timing_summary = {
-        "policy": f"{policy.procedure}, {policy.risk}, ε = {policy.target_risk:g}, "
-        f"threshold = {policy.threshold:.3g}",
-        "certified": policy.certified,
-        "test images": len(test_idx),
-        "mean exit (1 = first)": float(exits.mean() + 1),
-        "FLOPs speed-up": float(full_only / exit_flops[exits].mean()),
-        "measured speed-up, batch 256": timing["measured_speedup"],
-        "measured speed-up, batch 1": timing_batch1["measured_speedup"],
-        "full model ms/image, batch 256": timing["full_ms_per_image"],
-        "early exit ms/image, batch 256": timing["early_exit_ms_per_image"],
-        "test accuracy, full model": float((full_predictions == test_labels).mean()),
-        "test accuracy, early exit": float((predictions == test_labels).mean()),
-        "test risk (accuracy drop)": float(
-            (predictions != test_labels).mean() - (full_predictions != test_labels).mean()
-        ),
-        "real exits equal simulated exits": bool(np.array_equal(exits, simulated)),
-    }
-    eps_shown = config.policy_target_risk
-    ucb = exitguard.Evaluation.from_dict(risks[config.policy_risk]["evaluation"]).row(
-        config.policy_procedure, eps_shown
+    accuracy_early = float((predictions == test_labels).mean())
+    accuracy_full = float((full_predictions == test_labels).mean())
+    timed = timed_policy(
+        policy,
+        exits,
+        n_exits=network.n_exits,
+        flops_saving=1.0 - float(exit_flops[exits].mean()) / full_only,
+        n_cal=len(cal_idx),
+        unit="images",
+        speeds=[speed(timing), speed(timing_batch1)],
+        measures=[
+            ("test accuracy, full model", accuracy_full),
+            ("test accuracy, early exit", accuracy_early),
+            ("test risk (accuracy drop)", accuracy_full - accuracy_early),
+            ("real exits equal simulated exits", bool(np.array_equal(exits, simulated))),
+        ],
+        quality=f"accuracy {accuracy_early:.3f} against {accuracy_full:.3f} for the full model",
     )
-    summary = [
-        (
-            f"{data.name}: a {network.n_exits}-exit ResNet-style CNN, held-out accuracy "
-            f"{accuracy[0]:.3f} at the first exit and {accuracy[-1]:.3f} at the last."
+    settings_ = Settings(
+        delta=config.delta,
+        n_cal=config.n_cal,
+        trials=trials,
+        target_risks=tuple(config.target_risks),
+        table_target_risks=TABLE_TARGET_RISKS,
+        procedures=tuple(config.procedures),
+        seed=config.seed,
+        confidence=str(network.confidence),
+    )
+    summary = (
+        f"{data.name}: a {network.n_exits}-exit ResNet-style CNN (exits 0 to "
+        f"{network.n_exits - 1}), held-out accuracy {accuracy[0]:.3f} at exit 0 and "
+        f"{accuracy[-1]:.3f} at exit {network.n_exits - 1}, the full model.",
+        *summary_lines(risks, settings_, timed),
+    )
+    results = DemoResults(
+        task="classification",
+        title=f"exitguard: certified early exit on {data.name}",
+        summary=summary,
+        dataset=DatasetInfo(
+            name=data.name,
+            source=data.source,
+            n_train=len(train),
+            n_heldout=len(heldout),
+            unit="images",
+            classes=tuple(data.class_names),
+            extra={"image_shape": list(data.image_shape)},
         ),
-        (
-            f"{config.policy_procedure} on the {config.policy_risk} risk at ε = {eps_shown:g}, "
-            f"δ = {config.delta:g}, n = {config.n_cal}: mean test risk {ucb.mean_test_risk:.4f}, "
-            f"population violation rate {ucb.population_violation_rate:.2f} over {trials} "
-            f"splits, {100 * (ucb.relative_saving or 0):.1f}% of FLOPs saved."
-        ),
-        (
-            f"Real inference at that policy: {timing['measured_speedup']:.2f}x faster at batch "
-            f"256 and {timing_batch1['measured_speedup']:.2f}x at batch 1 (FLOPs ideal "
-            f"{timing_summary['FLOPs speed-up']:.2f}x); accuracy "
-            f"{timing_summary['test accuracy, early exit']:.3f} vs "
-            f"{timing_summary['test accuracy, full model']:.3f} for the full model."
-        ),
-    ]
-    results: dict[str, Any] = {
-        **results_header("classification", f"exitguard: certified early exit on {data.name}"),
-        "summary": summary,
-        "dataset": {
-            "name": data.name,
-            "source": data.source,
-            "n_train": len(train),
-            "n_heldout": len(heldout),
-            "image_shape": list(data.image_shape),
-            "classes": list(data.class_names),
-        },
-        "model": {
-            "description": f"ResNet-style CNN, stage widths {list(model_config.widths)}, strides "
+        model=ModelInfo(
+            description=f"ResNet-style CNN, stage widths {list(model_config.widths)}, strides "
             f"{list(model_config.strides)}, one exit head (pool, layer norm, linear) per stage; "
             f"trained jointly with self-distillation ({settings.epochs} epochs).",
-            "n_exits": network.n_exits,
-            "flops_per_exit": exit_flops.tolist(),
-            "full_flops": full_only,
-            "accuracy_per_exit": accuracy.tolist(),
-            "fingerprint": network.fingerprint,
-            "from_cache": trained.from_cache,
-            "train_seconds": trained.metadata.get("train_seconds"),
-        },
-        "settings": {
-            "delta": config.delta,
-            "n_cal": config.n_cal,
-            "trials": trials,
-            "target_risks": list(config.target_risks),
-            "table_target_risks": list(TABLE_TARGET_RISKS),
-            "procedures": list(config.procedures),
-            "seed": config.seed,
-            "confidence": network.confidence,
-        },
-        "risks": risks,
-        "exit_histogram": {
-            "risk": config.policy_risk,
-            "procedure": config.policy_procedure,
-            "target_risk": config.policy_target_risk,
-            "threshold": policy.threshold,
-            "counts": np.bincount(exits, minlength=network.n_exits).tolist(),
-        },
-        "timing": timing_summary,
-        "policy": policy.to_dict(),
-    }
-    write_report(results, Path(config.out))
+            n_exits=network.n_exits,
+            flops_per_exit=tuple(exit_flops.tolist()),
+            full_flops=full_only,
+            accuracy_per_exit=tuple(accuracy.tolist()),
+            fingerprint=network.fingerprint,
+            from_cache=trained.from_cache,
+            train_seconds=trained.metadata.get("train_seconds"),
+        ),
+        settings=settings_,
+        risks=risks,
+        timed=timed,
+        policy=policy.to_dict(),
+        **results_header(),
+    )
+    files.update(exit_output_files(outputs, heldout.labels, cal_idx, test_idx, exit_flops))
+    files["policy.json"] = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
+    write_report(results, Path(config.out), data=files)
     return results
+
+
+def exit_output_files(
+    outputs: ExitOutputs,
+    labels: np.ndarray,
+    cal_idx: np.ndarray,
+    test_idx: np.ndarray,
+    exit_flops: np.ndarray,
+) -> dict[str, Any]:
+    """The held-out per-exit outputs, split as the timed policy used them, as npz writers.
+
+    ``exits_calibration.npz`` and ``exits_test.npz`` hold ``probs`` (n, L, C) float32,
+    ``labels`` (n,) and ``exit_cost`` (L,) FLOPs: what ``exitguard calibrate`` and
+    ``exitguard apply`` read.
+    """
+    return {
+        f"exits_{name}.npz": npz_writer(
+            probs=outputs.probs[index].astype(np.float32),
+            labels=np.asarray(labels)[index],
+            exit_cost=np.asarray(exit_flops, dtype=np.float64),
+        )
+        for name, index in (("calibration", cal_idx), ("test", test_idx))
+    }

@@ -38,7 +38,8 @@ from exitguard._files import (
 from exitguard.evaluation import evaluate
 from exitguard.nn import EarlyExitNetwork, TrainConfig, train_exits
 from exitguard.nn.io import assign_tensors, stored_tensors
-from exitguard.report import RESULTS_SCHEMA
+from exitguard.policy import ExitPolicy
+from exitguard.report.results import Machine, RiskResult, Speed, TimedPolicy
 
 PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
 """The procedures every demo compares."""
@@ -358,25 +359,114 @@ def progress_bar(iterable: Iterable[Any], *, enabled: bool, desc: str) -> Iterab
 
 
 def machine_info() -> dict[str, Any]:
-    """Python and torch versions and torch's thread count, for result files."""
+    """Python and torch versions, torch's thread count and the platform, for result files."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "platform": f"{platform.system()} {platform.machine()}",
     }
 
 
-def results_header(task: str, title: str) -> dict[str, Any]:
-    """The fields every demo's results dict starts with (schema, versions, machine)."""
+def results_header() -> dict[str, Any]:
+    """The fields every demo's results start with: the machine, the time, the version."""
     return {
-        "schema": RESULTS_SCHEMA,
-        "schema_version": 1,
-        "task": task,
-        "title": title,
+        "machine": Machine(**machine_info()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "exitguard_version": exitguard.__version__,
-        "machine": machine_info(),
     }
+
+
+def timed_policy(
+    policy: ExitPolicy,
+    exits: np.ndarray,
+    *,
+    n_exits: int,
+    flops_saving: float,
+    n_cal: int,
+    unit: str,
+    speeds: Sequence[Speed],
+    measures: Sequence[tuple[str, Any]] = (),
+    quality: str = "",
+    baseline: str = "the full model",
+    counted: str = "",
+) -> TimedPolicy:
+    """The record of one calibrated policy run for real: its exits (0-based) and timings.
+
+    ``exits`` holds the exit each timed sample took, (n,) or (n, steps) (every entry counts;
+    ``counted`` names what the entries are when not samples), and ``flops_saving`` is
+    ``1 - FLOPs / full-model FLOPs`` on the same samples.
+    """
+    taken = np.asarray(exits, dtype=np.int64).ravel()
+    return TimedPolicy(
+        procedure=str(policy.procedure),
+        risk=str(policy.risk),
+        target_risk=float(policy.target_risk),
+        threshold=None if policy.is_full_model or policy.threshold is None
+        else float(policy.threshold),
+        certified=bool(policy.certified),
+        n_cal=int(n_cal),
+        n_test=int(np.asarray(exits).shape[0]),
+        unit=unit,
+        exit_counts=tuple(int(c) for c in np.bincount(taken, minlength=n_exits)),
+        mean_exit=float(taken.mean()) if taken.size else None,
+        flops_saving=float(flops_saving),
+        speeds=tuple(speeds),
+        baseline=baseline,
+        measures=tuple(measures),
+        quality=quality,
+        counted=counted,
+    )
+
+
+def speed(timing: Mapping[str, float], *, unit: str = "ms per image") -> Speed:
+    """A :class:`Speed` from :func:`time_inference`'s side-by-side timing."""
+    return Speed(
+        batch_size=int(timing["batch_size"]),
+        speedup=float(timing["measured_speedup"]),
+        baseline=float(timing["full_ms_per_image"]),
+        early=float(timing["early_exit_ms_per_image"]),
+        unit=unit,
+    )
+
+
+def npz_writer(**arrays: Any) -> Callable[[Any], None]:
+    """A file writer of the arrays as a compressed ``.npz`` (no pickles)."""
+
+    def write(handle: Any) -> None:
+        np.savez_compressed(handle, **arrays)
+
+    return write
+
+
+def table_writer(
+    tables: Mapping[str, np.ndarray],
+    *,
+    loss_bound: float,
+    risk: str,
+    model: EarlyExitNetwork | None = None,
+    confidence: str | None = None,
+) -> Callable[[Any], None]:
+    """A loss table as ``exitguard calibrate FILE`` reads it.
+
+    Holds ``losses`` (K, n), ``cost`` (K, n) FLOPs, ``thresholds`` (K,), ``exits`` (K, n)
+    (0-based), ``loss_bound`` and ``risk``; with ``model``, also the fields that bind a
+    policy calibrated on it to the network (``model_fingerprint``, ``n_exits``,
+    ``confidence_name``).
+    """
+    arrays: dict[str, Any] = {
+        "losses": np.asarray(tables["losses"], dtype=np.float64),
+        "cost": np.asarray(tables["cost"], dtype=np.float64),
+        "thresholds": np.asarray(tables["thresholds"], dtype=np.float64),
+        "exits": np.asarray(tables["exits"]).astype(np.int16),
+        "loss_bound": np.float64(loss_bound),
+        "risk": np.str_(risk),
+    }
+    if model is not None:
+        arrays["model_fingerprint"] = np.str_(model.fingerprint)
+        arrays["n_exits"] = np.int64(model.n_exits)
+        arrays["confidence_name"] = np.str_(confidence or model.confidence)
+    return npz_writer(**arrays)
 
 
 def evaluate_risk(
@@ -385,18 +475,20 @@ def evaluate_risk(
     cost: np.ndarray,
     exits: np.ndarray,
     loss_bound: float,
+    title: str,
     procedures: Sequence[str],
     target_risks: Sequence[float],
     delta: float,
     n_cal: int,
     trials: int,
     seed: int,
-) -> dict[str, Any]:
+    note: str = "",
+) -> RiskResult:
     """Repeated-split evaluation of one loss table, as the report reads it.
 
-    ``cost`` (K, N) is the compute (FLOPs) and ``exits`` (K, N) the 0-based exit taken; both
-    use the same splits (same seed), so the FLOPs saving and the mean exit describe the
-    same selections.
+    ``cost`` (K, N) is the compute (FLOPs) and ``exits`` (K, N) the 0-based exit taken (the
+    mean exit is 0-based too); both use the same splits (same seed), so the FLOPs saving
+    and the mean exit describe the same selections.
     """
     common: dict[str, Any] = dict(
         procedures=tuple(procedures),
@@ -408,9 +500,7 @@ def evaluate_risk(
         seed=seed,
     )
     by_flops = evaluate(losses, cost=cost, **common)
-    by_exit = evaluate(losses, cost=np.asarray(exits, dtype=np.float64) + 1.0, **common)
-    return {
-        "loss_bound": loss_bound,
-        "evaluation": by_flops.to_dict(),
-        "evaluation_exits": by_exit.to_dict(),
-    }
+    by_exit = evaluate(losses, cost=np.asarray(exits, dtype=np.float64), **common)
+    return RiskResult(
+        title=title, loss_bound=loss_bound, evaluation=by_flops, evaluation_exits=by_exit, note=note
+    )

@@ -20,6 +20,7 @@ the day with the full model, which a deployment would not do) is kept for the fi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from exitguard.policy import ExitPolicy
 from exitguard.risk import monitor as monitor_stats
 from exitguard.risk.exits import exit_index
 from exitguard.tasks import classification
+from exitguard.report.results import DriftDay, DriftEvent, DriftResults, MonitorSegment
 from exitguard.tasks.common import progress_bar, results_header
 from exitguard.tasks.drift.corrupt import CORRUPTIONS, corrupt
 
@@ -272,8 +274,10 @@ def serve(prepared: Prepared, config: DemoConfig) -> dict[str, Any]:
 
 def run_demo(
     config: DemoConfig, *, log: Callable[[str], None] = print, stream_defaults: bool = True
-) -> dict[str, Any]:
+) -> DriftResults:
     """Serve the drifting stream with audits and the monitor; write the report.
+
+    Beside the report it saves the policy certified on clean images (``policy.json``).
 
     With ``quick`` (and ``stream_defaults``), a shorter stream with more audits per day
     replaces the configured one.
@@ -339,20 +343,27 @@ def run_demo(
         (
             f"A policy recalibrated on the last {recal['audits']} audits (threshold "
             f"{recal['threshold']:.3g}) was certified on day {recal['day']} and served from "
-            f"day {recal['day'] + 1}."
+            f"day {recal['day'] + 1} (days are counted from 0)."
             if recal
             else "No recalibrated policy could be certified before the stream ended."
         ),
         f"Audits cost {100 * overhead:.1f}% of the served compute on average.",
     ]
-    results: dict[str, Any] = {
-        **results_header("drift", "exitguard: keeping a certified policy safe under drift"),
-        "summary": summary,
-        "settings": dataclasses.asdict(config),
-        "policy": policy.to_dict(),
-        "samples_needed": served["needed"],
-        "recalibration_window": served["window"],
-        **served,
-    }
-    write_drift_report(results, Path(config.out))
+    results = DriftResults(
+        title="exitguard: keeping a certified policy safe under drift",
+        summary=tuple(summary),
+        settings=dataclasses.asdict(config),
+        days=tuple(DriftDay(**day) for day in served["days"]),
+        events=tuple(DriftEvent(**event) for event in served["events"]),
+        segments=tuple(
+            MonitorSegment(**{k: tuple(v) if isinstance(v, list) else v for k, v in seg.items()})
+            for seg in served["segments"]
+        ),
+        samples_needed=served["needed"],
+        recalibration_window=served["window"],
+        policy=policy.to_dict(),
+        **results_header(),
+    )
+    policy_file = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
+    write_drift_report(results, Path(config.out), data={"policy.json": policy_file})
     return results
