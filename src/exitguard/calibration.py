@@ -315,9 +315,11 @@ def calibrate_table(
         order of the columns, valid only when that order is itself random (e.g. to compare
         with other code). Procedures that depend only on row means ignore it.
     seed : int, optional
-        Seed of the permutation; default: fresh entropy. The seed used is recorded in the
-        policy (``order_seed``), so the calibration can be repeated exactly. With a given seed
-        the selection depends only on the set of samples, not on their order in the file.
+        Seed of the permutation; default: fresh entropy, which is what the guarantee for any
+        file order needs (the permutation must be drawn independently of the data). The seed
+        used is recorded in the policy (``order_seed``), so the calibration can be repeated
+        exactly. A fixed seed chosen in advance is valid when the file order is itself random;
+        a seed chosen after looking at outcomes voids the guarantee.
 
     Returns
     -------

@@ -31,7 +31,6 @@ from exitguard.risk.exits import default_thresholds
 from exitguard.risk.losses import RISKS, get_risk
 from exitguard.risk.procedures import ALIASES, PROCEDURES
 
-CALM_TARGET_RISKS = tuple(round(0.01 * k, 2) for k in range(1, 20))
 EXIT_NOTE = "exits are counted from 0; the last one is the full model"
 """The exit convention, as the command lines state it (the reports state it in full)."""
 
@@ -243,15 +242,23 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=0,
-        help="seed of the random reading order of order-dependent bounds (ucb-wsr) and of "
-        "labels sampled for distribution_consistency; evaluate: also of the splits",
+        help="seed of labels sampled for distribution_consistency; evaluate: of the splits "
+        "and, through them, of each split's reading order",
     )
     parser.add_argument(
         "--order",
         choices=ORDERS,
         default="random",
-        help="read the samples in a seeded random permutation (valid in any file order) or "
-        "in the file's order (valid only if that order is random)",
+        help="read the samples in a random permutation (valid in any file order) or in the "
+        "file's order (valid only if that order is random)",
+    )
+    parser.add_argument(
+        "--order-seed",
+        type=int,
+        default=None,
+        help="calibrate: seed of the random reading order of order-dependent bounds (ucb-wsr); "
+        "default: fresh, printed and recorded in the policy. A fixed seed is valid only for a "
+        "file in random order",
     )
     parser.add_argument(
         "--bet-cap", type=float, default=None, help="cap on the WSR bets (default 1/B)"
@@ -276,7 +283,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             risk=tables["risk"],
             confidence=tables["confidence"],
             order=args.order,
-            seed=args.seed,
+            seed=args.order_seed,
         )
     if tables.get("model_fields"):  # a table from `exitguard lm sweep` names its model
         policy = policy.with_model(**tables["model_fields"])
@@ -311,6 +318,10 @@ def describe_policy(policy: ExitPolicy, *, unit: str = "in the units of `cost`")
         f"guarantee       {policy.guarantee}",
         f"calibration     n = {policy.n}, empirical risk {policy.empirical_risk:.4f}",
     ]
+    if policy.order_seed is not None:
+        lines.append(f"reading order   random, seed {policy.order_seed} (--order-seed repeats it)")
+    elif policy.sample_order == "given":
+        lines.append("reading order   as in the file (valid only if the file is in random order)")
     if policy.upper_bound is not None:
         lines.append(f"upper bound     {policy.upper_bound:.4f}")
     if policy.p_value is not None:
@@ -840,6 +851,30 @@ INPUT_ERRORS = (CommandError, ValueError, TypeError, OSError, MemoryError, Modul
 """What a command reports as one line (exit status 2): bad input, files, memory, installs."""
 
 
+def _raised_by_exitguard(error: BaseException) -> bool:
+    """Whether ``error`` was raised by exitguard's own code (its checks), not deep in a library.
+
+    exitguard validates its input and raises ValueError/TypeError naming the argument; the
+    same types raised inside numpy, torch or the standard library mean that a check is missing
+    or something is wrong in exitguard itself, and are reported as internal errors.
+    """
+    if isinstance(error, (CommandError, OSError, MemoryError, ModuleNotFoundError)):
+        return True
+    frame = error.__traceback__
+    last = None
+    while frame is not None:
+        last = frame
+        frame = frame.tb_next
+    if last is None:
+        return True
+    package = Path(__file__).resolve().parent
+    try:
+        Path(last.tb_frame.f_code.co_filename).resolve().relative_to(package)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -852,6 +887,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
+        if not _raised_by_exitguard(error):
+            print(
+                f"exitguard {args.command}: internal error: {type(error).__name__}: {message} "
+                "(this is a bug in exitguard, not in your input; --traceback shows where)",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"exitguard {args.command}: error: {message} (--traceback shows where)",
             file=sys.stderr,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from exitguard.nn import ClassifierHead, EarlyExitNetwork, count_flops
 from exitguard.nn.confidence import ConfidenceFn
+from exitguard.tasks.language.model import hub_offline
 
 MINILM = "all-MiniLM-L6-v2"
 """The bundled encoder: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT)."""
@@ -51,12 +52,6 @@ Pool = Literal["mean", "cls"]
 
 
 # ------------------------------------------------------------------------ loading
-
-
-def _offline() -> None:
-    # Nothing may reach a model hub at run time.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def minilm_path() -> Path:
@@ -109,7 +104,7 @@ def load_encoder(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     encoder, tokenizer
         A ``transformers.BertModel`` (float32, eval mode) and its fast tokenizer.
     """
-    _offline()
+    hub_offline()
     from transformers import AutoModel, AutoTokenizer
 
     folder = Path(path) if path is not None else minilm_path()
