@@ -1,5 +1,6 @@
 import importlib
 import json
+import types
 
 import numpy as np
 import pytest
@@ -200,7 +201,7 @@ def test_demo_passes_its_options_to_the_task(monkeypatch, capsys, task, n_cal):
 
     def fake_run_demo(config):
         seen["config"] = config
-        return {"summary": ["ran"]}
+        return types.SimpleNamespace(summary=("ran",))
 
     monkeypatch.setattr(module, "run_demo", fake_run_demo)
     argv = ["demo", "--task", task, "--quick", "--seed", "3", "--out", "rep", "--no-progress"]
@@ -225,7 +226,7 @@ def test_demo_ray_options_reach_the_task(monkeypatch, capsys):
     module = importlib.import_module("exitguard.tasks.diffusion")
     seen = {}
     monkeypatch.setattr(
-        module, "run_demo", lambda config: seen.update(config=config) or {"summary": []}
+        module, "run_demo", lambda config: seen.update(config=config) or types.SimpleNamespace(summary=())
     )
     base = ["demo", "--task", "diffusion", "--quick"]
     assert main([*base, "--ray"]) == 0  # no value: a local Ray

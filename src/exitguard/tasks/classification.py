@@ -368,6 +368,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         procedure=config.policy_procedure,
         exit_cost=exit_flops,
         rng=config.seed,
+        seed=config.seed,  # the calibration split is a random permutation: a fixed order is valid
     ).with_model(
         n_exits=network.n_exits,
         model_fingerprint=network.fingerprint,
