@@ -18,8 +18,8 @@ EARLIER_DATA = "table_earlier.npz"
 def earlier_report(folder: Path) -> None:
     """An earlier run's report in ``folder``, with a picture grid and a data file that no
     demo writes: a later run must remove both."""
-    from tests.test_report import fake_results
     from tests.conftest import calm_table
+    from tests.test_report import fake_results
 
     results = fake_results(calm_table())
     cell = {"image": [[0.0, 1.0], [1.0, 0.0]]}

@@ -225,9 +225,11 @@ def test_demo_ray_options_reach_the_task(monkeypatch, capsys):
 
     module = importlib.import_module("exitguard.tasks.diffusion")
     seen = {}
-    monkeypatch.setattr(
-        module, "run_demo", lambda config: seen.update(config=config) or types.SimpleNamespace(summary=())
-    )
+    def fake_run_demo(config):
+        seen["config"] = config
+        return types.SimpleNamespace(summary=())
+
+    monkeypatch.setattr(module, "run_demo", fake_run_demo)
     base = ["demo", "--task", "diffusion", "--quick"]
     assert main([*base, "--ray"]) == 0  # no value: a local Ray
     assert seen["config"].ray == RaySettings(address="local")

@@ -296,9 +296,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    unit = (
-        "exits evaluated" if tables.get("cost_label") == "exits evaluated" else "in the units of `cost`"
-    )
+    evaluated = tables.get("cost_label") == "exits evaluated"
+    unit = "exits evaluated" if evaluated else "in the units of `cost`"
     print(describe_policy(policy, unit=unit))
     if args.out:
         print(f"policy written to {args.out}")

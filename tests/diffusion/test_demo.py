@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 from exitguard.tasks.diffusion import DemoConfig, run_demo, write_demo_table  # noqa: E402
 from exitguard.tasks.diffusion.model import DenoiserConfig  # noqa: E402
 from exitguard.tasks.diffusion.train import TrainSettings  # noqa: E402
-
 from tests.report_checks import check_demo_report, earlier_report  # noqa: E402
 
 from .conftest import TINY  # noqa: E402

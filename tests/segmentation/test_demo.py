@@ -50,7 +50,7 @@ def test_report_and_results(demo):
     (figure,) = results.figures
     assert figure.file == "segmentation_examples.png" and len(figure.columns) == 5
     assert all(len(row.cells) == 5 for row in figure.rows)
-    assert [entry.label for entry in figure.legend][0] == "background"
+    assert figure.legend[0].label == "background"
     assert len(figure.legend) == 11 and figure.colorbar
     rebuilt = rebuild_report(folder / "results.json", out=folder / "again")
     assert json.loads((folder / "again" / "results.json").read_text()) == results.to_dict()

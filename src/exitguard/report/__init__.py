@@ -165,8 +165,13 @@ def timed_rows(results: DemoResults) -> list[list[Any]]:
     trials = results.settings.trials
     threshold = "never (the full model)" if timed.threshold is None else f"{timed.threshold:.4g}"
     rows: list[list[Any]] = [
-        ["policy", f"{timed.procedure} on {results.risk_title(timed.risk)}, ε = "
-         f"{timed.target_risk:g}, threshold {threshold}"],
+        [
+            "policy",
+            (
+                f"{timed.procedure} on {results.risk_title(timed.risk)}, ε = "
+                f"{timed.target_risk:g}, threshold {threshold}"
+            ),
+        ],
         ["certified", timed.certified],
         [
             "calibrated on / run on",
@@ -234,8 +239,10 @@ def render_html(results: DemoResults | DriftResults | Mapping[str, Any]) -> str:
         When the results lack a field the page needs, or a field has the wrong type.
     """
     try:
-        typed = results if isinstance(results, (DemoResults, DriftResults)) else (
-            results_from_dict(results)
+        typed = (
+            results
+            if isinstance(results, (DemoResults, DriftResults))
+            else (results_from_dict(results))
         )
         if isinstance(typed, DriftResults):
             from exitguard.report.drift import render_drift_html
@@ -268,7 +275,9 @@ def _render_html(results: DemoResults) -> str:
         [f"exit {i}" + (" (full model)" if i == last else ""), flops, acc]
         for i, (flops, acc) in enumerate(zip(model.flops_per_exit, accuracy, strict=True))
     ]
-    flops_label = "FLOPs to reach and decide" + (f" ({model.flops_unit})" if model.flops_unit else "")
+    flops_label = "FLOPs to reach and decide" + (
+        f" ({model.flops_unit})" if model.flops_unit else ""
+    )
     pictures = "".join(_figure(grid) for grid in results.figures)
     extra_tables = "".join(_extra_table(table) for table in results.tables)
     unit = _text(dataset.unit)
@@ -278,6 +287,7 @@ def _render_html(results: DemoResults) -> str:
         "bookkeeping cost more there than the skipped layers save.</p>"
         for s in timed.slower
     )
+    data_note = "; " + _text(dataset.note) if dataset.note else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -326,7 +336,7 @@ run and, for comparison, as the mean over all splits (the summary's figures).</p
 <p>{_text(model.description)}</p>
 {_table(["exit", flops_label, model.accuracy_label], exit_rows)}
 <p class="note">Dataset: {_text(dataset.name)} ({_text(dataset.source)}); {_cell(dataset.n_train)}
-training and {_cell(dataset.n_heldout)} held-out {unit}{"; " + _text(dataset.note) if dataset.note else ""}.
+training and {_cell(dataset.n_heldout)} held-out {unit}{data_note}.
 Created {_text(results.created)} with exitguard {_text(results.exitguard_version)}.</p>
 <p class="note">Machine: {_text(results.machine.describe())}.</p>
 </body></html>

@@ -503,7 +503,9 @@ def check_grid_shape(
             )
         pixels += int(shape[0]) * int(shape[1])
         if pixels > MAX_GRID_PIXELS:
-            raise _grid_error(name, f"a picture grid may hold at most {MAX_GRID_PIXELS} image pixels.")
+            raise _grid_error(
+                name, f"a picture grid may hold at most {MAX_GRID_PIXELS} image pixels."
+            )
     cell_width, cell_height, _ = _grid_geometry(shapes[0])
     canvas = (cell_width * n_columns + 1.2) * (cell_height * n_rows + 1.4) * _DPI**2
     if canvas > MAX_CANVAS_PIXELS:

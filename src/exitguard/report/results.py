@@ -273,8 +273,10 @@ class ModelInfo:
     def from_dict(cls, data: Any, path: str = "model") -> ModelInfo:
         data = _mapping(data, path)
         n_exits = data.get("n_exits")
-        if isinstance(n_exits, bool) or not isinstance(n_exits, int) or not (
-            1 <= n_exits <= MAX_EXITS
+        if (
+            isinstance(n_exits, bool)
+            or not isinstance(n_exits, int)
+            or not (1 <= n_exits <= MAX_EXITS)
         ):
             raise ValueError(
                 f"RESULTS: `model.n_exits` must be an integer in [1, {MAX_EXITS}]; got "
@@ -692,8 +694,12 @@ class PictureGrid:
                 GridCell(
                     image=image,
                     cmap=_text(cell.get("cmap", "gray"), f"{path}.rows[{r}].cells[{c}].cmap"),
-                    vmin=_number(cell.get("vmin"), f"{path}.rows[{r}].cells[{c}].vmin", optional=True),
-                    vmax=_number(cell.get("vmax"), f"{path}.rows[{r}].cells[{c}].vmax", optional=True),
+                    vmin=_number(
+                        cell.get("vmin"), f"{path}.rows[{r}].cells[{c}].vmin", optional=True
+                    ),
+                    vmax=_number(
+                        cell.get("vmax"), f"{path}.rows[{r}].cells[{c}].vmax", optional=True
+                    ),
                 )
                 for c, (cell, image) in enumerate(zip(row["cells"], converted, strict=True))
             )
@@ -708,7 +714,9 @@ class PictureGrid:
             colorbar_ticks=_ticks(data.get("colorbar_ticks", []), f"{path}.colorbar_ticks"),
             legend=tuple(
                 LegendEntry(
-                    label=_text(_mapping(e, f"{path}.legend[{i}]").get("label"), f"{path}.legend[{i}].label"),
+                    label=_text(
+                        _mapping(e, f"{path}.legend[{i}]").get("label"), f"{path}.legend[{i}].label"
+                    ),
                     color=_text(e.get("color"), f"{path}.legend[{i}].color"),
                 )
                 for i, e in enumerate(_list(data.get("legend", []), f"{path}.legend", limit=64))
@@ -1002,7 +1010,9 @@ class DriftResults:
 
     def __repr__(self) -> str:
         alarms = sum(e.event == "alarm" for e in self.events)
-        return f"DriftResults(days={len(self.days)}, alarms={alarms}, segments={len(self.segments)})"
+        return (
+            f"DriftResults(days={len(self.days)}, alarms={alarms}, segments={len(self.segments)})"
+        )
 
     @property
     def target_risk(self) -> float:
@@ -1198,9 +1208,11 @@ def summary_lines(
         else "not certified: nothing could be certified on that split, so the full model ran"
     )
     parts = [
-        f"The one policy run for real ({certified}; calibrated on one split of "
-        f"{timed.n_cal if timed.n_cal is not None else '?'} and run on its "
-        f"{timed.n_test if timed.n_test is not None else '?'} test {timed.unit}):"
+        (
+            f"The one policy run for real ({certified}; calibrated on one split of "
+            f"{timed.n_cal if timed.n_cal is not None else '?'} and run on its "
+            f"{timed.n_test if timed.n_test is not None else '?'} test {timed.unit}):"
+        )
     ]
     if timed.mean_exit is not None:
         parts.append(f"mean exit {timed.mean_exit:.2f},")

@@ -422,9 +422,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         confidence=str(network.confidence),
     )
     summary = (
-        f"{data.name}: a {network.n_exits}-exit ResNet-style CNN (exits 0 to "
-        f"{network.n_exits - 1}), held-out accuracy {accuracy[0]:.3f} at exit 0 and "
-        f"{accuracy[-1]:.3f} at exit {network.n_exits - 1}, the full model.",
+        (
+            f"{data.name}: a {network.n_exits}-exit ResNet-style CNN (exits 0 to "
+            f"{network.n_exits - 1}), held-out accuracy {accuracy[0]:.3f} at exit 0 and "
+            f"{accuracy[-1]:.3f} at exit {network.n_exits - 1}, the full model."
+        ),
         *summary_lines(risks, settings_, timed),
     )
     results = DemoResults(

@@ -402,7 +402,8 @@ def timed_policy(
         procedure=str(policy.procedure),
         risk=str(policy.risk),
         target_risk=float(policy.target_risk),
-        threshold=None if policy.is_full_model or policy.threshold is None
+        threshold=None
+        if policy.is_full_model or policy.threshold is None
         else float(policy.threshold),
         certified=bool(policy.certified),
         n_cal=int(n_cal),

@@ -24,7 +24,6 @@ import torch
 
 from exitguard.calibration import calibrate_table
 from exitguard.data.images import ImageDataset, load_dataset
-from exitguard.evaluation import Evaluation
 from exitguard.policy import ExitPolicy
 from exitguard.report import write_report
 from exitguard.report.results import (
@@ -592,10 +591,12 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         },
     )
     summary = (
-        f"{data.name}: a {model.n_exits}-exit U-ViT denoiser (DeeDiff exits and uncertainty "
-        f"modules; exits 0 to {model.n_exits - 1}, samples may leave from exit "
-        f"{config.earliest_exit} on), T = {steps} ancestral DDPM steps; {n_samples} generated "
-        f"samples tabulated under {table.thresholds.size} thresholds.",
+        (
+            f"{data.name}: a {model.n_exits}-exit U-ViT denoiser (DeeDiff exits and uncertainty "
+            f"modules; exits 0 to {model.n_exits - 1}, samples may leave from exit "
+            f"{config.earliest_exit} on), T = {steps} ancestral DDPM steps; {n_samples} "
+            f"generated samples tabulated under {table.thresholds.size} thresholds."
+        ),
         *summary_lines(risks, settings, record),
     )
     rng = np.random.default_rng(config.seed + 2)

@@ -35,10 +35,10 @@ from exitguard.monitor import RiskAlarmWarning, RiskMonitor, recalibrate, sample
 from exitguard.nn import collect
 from exitguard.nn.audit import audited_infer
 from exitguard.policy import ExitPolicy
+from exitguard.report.results import DriftDay, DriftEvent, DriftResults, MonitorSegment
 from exitguard.risk import monitor as monitor_stats
 from exitguard.risk.exits import exit_index
 from exitguard.tasks import classification
-from exitguard.report.results import DriftDay, DriftEvent, DriftResults, MonitorSegment
 from exitguard.tasks.common import progress_bar, results_header
 from exitguard.tasks.drift.corrupt import CORRUPTIONS, corrupt
 

@@ -453,8 +453,9 @@ def run_policy(prepared: Prepared, config: DemoConfig) -> PolicyRun:
     pixel_miss = float((early_masks != full_masks).mean(axis=(1, 2)).mean())
     objects = (early_masks != 0) | (full_masks != 0)  # (T, H, W)
     foreground_miss = float(
-        ((early_masks != full_masks).sum(axis=(1, 2)) / np.maximum(objects.sum(axis=(1, 2)), 1))
-        .mean()
+        (
+            (early_masks != full_masks).sum(axis=(1, 2)) / np.maximum(objects.sum(axis=(1, 2)), 1)
+        ).mean()
     )
     timed = timed_policy(
         policy,
@@ -564,13 +565,19 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     share = background_share(heldout)
     summary = (
-        f"{heldout.name}: a {n_exits}-exit encoder-decoder segmenter (exits 0 to {n_exits - 1}), "
-        f"held-out mIoU {miou[0]:.3f} at exit 0 and {miou[-1]:.3f} at exit {n_exits - 1}, the "
-        f"full model (pixel accuracy {accuracy[0]:.3f} / {accuracy[-1]:.3f}).",
+        (
+            f"{heldout.name}: a {n_exits}-exit encoder-decoder segmenter (exits 0 to "
+            f"{n_exits - 1}), held-out mIoU {miou[0]:.3f} at exit 0 and {miou[-1]:.3f} at exit "
+            f"{n_exits - 1}, the full model (pixel accuracy {accuracy[0]:.3f} / "
+            f"{accuracy[-1]:.3f})."
+        ),
         *summary_lines(risks, settings, run.timed),
-        f"Pixel miscoverage counts every pixel and {100 * share:.0f}% of the pixels are "
-        "background, on which every exit agrees with the full model, so it is dominated by "
-        "background; the foreground miscoverage counts the object pixels only (see its table).",
+        (
+            f"Pixel miscoverage counts every pixel and {100 * share:.0f}% of the pixels are "
+            "background, on which every exit agrees with the full model, so it is dominated by "
+            "background; the foreground miscoverage counts the object pixels only (see its "
+            "table)."
+        ),
     )
     results = DemoResults(
         task="segmentation",

@@ -466,10 +466,12 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     majority = heldout.largest_class_share()
     last = network.n_exits - 1
     summary = (
-        f"{MINILM} with an exit after each of its {network.n_exits} layers (exits 0 to "
-        f"{last}; {prepared.settings.mode} training) classifies King James verses into "
-        f"{len(counts)} genres: held-out accuracy {accuracy[0]:.3f} at exit 0 and "
-        f"{accuracy[-1]:.3f} at exit {last}, the full model (largest class {majority:.3f}).",
+        (
+            f"{MINILM} with an exit after each of its {network.n_exits} layers (exits 0 to "
+            f"{last}; {prepared.settings.mode} training) classifies King James verses into "
+            f"{len(counts)} genres: held-out accuracy {accuracy[0]:.3f} at exit 0 and "
+            f"{accuracy[-1]:.3f} at exit {last}, the full model (largest class {majority:.3f})."
+        ),
         *summary_lines(risks, settings, timed),
     )
     mean_flops = outputs.flops_to_exit.mean(axis=0)  # (L,)
