@@ -383,7 +383,12 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     full_predictions = outputs.probs[test_idx, -1].argmax(-1)
     repeats = config.timing_repeats or (3 if config.quick else 7)
     timing = time_inference(
-        network, test_images, float(policy.threshold), batch_size=256, repeats=repeats
+        network,
+        test_images,
+        float(policy.threshold),
+        batch_size=256,
+        repeats=repeats,
+        progress=config.progress,
     )
     timing_batch1 = time_inference(
         network,
@@ -391,6 +396,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         float(policy.threshold),
         batch_size=1,
         repeats=max(1, repeats // 2),
+        progress=config.progress,
     )
     full_only = float(flops.full)
     accuracy_early = float((predictions == test_labels).mean())

@@ -311,15 +311,38 @@ def _write_entry(
     return metadata
 
 
-def median_seconds(fn: Callable[[], Any], *, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+def median_seconds(
+    fn: Callable[[], Any], *, repeats: int, tick: Callable[[], Any] | None = None
+) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call.
+
+    ``tick`` is called after every call (the warm-up included), e.g. a progress bar's update.
+    """
     fn()
+    if tick is not None:
+        tick()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+        if tick is not None:
+            tick()
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def timing_bar(
+    *, runs: int, repeats: int, enabled: bool, desc: str
+) -> Iterator[Callable[[], Any] | None]:
+    """A progress bar over ``runs`` timed runs of ``repeats + 1`` calls each (warm-up
+    included); yields its ``update`` for :func:`median_seconds`, or None when disabled."""
+    bar = _progress(total=runs * (repeats + 1), enabled=enabled, desc=desc, unit="call")
+    if bar is None:
+        yield None
+        return
+    with bar:
+        yield bar.update
 
 
 def time_inference(
@@ -329,6 +352,7 @@ def time_inference(
     *,
     batch_size: int,
     repeats: int,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Median seconds per image of early-exit and full-model inference, run side by side."""
     batches = list(torch.split(images, batch_size))
@@ -337,8 +361,10 @@ def time_inference(
         for batch in batches:
             network.infer(batch, value)
 
-    full = median_seconds(lambda: run(math.inf), repeats=repeats)
-    early = median_seconds(lambda: run(threshold), repeats=repeats)
+    desc = f"timing {len(images)} images at batch {batch_size}"
+    with timing_bar(runs=2, repeats=repeats, enabled=progress, desc=desc) as tick:
+        full = median_seconds(lambda: run(math.inf), repeats=repeats, tick=tick)
+        early = median_seconds(lambda: run(threshold), repeats=repeats, tick=tick)
     return {
         "batch_size": batch_size,
         "full_ms_per_image": 1000 * full / len(images),
@@ -347,15 +373,24 @@ def time_inference(
     }
 
 
-def progress_bar(iterable: Iterable[Any], *, enabled: bool, desc: str) -> Iterable[Any]:
-    """``iterable`` wrapped in a tqdm bar when enabled and tqdm is installed."""
+def _progress(*, enabled: bool, **options: Any) -> Any:
+    """A tqdm bar with ``options`` when enabled and tqdm is installed, else None."""
     if not enabled:
-        return iterable
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
+        return None
+    return tqdm(leave=False, **options)
+
+
+def progress_bar(
+    iterable: Iterable[Any], *, enabled: bool, desc: str, total: int | None = None
+) -> Iterable[Any]:
+    """``iterable`` wrapped in a tqdm bar (count, total and time left when the length is
+    known) when enabled and tqdm is installed."""
+    bar = _progress(iterable=iterable, enabled=enabled, desc=desc, total=total)
+    return iterable if bar is None else bar
 
 
 def machine_info() -> dict[str, Any]:

@@ -45,6 +45,7 @@ from exitguard.tasks.common import (
     median_seconds,
     results_header,
     timed_policy,
+    timing_bar,
 )
 from exitguard.tasks.diffusion.losses import LOSSES, FeatureDistance, ssim_loss
 from exitguard.tasks.diffusion.model import Denoiser, DenoiserConfig, describe
@@ -330,6 +331,7 @@ def time_sampling(
     earliest_exit: int,
     batch_size: int,
     repeats: int,
+    progress: bool = False,
 ) -> tuple[dict[str, float], SampleResult, SampleResult]:
     """Samples per second of early-exit and full-model sampling, run side by side.
 
@@ -348,8 +350,10 @@ def time_sampling(
             batch_size=batch_size,
         )
 
-    full = median_seconds(lambda: run(math.inf, "full"), repeats=repeats)
-    early = median_seconds(lambda: run(threshold, "early"), repeats=repeats)
+    desc = f"timing {len(indices)} samples at batch {batch_size}"
+    with timing_bar(runs=2, repeats=repeats, enabled=progress, desc=desc) as tick:
+        full = median_seconds(lambda: run(math.inf, "full"), repeats=repeats, tick=tick)
+        early = median_seconds(lambda: run(threshold, "early"), repeats=repeats, tick=tick)
     n = len(indices)
     timing = {
         "batch_size": batch_size,
@@ -525,6 +529,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         earliest_exit=config.earliest_exit,
         batch_size=config.batch_size,
         repeats=repeats,
+        progress=config.progress,
     )
     timed_loss = ssim_loss(to_unit(early_run.images), to_unit(full_run.images)).numpy()
     sweep_exits = table.exits[policy.index][timed].astype(np.int64)  # (S, T)

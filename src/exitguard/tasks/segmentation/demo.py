@@ -442,13 +442,21 @@ def run_policy(prepared: Prepared, config: DemoConfig) -> PolicyRun:
     full_masks = network.infer(test_images, math.inf).predictions.numpy()  # (T, H, W)
     test_masks = heldout.labels[test_idx]
     repeats = config.timing_repeats or (3 if config.quick else 7)
-    timing = time_inference(network, test_images, threshold, batch_size=64, repeats=repeats)
+    timing = time_inference(
+        network,
+        test_images,
+        threshold,
+        batch_size=64,
+        repeats=repeats,
+        progress=config.progress,
+    )
     timing_batch1 = time_inference(
         network,
         test_images[: 20 if config.quick else 100],
         threshold,
         batch_size=1,
         repeats=max(1, repeats // 2),
+        progress=config.progress,
     )
     pixel_miss = float((early_masks != full_masks).mean(axis=(1, 2)).mean())
     objects = (early_masks != 0) | (full_masks != 0)  # (T, H, W)
