@@ -25,3 +25,30 @@ def calm_table() -> dict[str, np.ndarray]:
 def calm() -> dict[str, np.ndarray]:
     """The released CALM CNN/DM loss table, as embedded in the package."""
     return calm_table()
+
+
+@pytest.fixture(scope="session")
+def classification_demo(tmp_path_factory):
+    """The main job (``exitguard demo``) on a tiny configuration, run once per session, into a
+    folder that held an earlier run's report: (root, results, log lines); the report is in
+    ``root / "report"``."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from exitguard.tasks.classification import DemoConfig, run_demo
+    from tests.report_checks import earlier_report
+
+    root = tmp_path_factory.mktemp("classification-demo")
+    earlier_report(root / "report")
+    config = DemoConfig(
+        out=str(root / "report"),
+        cache_dir=str(root / "cache"),
+        epochs=2,
+        timing_repeats=1,
+        timing_images_batch1=20,
+        progress=False,
+        quick=True,
+    )
+    logs: list[str] = []
+    results = run_demo(config, log=logs.append)
+    return root, results, logs

@@ -12,13 +12,11 @@ from exitguard import ExitPolicy, calibrate, evaluate
 from exitguard.data.images import load_digits
 from exitguard.tasks.classification import (
     CNNConfig,
-    DemoConfig,
     TrainSettings,
     build_classifier,
     load_or_train,
-    run_demo,
 )
-from tests.report_checks import check_demo_report, earlier_report
+from tests.report_checks import check_demo_report
 
 FILES = (
     "index.html",
@@ -42,20 +40,8 @@ DATA_FILES = (
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    earlier_report(root / "report")
-    config = DemoConfig(
-        out=str(root / "report"),
-        cache_dir=str(root / "cache"),
-        epochs=2,
-        timing_repeats=1,
-        progress=False,
-        quick=True,
-    )
-    logs: list[str] = []
-    results = run_demo(config, log=logs.append)
-    return root, results, logs
+def demo(classification_demo):
+    return classification_demo
 
 
 def test_report_files_are_written(demo):

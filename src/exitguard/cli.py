@@ -631,8 +631,8 @@ PROCEDURE_HELP = (
     "ltt, ltt-bonferroni; aliases: ucb = ucb-wsr, ltt-hb = ltt-fixed-sequence = ltt"
 )
 QUICK_HELP = (
-    "a quick smoke run: fewer training epochs and timing repeats (and 20 splits for calm "
-    "unless --trials is given)"
+    "a quick smoke run: fewer training epochs, samples and timing repeats, and at most 20 "
+    "splits for calm, diffusion and text unless --trials is given"
 )
 
 

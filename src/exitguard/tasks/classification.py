@@ -192,6 +192,7 @@ class DemoConfig:
     cache_dir: str | None = None
     epochs: int | None = None
     timing_repeats: int | None = None
+    timing_images_batch1: int = 200
     ray: RaySettings | None = None  # collect the held-out outputs on Ray
 
 
@@ -392,7 +393,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     timing_batch1 = time_inference(
         network,
-        test_images[:200],
+        test_images[: config.timing_images_batch1],
         float(policy.threshold),
         batch_size=1,
         repeats=max(1, repeats // 2),
