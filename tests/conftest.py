@@ -28,7 +28,13 @@ def calm() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def classification_demo(tmp_path_factory):
+def model_cache(tmp_path_factory):
+    """One model cache for the session: a model trained by one test loads in the next."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def classification_demo(tmp_path_factory, model_cache):
     """The main job (``exitguard demo``) on a tiny configuration, run once per session, into a
     folder that held an earlier run's report: (root, results, log lines); the report is in
     ``root / "report"``."""
@@ -42,7 +48,7 @@ def classification_demo(tmp_path_factory):
     earlier_report(root / "report")
     config = DemoConfig(
         out=str(root / "report"),
-        cache_dir=str(root / "cache"),
+        cache_dir=str(model_cache),
         epochs=2,
         timing_repeats=1,
         timing_images_batch1=20,

@@ -55,8 +55,8 @@ def test_rotation_by_a_quarter_turn_moves_a_corner():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(model_cache):
+    return str(model_cache)  # the main job's tiny classifier, trained once per session
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,13 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from exitguard.report import rebuild_report
-from exitguard.tasks.segmentation import RISK_TITLES, SEGMENTATION_RISKS, DemoConfig, run_demo
+from exitguard.tasks.segmentation import (
+    RISK_TITLES,
+    SEGMENTATION_RISKS,
+    DemoConfig,
+    prepare,
+    run_demo,
+)
 from tests.report_checks import check_demo_report, earlier_report
 
 
@@ -71,9 +77,9 @@ def test_real_exits_and_guarantee_fields(demo):
 
 def test_second_run_loads_the_cached_model(demo):
     config, first = demo
-    again = run_demo(dataclasses.replace(config, trials=2), log=lambda line: None)
-    assert again.model.from_cache is True and first.model.from_cache is False
-    assert again.model.fingerprint == first.model.fingerprint
+    again = prepare(dataclasses.replace(config, trials=2), log=lambda line: None)
+    assert again.trained.from_cache is True and first.model.from_cache is False
+    assert again.network.fingerprint == first.model.fingerprint
 
 
 def test_the_table_procedure_is_required():
