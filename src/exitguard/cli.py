@@ -89,6 +89,15 @@ def _exit_cost(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndar
     return given if given is not None else data.get("exit_cost")
 
 
+def _cost_unit(args: argparse.Namespace, data: dict[str, np.ndarray], key: str) -> str | None:
+    """The unit a file names for its costs (one string member ``key``, e.g. "FLOPs"), unless
+    --exit-cost replaces them."""
+    value = np.asarray(data[key]) if key in data else None
+    if value is None or value.shape != () or value.dtype.kind != "U":
+        return None
+    return None if getattr(args, "exit_cost", None) else str(value)
+
+
 def _n_classes(data: dict[str, np.ndarray]) -> int | None:
     if "n_classes" not in data:
         return None
@@ -133,6 +142,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             "risk": None,
             "confidence": model_fields.get("confidence"),
             "model_fields": model_fields,
+            "cost_unit": _cost_unit(args, data, "cost_unit"),
         }
     grid = _grid(args, data)
     exit_cost = _exit_cost(args, data)
@@ -163,6 +173,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             "confidence": _confidence_name(data),
             "n_exits": data["confidence"].shape[1],
             "cost_label": "exits evaluated" if exit_cost is None else "cost",
+            "cost_unit": _cost_unit(args, data, "exit_cost_unit"),
         }
     outputs_key = "probs" if "probs" in data else "logits" if "logits" in data else None
     if outputs_key is None:
@@ -195,6 +206,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
         "confidence": args.confidence,
         "n_exits": data[outputs_key].shape[1],
         "cost_label": "exits evaluated" if exit_cost is None else "cost",
+        "cost_unit": _cost_unit(args, data, "exit_cost_unit"),
     }
 
 
@@ -297,7 +309,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     evaluated = tables.get("cost_label") == "exits evaluated"
-    unit = "exits evaluated" if evaluated else "in the units of `cost`"
+    unit = "exits evaluated" if evaluated else tables.get("cost_unit") or "in the units of `cost`"
     print(describe_policy(policy, unit=unit))
     if args.out:
         print(f"policy written to {args.out}")
@@ -410,7 +422,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     extra = (
         f" ({100 * saving:.1f}% below the full model's {applied.full_cost:.4g})" if saving else ""
     )
-    unit = "exits evaluated" if _exit_cost(args, data) is None else "in the units of the exit costs"
+    unit = (
+        "exits evaluated"
+        if _exit_cost(args, data) is None
+        else _cost_unit(args, data, "exit_cost_unit") or "in the units of the exit costs"
+    )
     print(f"mean cost       {applied.mean_cost:.4g} ({unit}){extra}")
     print(f"mean exit       {float(np.mean(applied.exits)):.3f} (0-based)")
     print(f"exit counts     {counts}  (exits 0..{applied.n_exits - 1}; {EXIT_NOTE})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -130,9 +131,10 @@ def _target_axis(ax: Any, results: DemoResults) -> None:
 
 
 def _linear_range(results: DemoResults) -> float:
-    """Below this magnitude the test-risk axis is linear (so 0 and negative risks show)."""
+    """Below this magnitude the test-risk axis is linear (so 0 and negative risks show): the
+    power of ten below half the smallest target, so its ticks fall on decades."""
     targets = [e for e in results.settings.target_risks if e > 0]
-    return min(targets) / 4 if targets else 1e-3
+    return 10.0 ** np.floor(np.log10(min(targets) / 2)) if targets else 1e-3
 
 
 # ------------------------------------------------------------------ plots on one axis
@@ -154,12 +156,12 @@ def plot_test_risk(ax: Any, results: DemoResults, risk: str, *, legend: bool = T
         ax.fill_between(eps, mean - sd, mean + sd, color=style.get("color"), alpha=0.12)
     targets = np.array(sorted(results.settings.target_risks), dtype=float)
     ax.plot(targets, targets, color="black", linewidth=0.9, label="risk = ε")
-    ax.set_yscale("symlog", linthresh=_linear_range(results), linscale=0.5)
-    ax.set_title(_plain(results.risk_title(risk)), fontsize=9)
+    ax.set_yscale("symlog", linthresh=_linear_range(results), linscale=0.6)
+    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
     _target_axis(ax, results)
     ax.set_ylabel("test risk (mean over splits)")
     if legend:
-        ax.legend(fontsize=6.5, loc="upper left")
+        ax.legend(fontsize=8, loc="upper left")
     return ax
 
 
@@ -182,11 +184,11 @@ def plot_violations(ax: Any, results: DemoResults, risk: str, *, legend: bool = 
         )
     ax.axhline(delta, color="black", linewidth=0.9, linestyle="--", label=f"δ = {delta:g}")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(_plain(results.risk_title(risk)), fontsize=9)
+    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
     _target_axis(ax, results)
     ax.set_ylabel("violation rate")
     if legend:
-        ax.legend(fontsize=6.5, loc="upper right")
+        ax.legend(fontsize=8, loc="upper right")
     return ax
 
 
@@ -205,11 +207,11 @@ def plot_mean_exit(ax: Any, results: DemoResults, risk: str, *, legend: bool = T
         )
     ax.set_ylim(-0.2, last + 0.2)
     ax.set_yticks(np.arange(last + 1) if last <= 12 else np.linspace(0, last, 7).round())
-    ax.set_title(_plain(results.risk_title(risk)), fontsize=9)
+    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
     _target_axis(ax, results)
     ax.set_ylabel(f"mean exit (0 = first, {last} = full model)")
     if legend:
-        ax.legend(fontsize=6.5, loc="upper right")
+        ax.legend(fontsize=8, loc="upper right")
     return ax
 
 
@@ -225,11 +227,11 @@ def plot_flops_saving(ax: Any, results: DemoResults, risk: str, *, legend: bool 
             markersize=3,
             **PROCEDURE_STYLE.get(procedure, {}),
         )
-    ax.set_title(_plain(results.risk_title(risk)), fontsize=9)
+    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
     _target_axis(ax, results)
     ax.set_ylabel("FLOPs saved (%)")
     if legend:
-        ax.legend(fontsize=6.5, loc="upper left")
+        ax.legend(fontsize=8, loc="upper left")
     return ax
 
 
@@ -250,11 +252,12 @@ def plot_exit_histogram(ax: Any, results: DemoResults) -> Any:
     ax.set_xlabel(f"exit (0 = first, {last} = full model)")
     ax.set_ylabel(_plain(f"share of {timed.counted_unit}"))
     ax.set_title(
-        _plain(
+        _title(
             f"Exits taken by the one policy run for real: {timed.procedure} at "
-            f"ε = {timed.target_risk:g} on {results.risk_title(timed.risk)}"
+            f"ε = {timed.target_risk:g} on {results.risk_title(timed.risk)}",
+            width=70,
         ),
-        fontsize=8,
+        fontsize=9,
     )
     ax.legend(fontsize=7)
     return ax
@@ -301,11 +304,21 @@ def plot_picture_grid(axes: Any, grid: PictureGrid) -> Any:
 # ---------------------------------------------------------------------------- figures
 
 
-def _risk_axes(plt: Any, count: int, *, height: float = 3.4) -> tuple[Any, list[Any]]:
-    columns = 4 if count == 4 else min(count, 3)
-    rows = int(np.ceil(count / columns))
+_PANEL_WIDTH = 5.6
+"""Inches per plot column: two columns fill the page at about its own scale."""
+
+
+def _title(text: str, *, width: int) -> str:
+    """``text`` drawn literally and wrapped at ``width`` characters."""
+    return textwrap.fill(_plain(text), width=width)
+
+
+def _risk_axes(plt: Any, count: int, *, height: float = 3.6) -> tuple[Any, list[Any]]:
+    """One axis per risk, two per row (one when there is a single risk)."""
+    columns = min(count, 2)
+    rows = -(-count // columns)  # ceil
     figure, axes = plt.subplots(
-        rows, columns, figsize=(4.8 * columns, height * rows + 1.1), squeeze=False
+        rows, columns, figsize=(_PANEL_WIDTH * columns, height * rows + 1.6), squeeze=False
     )
     flat = list(axes.ravel())
     for extra in flat[count:]:
@@ -313,70 +326,82 @@ def _risk_axes(plt: Any, count: int, *, height: float = 3.4) -> tuple[Any, list[
     return figure, flat[:count]
 
 
-def _figure_legend(figure: Any, ax: Any) -> None:
-    """One legend for the whole figure, below the plots (the first axis has every entry)."""
+def _figure_legend(figure: Any, ax: Any) -> int:
+    """One legend for the whole figure, below the plots (the first axis has every entry);
+    returns its number of rows."""
     handles, labels = ax.get_legend_handles_labels()
-    figure.legend(
-        handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False
-    )
+    columns = 2 if figure.get_figwidth() > 1.5 * _PANEL_WIDTH else 1
+    figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False)
+    return -(-len(labels) // columns)
 
 
-def _leave_room(figure: Any, *, legend_rows: int = 2) -> None:
-    """Lay the axes out above the figure legend and below the title."""
+def _leave_room(figure: Any, *, legend_rows: int, title_lines: int) -> None:
+    """Lay the axes out above the figure legend and below the (wrapped) title."""
     height = figure.get_figheight()
-    figure.tight_layout(rect=(0, (0.25 + 0.2 * legend_rows) / height, 1, 1 - 0.45 / height))
+    bottom = (0.15 + 0.2 * legend_rows) / height
+    figure.tight_layout(rect=(0, bottom, 1, 1 - (0.1 + 0.22 * title_lines) / height))
+
+
+def _risk_figure(
+    results: DemoResults, draw: Callable[..., Any], title: str, *, height: float = 3.6
+) -> Any:
+    """``draw(ax, results, risk, legend=False)`` for every risk, a legend and a title."""
+    plt = _pyplot()
+    figure, axes = _risk_axes(plt, len(results.risks), height=height)
+    for ax, risk in zip(axes, results.risks, strict=True):
+        draw(ax, results, risk, legend=False)
+    legend_rows = _figure_legend(figure, axes[0])
+    wrapped = _title(title, width=int(10.5 * figure.get_figwidth()))
+    figure.suptitle(wrapped, fontsize=11)
+    _leave_room(figure, legend_rows=legend_rows, title_lines=wrapped.count("\n") + 1)
+    return figure
 
 
 def figure_test_risk(results: DemoResults) -> Any:
-    plt = _pyplot()
-    figure, axes = _risk_axes(plt, len(results.risks))
-    for ax, risk in zip(axes, results.risks, strict=True):
-        plot_test_risk(ax, results, risk, legend=False)
-    _figure_legend(figure, axes[0])
-    figure.suptitle(
-        f"Test risk against the target ε: mean over {results.settings.trials} random splits "
-        "(band: ±1 sd); a policy keeps to its target below the black line risk = ε",
-        fontsize=10,
+    return _risk_figure(
+        results,
+        plot_test_risk,
+        f"Test risk against the target ε: mean over {results.settings.trials} random "
+        "calibration/test splits (band: ±1 sd). A policy keeps to its target on average "
+        "below the black line risk = ε.",
     )
-    _leave_room(figure)
-    return figure
 
 
 def figure_violations(results: DemoResults) -> Any:
-    plt = _pyplot()
-    figure, axes = _risk_axes(plt, len(results.risks))
-    for ax, risk in zip(axes, results.risks, strict=True):
-        plot_violations(ax, results, risk, legend=False)
-    _figure_legend(figure, axes[0])
-    figure.suptitle(
+    return _risk_figure(
+        results,
+        plot_violations,
         "Violations: share of calibration draws whose policy's risk on all held-out data "
-        "exceeds ε; δ bounds ucb and ltt only",
-        fontsize=10,
+        "exceeds ε. The dashed line δ bounds ucb and ltt only; crc promises the mean risk and "
+        "naive nothing.",
     )
-    _leave_room(figure)
-    return figure
 
 
 def figure_efficiency(results: DemoResults) -> Any:
+    """One row per risk: the mean exit (left) and the share of FLOPs saved (right)."""
     plt = _pyplot()
     count = len(results.risks)
-    figure, axes = plt.subplots(2, count, figsize=(4.8 * count, 7.4), squeeze=False)
-    for column, risk in enumerate(results.risks):
-        plot_mean_exit(axes[0, column], results, risk, legend=False)
-        plot_flops_saving(axes[1, column], results, risk, legend=False)
-    _figure_legend(figure, axes[0, 0])
-    figure.suptitle(
-        f"Efficiency of each procedure's policy, mean over {results.settings.trials} splits: "
-        "mean exit (top, 0 = first) and share of the full model's FLOPs saved (bottom)",
-        fontsize=10,
+    figure, axes = plt.subplots(
+        count, 2, figsize=(2 * _PANEL_WIDTH, 3.4 * count + 1.6), squeeze=False
     )
-    _leave_room(figure)
+    for row, risk in enumerate(results.risks):
+        plot_mean_exit(axes[row, 0], results, risk, legend=False)
+        plot_flops_saving(axes[row, 1], results, risk, legend=False)
+    legend_rows = _figure_legend(figure, axes[0, 0])
+    wrapped = _title(
+        f"Efficiency of each procedure's policy, mean over {results.settings.trials} splits: "
+        "the mean exit (left; 0 = the first exit) and the share of the full model's FLOPs "
+        "saved (right), one row per risk.",
+        width=int(10.5 * figure.get_figwidth()),
+    )
+    figure.suptitle(wrapped, fontsize=11)
+    _leave_room(figure, legend_rows=legend_rows, title_lines=wrapped.count("\n") + 1)
     return figure
 
 
 def figure_exit_histogram(results: DemoResults) -> Any:
     plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(6.4, 3.6))
+    figure, ax = plt.subplots(figsize=(_PANEL_WIDTH * 1.2, 4.0))
     plot_exit_histogram(ax, results)
     figure.tight_layout()
     return figure

@@ -9,7 +9,6 @@ for real against the full model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,38 +29,35 @@ from exitguard.nn import (
     count_flops,
 )
 from exitguard.nn.blocks import BasicBlock
-from exitguard.report import write_report
 from exitguard.report.plots import default_risk_title
-from exitguard.report.results import (
-    DatasetInfo,
-    DemoResults,
-    ModelInfo,
-    RiskResult,
-    Settings,
-    summary_lines,
-)
+from exitguard.report.results import DemoResults, ModelInfo, summary_lines
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
 from exitguard.tasks.common import (
-    PROCEDURES,
     CachedModel,
+    ImageOptions,
+    PolicyOptions,
+    accuracy_measures,
     cached_model,
-    evaluate_risk,
+    calibration_split,
+    demo_settings,
+    evaluate_risks,
+    exit_output_files,
+    image_dataset_info,
+    loss_bound,
     model_description,
-    npz_writer,
-    progress_bar,
     results_header,
-    speed,
     table_writer,
-    time_inference,
+    time_inference,  # noqa: F401  (benchmarks/classification.py imports it from here)
+    time_policy,
     timed_policy,
     train_jointly,
+    write_demo_report,
 )
 
 if TYPE_CHECKING:
     from exitguard.distributed.options import RaySettings
 
-TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CACHE_FORMAT = "exitguard.classifier/1"
 
@@ -171,27 +167,16 @@ def load_or_train(
 # ------------------------------------------------------------------------------- demo
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(ImageOptions, PolicyOptions):
+    """Settings of :func:`run_demo` (the shared ones: :class:`~exitguard.tasks.common.DemoOptions`).
 
-    dataset: str = "digits"
-    dataset_path: str | None = None
+    ``timing_images_batch1`` test images are timed at batch 1 (all of them at batch 256).
+    """
+
     out: str = "exitguard-report/classification"
-    seed: int = 0
-    n_cal: int = 100
-    trials: int = 100
-    delta: float = 0.1
-    procedures: tuple[str, ...] = PROCEDURES
-    target_risks: tuple[float, ...] = TARGET_RISKS
     policy_risk: str = "prediction_gap"
-    policy_procedure: str = "ucb-wsr"
-    policy_target_risk: float = 0.05
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     epochs: int | None = None
-    timing_repeats: int | None = None
     timing_images_batch1: int = 200
     ray: RaySettings | None = None  # collect the held-out outputs on Ray
 
@@ -332,34 +317,27 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     exit_flops = prepared.exit_flops
     accuracy = (outputs.probs.argmax(-1) == heldout.labels[:, None]).mean(axis=0)  # (L,)
 
-    trials = config.trials
-    risks: dict[str, RiskResult] = {}
     files: dict[str, Any] = {}
-    for risk in progress_bar(RISKS, enabled=config.progress, desc="calibrating risks"):
-        tables = risk_tables(prepared, risk, seed=config.seed)
-        bound = 2.0 if risk.startswith("distribution") else 1.0
-        risks[risk] = evaluate_risk(
-            tables["losses"],
-            cost=tables["cost"],
-            exits=tables["exits"],
-            loss_bound=bound,
-            title=default_risk_title(risk),
-            procedures=config.procedures,
-            target_risks=config.target_risks,
-            delta=config.delta,
-            n_cal=config.n_cal,
-            trials=trials,
-            seed=config.seed,
-        )
+
+    def keep(risk: str, tables: Any) -> None:
         files[f"table_{risk}.npz"] = table_writer(
-            tables, loss_bound=bound, risk=risk, model=network
+            tables, loss_bound=loss_bound(risk), risk=risk, model=network
         )
+
+    risks = evaluate_risks(
+        RISKS,
+        lambda risk: risk_tables(prepared, risk, seed=config.seed),
+        options=config,
+        n_cal=config.n_cal,
+        trials=config.trials,
+        loss_bound=loss_bound,
+        title=default_risk_title,
+        keep=keep,
+    )
 
     # One calibrated policy, run for real on the rest of the held-out data.
     log("running one calibrated policy for real and timing it against the full model")
-    cal_idx, test_idx = np.split(
-        np.random.default_rng(config.seed + 1).permutation(len(heldout)), [config.n_cal]
-    )
+    cal_idx, test_idx = calibration_split(len(heldout), config.n_cal, seed=config.seed)
     policy = calibrate(
         outputs.probs[cal_idx],
         heldout.labels[cal_idx],
@@ -379,53 +357,36 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     result = network.infer(test_images, policy)
     simulated = exit_index(outputs.confidences[test_idx], float(policy.threshold))
     exits = result.exits.numpy()
-    predictions = result.predictions.numpy()
-    test_labels = heldout.labels[test_idx]
-    full_predictions = outputs.probs[test_idx, -1].argmax(-1)
-    repeats = config.timing_repeats or (3 if config.quick else 7)
-    timing = time_inference(
-        network,
-        test_images,
-        float(policy.threshold),
-        batch_size=256,
-        repeats=repeats,
-        progress=config.progress,
+    measures, quality = accuracy_measures(
+        result.predictions.numpy(),
+        outputs.probs[test_idx, -1].argmax(-1),
+        heldout.labels[test_idx],
+        exits_match=bool(np.array_equal(exits, simulated)),
     )
-    timing_batch1 = time_inference(
-        network,
-        test_images[: config.timing_images_batch1],
-        float(policy.threshold),
-        batch_size=1,
-        repeats=max(1, repeats // 2),
-        progress=config.progress,
-    )
-    full_only = float(flops.full)
-    accuracy_early = float((predictions == test_labels).mean())
-    accuracy_full = float((full_predictions == test_labels).mean())
     timed = timed_policy(
         policy,
         exits,
         n_exits=network.n_exits,
-        flops_saving=1.0 - float(exit_flops[exits].mean()) / full_only,
+        flops_saving=1.0 - float(exit_flops[exits].mean()) / float(flops.full),
         n_cal=len(cal_idx),
         unit="images",
-        speeds=[speed(timing), speed(timing_batch1)],
-        measures=[
-            ("test accuracy, full model", accuracy_full),
-            ("test accuracy, early exit", accuracy_early),
-            ("test risk (accuracy drop)", accuracy_full - accuracy_early),
-            ("real exits equal simulated exits", bool(np.array_equal(exits, simulated))),
-        ],
-        quality=f"accuracy {accuracy_early:.3f} against {accuracy_full:.3f} for the full model",
+        speeds=time_policy(
+            network,
+            test_images,
+            float(policy.threshold),
+            batch_size=256,
+            batch1_images=config.timing_images_batch1,
+            repeats=config.timing_repeats or (3 if config.quick else 7),
+            progress=config.progress,
+        ),
+        measures=measures,
+        quality=quality,
     )
-    settings_ = Settings(
-        delta=config.delta,
+    settings_ = demo_settings(
+        config,
         n_cal=config.n_cal,
-        trials=trials,
-        target_risks=tuple(config.target_risks),
+        trials=config.trials,
         table_target_risks=TABLE_TARGET_RISKS,
-        procedures=tuple(config.procedures),
-        seed=config.seed,
         confidence=str(network.confidence),
     )
     summary = (
@@ -440,22 +401,14 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         task="classification",
         title=f"exitguard: certified early exit on {data.name}",
         summary=summary,
-        dataset=DatasetInfo(
-            name=data.name,
-            source=data.source,
-            n_train=len(train),
-            n_heldout=len(heldout),
-            unit="images",
-            classes=tuple(data.class_names),
-            extra={"image_shape": list(data.image_shape)},
-        ),
+        dataset=image_dataset_info(data, n_train=len(train), n_heldout=len(heldout), unit="images"),
         model=ModelInfo(
             description=f"ResNet-style CNN, stage widths {list(model_config.widths)}, strides "
             f"{list(model_config.strides)}, one exit head (pool, layer norm, linear) per stage; "
             f"trained jointly with self-distillation ({settings.epochs} epochs).",
             n_exits=network.n_exits,
             flops_per_exit=tuple(exit_flops.tolist()),
-            full_flops=full_only,
+            full_flops=float(flops.full),
             accuracy_per_exit=tuple(accuracy.tolist()),
             fingerprint=network.fingerprint,
             from_cache=trained.from_cache,
@@ -467,30 +420,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         policy=policy.to_dict(),
         **results_header(),
     )
-    files.update(exit_output_files(outputs, heldout.labels, cal_idx, test_idx, exit_flops))
-    files["policy.json"] = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
-    write_report(results, Path(config.out), data=files)
+    splits = {"calibration": cal_idx, "test": test_idx}
+    files.update(exit_output_files(outputs.probs, heldout.labels, splits, exit_cost=exit_flops))
+    write_demo_report(results, config, policy=policy, files=files)
     return results
-
-
-def exit_output_files(
-    outputs: ExitOutputs,
-    labels: np.ndarray,
-    cal_idx: np.ndarray,
-    test_idx: np.ndarray,
-    exit_flops: np.ndarray,
-) -> dict[str, Any]:
-    """The held-out per-exit outputs, split as the timed policy used them, as npz writers.
-
-    ``exits_calibration.npz`` and ``exits_test.npz`` hold ``probs`` (n, L, C) float32,
-    ``labels`` (n,) and ``exit_cost`` (L,) FLOPs: what ``exitguard calibrate`` and
-    ``exitguard apply`` read.
-    """
-    return {
-        f"exits_{name}.npz": npz_writer(
-            probs=outputs.probs[index].astype(np.float32),
-            labels=np.asarray(labels)[index],
-            exit_cost=np.asarray(exit_flops, dtype=np.float64),
-        )
-        for name, index in (("calibration", cal_idx), ("test", test_idx))
-    }

@@ -19,6 +19,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -39,10 +40,60 @@ from exitguard.evaluation import evaluate
 from exitguard.nn import EarlyExitNetwork, TrainConfig, train_exits
 from exitguard.nn.io import assign_tensors, stored_tensors
 from exitguard.policy import ExitPolicy
-from exitguard.report.results import Machine, RiskResult, Speed, TimedPolicy
+from exitguard.report.results import (
+    DatasetInfo,
+    DemoResults,
+    DriftResults,
+    Machine,
+    RiskResult,
+    Settings,
+    Speed,
+    TimedPolicy,
+)
 
 PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
 """The procedures every demo compares."""
+TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
+"""The target risks of the classification, segmentation and text demos: 0.01 to 0.2, 0.25, 0.3."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoOptions:
+    """What every demo takes (what ``exitguard demo`` passes to each task).
+
+    ``out`` is the report folder, ``n_cal`` the calibration size of each of ``trials``
+    random calibration/test splits, ``delta`` the level of the high-probability procedures.
+    """
+
+    out: str
+    seed: int = 0
+    n_cal: int = 100
+    trials: int = 100
+    delta: float = 0.1
+    quick: bool = False
+    progress: bool = True
+    cache_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageOptions(DemoOptions):
+    """The options of the demos on images: ``dataset`` (``digits``, ``mnist-5k``,
+    ``fashion-mnist``) and, for Fashion-MNIST, the folder of its IDX files."""
+
+    dataset: str = "digits"
+    dataset_path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicyOptions(DemoOptions):
+    """The options of the demos that compare procedures over a grid of target risks and run
+    one calibrated policy for real (``policy_procedure`` at ``policy_target_risk``)."""
+
+    procedures: tuple[str, ...] = PROCEDURES
+    target_risks: tuple[float, ...] = TARGET_RISKS
+    policy_procedure: str = "ucb-wsr"
+    policy_target_risk: float = 0.05
+    timing_repeats: int | None = None
 
 
 def default_cache_dir() -> Path:
@@ -486,9 +537,9 @@ def table_writer(
     """A loss table as ``exitguard calibrate FILE`` reads it.
 
     Holds ``losses`` (K, n), ``cost`` (K, n) FLOPs, ``thresholds`` (K,), ``exits`` (K, n)
-    (0-based), ``loss_bound`` and ``risk``; with ``model``, also the fields that bind a
-    policy calibrated on it to the network (``model_fingerprint``, ``n_exits``,
-    ``confidence_name``).
+    (0-based), ``loss_bound``, ``risk`` and ``cost_unit`` ("FLOPs"); with ``model``, also
+    the fields that bind a policy calibrated on it to the network (``model_fingerprint``,
+    ``n_exits``, ``confidence_name``).
     """
     arrays: dict[str, Any] = {
         "losses": np.asarray(tables["losses"], dtype=np.float64),
@@ -497,6 +548,7 @@ def table_writer(
         "exits": np.asarray(tables["exits"]).astype(np.int16),
         "loss_bound": np.float64(loss_bound),
         "risk": np.str_(risk),
+        "cost_unit": np.str_("FLOPs"),
     }
     if model is not None:
         arrays["model_fingerprint"] = np.str_(model.fingerprint)
@@ -540,3 +592,230 @@ def evaluate_risk(
     return RiskResult(
         title=title, loss_bound=loss_bound, evaluation=by_flops, evaluation_exits=by_exit, note=note
     )
+
+
+def loss_bound(risk: str) -> float:
+    """B of one of exitguard's risks (2 for the Brier risks, 1 for the 0-1 risks)."""
+    from exitguard.risk.losses import get_risk
+
+    return float(get_risk(risk).loss_bound)
+
+
+def evaluate_risks(
+    names: Sequence[str],
+    tables: Callable[[str], Mapping[str, np.ndarray]],
+    *,
+    options: PolicyOptions,
+    n_cal: int,
+    trials: int,
+    loss_bound: Callable[[str], float],
+    title: Callable[[str], str],
+    note: Callable[[str], str] | None = None,
+    keep: Callable[[str, Mapping[str, np.ndarray]], Any] | None = None,
+) -> dict[str, RiskResult]:
+    """Every risk's repeated-split evaluation (:func:`evaluate_risk`), behind a progress bar.
+
+    ``tables(name)`` gives the risk's ``losses``, ``cost`` and ``exits`` (K, n); ``keep``
+    receives each risk's tables once evaluated (e.g. to save them beside the report).
+    """
+    risks: dict[str, RiskResult] = {}
+    for name in progress_bar(names, enabled=options.progress, desc="calibrating risks"):
+        table = tables(name)
+        risks[name] = evaluate_risk(
+            table["losses"],
+            cost=table["cost"],
+            exits=table["exits"],
+            loss_bound=loss_bound(name),
+            title=title(name),
+            note="" if note is None else note(name),
+            procedures=options.procedures,
+            target_risks=options.target_risks,
+            delta=options.delta,
+            n_cal=n_cal,
+            trials=trials,
+            seed=options.seed,
+        )
+        if keep is not None:
+            keep(name, table)
+    return risks
+
+
+def image_dataset_info(
+    data: Any,
+    *,
+    n_train: int,
+    n_heldout: int,
+    unit: str,
+    note: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> DatasetInfo:
+    """What a page says about an image dataset (:class:`~exitguard.data.images.ImageDataset`
+    or one of scenes): its name, source, classes and image shape, and the sizes used."""
+    return DatasetInfo(
+        name=data.name,
+        source=data.source,
+        n_train=n_train,
+        n_heldout=n_heldout,
+        unit=unit,
+        note=note,
+        classes=tuple(data.class_names),
+        extra={"image_shape": list(data.image_shape), **(extra or {})},
+    )
+
+
+def demo_settings(
+    options: PolicyOptions,
+    *,
+    n_cal: int,
+    trials: int,
+    table_target_risks: Sequence[float],
+    confidence: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Settings:
+    """The calibration settings a demo's page states."""
+    return Settings(
+        delta=options.delta,
+        n_cal=n_cal,
+        trials=trials,
+        target_risks=tuple(options.target_risks),
+        table_target_risks=tuple(table_target_risks),
+        procedures=tuple(options.procedures),
+        seed=options.seed,
+        confidence=confidence,
+        extra=dict(extra or {}),
+    )
+
+
+def calibration_split(n: int, n_cal: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, test) indices of the one policy a demo runs for real: a random split
+    of ``n`` held-out samples, seeded by ``seed + 1`` (the splits of the evaluation use
+    ``seed``)."""
+    order = np.random.default_rng(seed + 1).permutation(n)
+    calibration, test = np.split(order, [n_cal])
+    return calibration, test
+
+
+def calibrate_quietly(
+    table: Mapping[str, np.ndarray],
+    *,
+    risk: str,
+    loss_bound: float,
+    target_risk: float,
+    delta: float,
+    procedure: str,
+    confidence: str,
+    n_exits: int,
+    model_fingerprint: str,
+) -> ExitPolicy:
+    """A policy calibrated on a loss table, recording the model it belongs to.
+
+    When nothing can be certified it is the full model, which the demo reports (so the
+    warning is not shown).
+    """
+    from exitguard.calibration import calibrate_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an uncertified policy is reported, not warned about
+        policy = calibrate_table(
+            table["losses"],
+            target_risk=target_risk,
+            delta=delta,
+            procedure=procedure,
+            loss_bound=loss_bound,
+            cost=table["cost"],
+            thresholds=table["thresholds"],
+            risk=risk,
+            confidence=confidence,
+        )
+    return policy.with_model(
+        n_exits=n_exits, model_fingerprint=model_fingerprint, confidence=confidence
+    )
+
+
+def time_policy(
+    network: EarlyExitNetwork,
+    images: Tensor,
+    threshold: float,
+    *,
+    batch_size: int,
+    batch1_images: int,
+    repeats: int,
+    progress: bool,
+) -> list[Speed]:
+    """Early exit against the full model, side by side, at ``batch_size`` on all ``images``
+    and at batch 1 on the first ``batch1_images`` (with half the repeats)."""
+    timings = [
+        time_inference(
+            network,
+            images,
+            threshold,
+            batch_size=batch_size,
+            repeats=repeats,
+            progress=progress,
+        ),
+        time_inference(
+            network,
+            images[:batch1_images],
+            threshold,
+            batch_size=1,
+            repeats=max(1, repeats // 2),
+            progress=progress,
+        ),
+    ]
+    return [speed(timing) for timing in timings]
+
+
+def accuracy_measures(
+    predictions: np.ndarray,
+    full_predictions: np.ndarray,
+    labels: np.ndarray,
+    *,
+    exits_match: bool,
+) -> tuple[list[tuple[str, Any]], str]:
+    """The timed policy's accuracy against the full model's on the same test samples: the
+    page's measures and the summary's phrase."""
+    full = float((full_predictions == labels).mean())
+    early = float((predictions == labels).mean())
+    measures: list[tuple[str, Any]] = [
+        ("test accuracy, full model", full),
+        ("test accuracy, early exit", early),
+        ("test risk (accuracy drop)", full - early),
+        ("real exits equal simulated exits", exits_match),
+    ]
+    return measures, f"accuracy {early:.3f} against {full:.3f} for the full model"
+
+
+def exit_output_files(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    splits: Mapping[str, np.ndarray],
+    *,
+    exit_cost: np.ndarray,
+) -> dict[str, Callable[[Any], None]]:
+    """Held-out per-exit outputs as ``exits_<split>.npz`` writers, split as the timed policy
+    used them: ``probs`` (n, L, C) float32, ``labels`` (n,), ``exit_cost`` (L,) and
+    ``exit_cost_unit`` ("FLOPs"), what ``exitguard calibrate`` and ``exitguard apply`` read."""
+    return {
+        f"exits_{name}.npz": npz_writer(
+            probs=np.asarray(probs)[index].astype(np.float32),
+            labels=np.asarray(labels)[index],
+            exit_cost=np.asarray(exit_cost, dtype=np.float64),
+            exit_cost_unit=np.str_("FLOPs"),
+        )
+        for name, index in splits.items()
+    }
+
+
+def write_demo_report(
+    results: DemoResults | DriftResults,
+    options: DemoOptions,
+    *,
+    policy: ExitPolicy,
+    files: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a demo's report to ``options.out`` with its data files and ``policy.json``."""
+    from exitguard.report import write_report
+
+    data = dict(files or {})
+    data["policy.json"] = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
+    return write_report(results, Path(options.out), data=data)

@@ -11,10 +11,8 @@ the report (:func:`exitguard.report.write_report`) with the loss tables beside i
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,30 +20,31 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from exitguard.calibration import calibrate_table
 from exitguard.data.images import ImageDataset, load_dataset
 from exitguard.policy import ExitPolicy
-from exitguard.report import write_report
 from exitguard.report.results import (
-    DatasetInfo,
     DemoResults,
     GridCell,
     GridRow,
     ModelInfo,
     PictureGrid,
-    RiskResult,
-    Settings,
     Speed,
     summary_lines,
 )
 from exitguard.tasks.common import (
-    PROCEDURES,
     CachedModel,
-    evaluate_risk,
+    ImageOptions,
+    PolicyOptions,
+    calibrate_quietly,
+    calibration_split,
+    demo_settings,
+    evaluate_risks,
+    image_dataset_info,
     median_seconds,
     results_header,
     timed_policy,
     timing_bar,
+    write_demo_report,
 )
 from exitguard.tasks.diffusion.losses import LOSSES, FeatureDistance, ssim_loss
 from exitguard.tasks.diffusion.model import Denoiser, DenoiserConfig, describe
@@ -75,9 +74,9 @@ LOSS_TITLES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(ImageOptions, PolicyOptions):
+    """Settings of :func:`run_demo` (the shared ones: :class:`~exitguard.tasks.common.DemoOptions`).
 
     ``n_samples`` noise seeds are tabulated (default 1000, 200 with ``quick``); ``n_cal`` of
     them calibrate and the rest test, so ``n_cal`` is capped at half of ``n_samples``.
@@ -85,30 +84,18 @@ class DemoConfig:
     dataset (``train_iterations`` only the number of iterations).
     """
 
-    dataset: str = "digits"
-    dataset_path: str | None = None
     out: str = "exitguard-report/diffusion"
-    seed: int = 0
     n_cal: int = 500
     n_samples: int | None = None
-    trials: int = 100
-    delta: float = 0.1
-    procedures: tuple[str, ...] = PROCEDURES
     target_risks: tuple[float, ...] = TARGET_RISKS
     losses: tuple[str, ...] = LOSSES
     policy_loss: str = "ssim"
-    policy_procedure: str = "ucb-wsr"
-    policy_target_risk: float = 0.05
     figure_target_risks: tuple[float, ...] = FIGURE_TARGET_RISKS
     earliest_exit: int = 1
     n_thresholds: int = 20
     pilot_samples: int = 64
     batch_size: int = 64
     timing_samples: int = 128
-    timing_repeats: int | None = None
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     ray: RaySettings | None = None  # sweep on Ray
     model: DenoiserConfig | None = None
     train: TrainSettings | None = None
@@ -303,22 +290,20 @@ def calibrated(
     """A policy calibrated on the sweep's columns ``cal`` (the full model when none is
     certified), recording the model."""
     table = prepared.sweep
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an uncertified policy is reported, not warned about
-        policy = calibrate_table(
-            table.table(loss)[:, cal],
-            target_risk=target_risk,
-            delta=delta,
-            procedure=procedure,
-            cost=table.cost[:, cal],
-            thresholds=table.thresholds,
-            risk=loss,
-            confidence="uem",
-        )
-    return policy.with_model(
+    return calibrate_quietly(
+        {
+            "losses": table.table(loss)[:, cal],
+            "cost": table.cost[:, cal],
+            "thresholds": table.thresholds,
+        },
+        risk=loss,
+        loss_bound=1.0,
+        target_risk=target_risk,
+        delta=delta,
+        procedure=procedure,
+        confidence="uem",
         n_exits=prepared.model.n_exits,
         model_fingerprint=prepared.model.fingerprint,
-        confidence="uem",
     )
 
 
@@ -485,24 +470,16 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     flops = table.flops
 
     log("calibrating every loss over repeated splits")
-    risks: dict[str, RiskResult] = {}
-    for loss in config.losses:  # a loop over the few losses
-        risks[loss] = evaluate_risk(
-            table.table(loss),
-            cost=table.cost,
-            exits=table.mean_exit,
-            loss_bound=1.0,
-            title=LOSS_TITLES[loss],
-            procedures=config.procedures,
-            target_risks=config.target_risks,
-            delta=config.delta,
-            n_cal=n_cal,
-            trials=trials,
-            seed=config.seed,
-        )
-
-    order = np.random.default_rng(config.seed + 1).permutation(n_samples)
-    cal, test = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+    risks = evaluate_risks(
+        config.losses,
+        lambda loss: {"losses": table.table(loss), "cost": table.cost, "exits": table.mean_exit},
+        options=config,
+        n_cal=n_cal,
+        trials=trials,
+        loss_bound=lambda loss: 1.0,
+        title=LOSS_TITLES.__getitem__,
+    )
+    cal, test = (np.sort(part) for part in calibration_split(n_samples, n_cal, seed=config.seed))
 
     def policy_at(target_risk: float) -> ExitPolicy:
         return calibrated(
@@ -576,14 +553,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     history = prepared.trained.metadata.get("history", {})
     final_losses = {key: values[-1] for key, values in history.items() if key != "iteration"}
-    settings = Settings(
-        delta=config.delta,
+    settings = demo_settings(
+        config,
         n_cal=n_cal,
         trials=trials,
-        target_risks=tuple(config.target_risks),
         table_target_risks=TABLE_TARGET_RISKS,
-        procedures=tuple(config.procedures),
-        seed=config.seed,
         confidence="uem",
         extra={
             "losses": {name: LOSS_TITLES[name] for name in config.losses},
@@ -611,15 +585,12 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         task="diffusion",
         title=f"exitguard: certified early-exit sampling on {data.name}",
         summary=summary,
-        dataset=DatasetInfo(
-            name=data.name,
-            source=data.source,
+        dataset=image_dataset_info(
+            data,
             n_train=len(prepared.train),
             n_heldout=n_samples,
             unit="samples",
             note="the held-out samples are generated samples (noise seeds), not dataset images",
-            classes=tuple(data.class_names),
-            extra={"image_shape": list(data.image_shape)},
         ),
         model=ModelInfo(
             description=describe(prepared.config)
@@ -661,8 +632,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         f"table_{loss}.npz": lambda handle, loss=loss: table_npz(table, handle, loss=loss)
         for loss in config.losses
     }
-    files["policy.json"] = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
-    write_report(results, Path(config.out), data=files)
+    write_demo_report(results, config, policy=policy, files=files)
     return results
 
 

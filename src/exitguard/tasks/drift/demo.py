@@ -20,11 +20,9 @@ the day with the full model, which a deployment would not do) is kept for the fi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,13 +37,14 @@ from exitguard.report.results import DriftDay, DriftEvent, DriftResults, Monitor
 from exitguard.risk import monitor as monitor_stats
 from exitguard.risk.exits import exit_index
 from exitguard.tasks import classification
-from exitguard.tasks.common import progress_bar, results_header
+from exitguard.tasks.common import ImageOptions, progress_bar, results_header, write_demo_report
 from exitguard.tasks.drift.corrupt import CORRUPTIONS, corrupt
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(ImageOptions):
+    """Settings of :func:`run_demo` (the shared ones: :class:`~exitguard.tasks.common.DemoOptions`;
+    ``trials`` is not used).
 
     The stream has ``days`` days of ``per_day`` samples: ``clean_days`` clean days, then the
     corruption's severity ramps linearly to ``max_severity`` over ``ramp_days`` days and
@@ -53,12 +52,8 @@ class DemoConfig:
     recent audits a recalibration uses.
     """
 
-    dataset: str = "digits"
-    dataset_path: str | None = None
     out: str = "exitguard-report/drift"
-    seed: int = 0
     n_cal: int = 400
-    delta: float = 0.1
     target_risk: float = 0.1
     alpha: float = 0.05
     arl: float = 1e5
@@ -70,11 +65,7 @@ class DemoConfig:
     max_severity: float = 0.4
     audit: float = 0.05
     recalibration_window: int = 400
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     epochs: int | None = None
-    trials: int = 100  # not used: the CLI passes every demo the same options
 
     def __post_init__(self) -> None:
         if self.corruption not in CORRUPTIONS:
@@ -96,13 +87,8 @@ class Prepared:
 def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepared:
     """The classifier, a certified consistency policy on clean images, and the stream pool."""
     classifier = classification.prepare(
-        classification.DemoConfig(
-            dataset=config.dataset,
-            dataset_path=config.dataset_path,
-            seed=config.seed,
-            quick=config.quick,
-            progress=config.progress,
-            cache_dir=config.cache_dir,
+        classification.DemoConfig(  # the main job's data and model, with these options
+            **{f.name: getattr(config, f.name) for f in dataclasses.fields(ImageOptions)},
             epochs=config.epochs,
         ),
         log=log,
@@ -282,8 +268,6 @@ def run_demo(
     With ``quick`` (and ``stream_defaults``), a shorter stream with more audits per day
     replaces the configured one.
     """
-    from exitguard.report.drift import write_drift_report
-
     if config.quick and stream_defaults:  # a shorter stream with more audits per day
         config = dataclasses.replace(
             config,
@@ -364,6 +348,5 @@ def run_demo(
         policy=policy.to_dict(),
         **results_header(),
     )
-    policy_file = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
-    write_drift_report(results, Path(config.out), data={"policy.json": policy_file})
+    write_demo_report(results, config, policy=policy)
     return results

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,14 +15,12 @@ from torch import Tensor
 from exitguard.calibration import calibrate_table
 from exitguard.data.images import ImageDataset, load_dataset
 from exitguard.data.scenes import make_scenes, upscale
-from exitguard.evaluation import Evaluation, EvaluationRow, evaluate
+from exitguard.evaluation import Evaluation, EvaluationRow
 from exitguard.nn import EarlyExitNetwork, FlopsTable, count_flops
 from exitguard.nn.confidence import PIXEL_CONFIDENCES, DenseConfidence
 from exitguard.policy import ExitPolicy
-from exitguard.report import write_report
 from exitguard.report.plots import class_colours
 from exitguard.report.results import (
-    DatasetInfo,
     DemoResults,
     GridCell,
     GridRow,
@@ -32,23 +28,27 @@ from exitguard.report.results import (
     ModelInfo,
     PictureGrid,
     RiskResult,
-    Settings,
     Table,
     TimedPolicy,
     summary_lines,
 )
 from exitguard.risk.exits import exit_index
 from exitguard.tasks.common import (
-    PROCEDURES,
+    TARGET_RISKS,  # noqa: F401  (the package exports the demo's grid)
     CachedModel,
+    ImageOptions,
+    PolicyOptions,
+    calibration_split,
+    demo_settings,
     evaluate_risk,
-    progress_bar,
+    image_dataset_info,
     results_header,
-    speed,
     table_writer,
-    time_inference,
+    time_policy,
     timed_policy,
+    write_demo_report,
 )
+from exitguard.tasks.common import evaluate_risks as evaluate_risks_of
 from exitguard.tasks.segmentation.collect import (
     SegmentationOutputs,
     collect_segmentation,
@@ -67,37 +67,24 @@ from exitguard.tasks.segmentation.model import (
     load_or_train,
 )
 
-TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.05, 0.1)
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo` (``dataset`` names where the items come from).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(ImageOptions, PolicyOptions):
+    """Settings of :func:`run_demo` (``dataset`` names where the items come from; the shared
+    settings: :class:`~exitguard.tasks.common.DemoOptions`).
 
     ``quantile`` is the q of the quantile aggregation (see :func:`confidence_measures`).
     """
 
-    dataset: str = "digits"
-    dataset_path: str | None = None
     out: str = "exitguard-report/segmentation"
-    seed: int = 0
     n_cal: int = 400
-    trials: int = 100
-    delta: float = 0.1
-    procedures: tuple[str, ...] = PROCEDURES
-    target_risks: tuple[float, ...] = TARGET_RISKS
     policy_risk: str = "prediction_consistency"
-    policy_procedure: str = "ucb-wsr"
-    policy_target_risk: float = 0.05
     quantile: float = 0.05
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     n_train: int | None = None
     n_heldout: int | None = None
     epochs: int | None = None
-    timing_repeats: int | None = None
 
     def __post_init__(self) -> None:
         if "ucb-wsr" not in self.procedures:
@@ -249,21 +236,22 @@ def table_one(
     """
     found = {}
     names = [m.__name__ for m in prepared.measures] if measures is None else list(measures)
-    for name in names:
+    for name in names:  # a loop over the few confidence measures
         tables = prepared.tables(risk, name)
-        common: dict[str, Any] = dict(
-            procedures=procedure,
+        evaluated = evaluate_risk(
+            tables["losses"],
+            cost=tables["cost"],
+            exits=tables["exits"],
+            loss_bound=LOSS_BOUNDS[risk],
+            title=RISK_TITLES[risk],
+            procedures=(procedure,),
             target_risks=tuple(target_risks),
             delta=delta,
             n_cal=n_cal,
             trials=trials,
-            loss_bound=LOSS_BOUNDS[risk],
             seed=seed,
         )
-        found[name] = {
-            "flops": evaluate(tables["losses"], cost=tables["cost"], **common),
-            "exits": evaluate(tables["losses"], cost=tables["exits"].astype(np.float64), **common),
-        }
+        found[name] = {"flops": evaluated.evaluation, "exits": evaluated.evaluation_exits}
     return found
 
 
@@ -304,29 +292,27 @@ def evaluate_risks(prepared: Prepared, config: DemoConfig) -> dict[str, RiskResu
     """Step 1: every risk with top-1 + mean, every procedure over the whole target grid."""
     common = _common(config, prepared.heldout)
     share = background_share(prepared.heldout)
-    risks: dict[str, RiskResult] = {}
-    for risk in progress_bar(SEGMENTATION_RISKS, enabled=config.progress, desc="risks"):
-        tables = prepared.tables(risk)
-        note = RISK_NOTES[risk]
-        if risk == "prediction_consistency":
-            note += (
-                f" {100 * share:.0f}% of the held-out pixels are background, on which every exit "
-                "agrees with the full model, so this risk is dominated by background: an exit "
-                "can get the objects badly wrong while the guarantee holds. The foreground "
-                "miscoverage below counts the object pixels only."
-            )
-        risks[risk] = evaluate_risk(
-            tables["losses"],
-            cost=tables["cost"],
-            exits=tables["exits"],
-            loss_bound=LOSS_BOUNDS[risk],
-            title=RISK_TITLES[risk],
-            note=note,
-            procedures=config.procedures,
-            target_risks=config.target_risks,
-            **common,
+
+    def note(risk: str) -> str:
+        if risk != "prediction_consistency":
+            return RISK_NOTES[risk]
+        return RISK_NOTES[risk] + (
+            f" {100 * share:.0f}% of the held-out pixels are background, on which every exit "
+            "agrees with the full model, so this risk is dominated by background: an exit "
+            "can get the objects badly wrong while the guarantee holds. The foreground "
+            "miscoverage below counts the object pixels only."
         )
-    return risks
+
+    return evaluate_risks_of(
+        SEGMENTATION_RISKS,
+        prepared.tables,
+        options=config,
+        n_cal=common["n_cal"],
+        trials=config.trials,
+        loss_bound=LOSS_BOUNDS.__getitem__,
+        title=RISK_TITLES.__getitem__,
+        note=note,
+    )
 
 
 def risk_files(prepared: Prepared) -> dict[str, Any]:
@@ -415,9 +401,7 @@ def run_policy(prepared: Prepared, config: DemoConfig) -> PolicyRun:
     heldout, network, outputs = prepared.heldout, prepared.network, prepared.outputs
     n_cal = _common(config, heldout)["n_cal"]
     exit_flops, full_flops = prepared.exit_flops, float(prepared.flops.full)
-    cal_idx, test_idx = np.split(
-        np.random.default_rng(config.seed + 1).permutation(len(heldout)), [n_cal]
-    )
+    cal_idx, test_idx = calibration_split(len(heldout), n_cal, seed=config.seed)
     measure = prepared.measures[0]
     tables = prepared.tables(config.policy_risk, measure.__name__)
     policy = calibrate_table(
@@ -441,21 +425,13 @@ def run_policy(prepared: Prepared, config: DemoConfig) -> PolicyRun:
     early_masks = result.predictions.numpy()  # (T, H, W)
     full_masks = network.infer(test_images, math.inf).predictions.numpy()  # (T, H, W)
     test_masks = heldout.labels[test_idx]
-    repeats = config.timing_repeats or (3 if config.quick else 7)
-    timing = time_inference(
+    speeds = time_policy(
         network,
         test_images,
         threshold,
         batch_size=64,
-        repeats=repeats,
-        progress=config.progress,
-    )
-    timing_batch1 = time_inference(
-        network,
-        test_images[: 20 if config.quick else 100],
-        threshold,
-        batch_size=1,
-        repeats=max(1, repeats // 2),
+        batch1_images=20 if config.quick else 100,
+        repeats=config.timing_repeats or (3 if config.quick else 7),
         progress=config.progress,
     )
     pixel_miss = float((early_masks != full_masks).mean(axis=(1, 2)).mean())
@@ -472,7 +448,7 @@ def run_policy(prepared: Prepared, config: DemoConfig) -> PolicyRun:
         flops_saving=1.0 - float(exit_flops[exits].mean()) / full_flops,
         n_cal=len(cal_idx),
         unit="scenes",
-        speeds=[speed(timing), speed(timing_batch1)],
+        speeds=speeds,
         measures=[
             ("confidence", f"{measure.__name__} ≥ {threshold:.4g}"),
             ("test pixel miscoverage (share of pixels unlike the full model)", pixel_miss),
@@ -560,14 +536,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     base = measures[0].__name__  # top-1 + mean, the paper's default
     accuracy = outputs.pixel_accuracy.mean(axis=0)  # (L,)
     miou = outputs.miou.mean(axis=0)  # (L,)
-    settings = Settings(
-        delta=config.delta,
+    settings = demo_settings(
+        config,
         n_cal=n_cal,
         trials=config.trials,
-        target_risks=tuple(config.target_risks),
         table_target_risks=TABLE_TARGET_RISKS,
-        procedures=tuple(config.procedures),
-        seed=config.seed,
         confidence=base,
         extra={"measures": [m.__name__ for m in measures]},
     )
@@ -591,15 +564,13 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         task="segmentation",
         title=f"exitguard: certified early exit for segmenting {heldout.name}",
         summary=summary,
-        dataset=DatasetInfo(
-            name=heldout.name,
-            source=heldout.source,
+        dataset=image_dataset_info(
+            heldout,
             n_train=len(train),
             n_heldout=len(heldout),
             unit="scenes",
             note=f"{100 * share:.0f}% of the held-out pixels are background",
-            classes=tuple(heldout.class_names),
-            extra={"image_shape": list(heldout.image_shape), "background_share": share},
+            extra={"background_share": share},
         ),
         model=ModelInfo(
             description=f"encoder-decoder: stage widths {list(model_config.widths)}, strides "
@@ -624,7 +595,5 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         figures=tuple(figures),
         **results_header(),
     )
-    files = risk_files(prepared)
-    files["policy.json"] = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
-    write_report(results, Path(config.out), data=files)
+    write_demo_report(results, config, policy=policy, files=risk_files(prepared))
     return results

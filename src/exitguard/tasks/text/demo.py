@@ -12,9 +12,7 @@ policy runs for real (batch compaction of hidden states and masks) against the p
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,17 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from exitguard.calibration import calibrate_table
-from exitguard.evaluation import evaluate
 from exitguard.policy import ExitPolicy
-from exitguard.report import write_report
 from exitguard.report.plots import default_risk_title
 from exitguard.report.results import (
     DatasetInfo,
     DemoResults,
     ModelInfo,
-    RiskResult,
-    Settings,
     Speed,
     Table,
     speed_phrase,
@@ -41,13 +34,19 @@ from exitguard.report.results import (
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
 from exitguard.tasks.common import (
-    PROCEDURES,
+    PolicyOptions,
+    accuracy_measures,
+    calibrate_quietly,
+    calibration_split,
+    demo_settings,
     evaluate_risk,
-    npz_writer,
-    progress_bar,
+    evaluate_risks,
+    exit_output_files,
+    loss_bound,
     results_header,
     table_writer,
     timed_policy,
+    write_demo_report,
 )
 from exitguard.tasks.text.collect import TextOutputs, collect_text, text_tables, time_text
 from exitguard.tasks.text.data import TextDataset, kjv_genres, sample, split_by_chapter
@@ -59,15 +58,14 @@ from exitguard.tasks.text.train import (
     load_or_train,
 )
 
-TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CONFIDENCE_TARGET_RISKS = (0.02, 0.05, 0.1)
 MEASURES = ("max_softmax", "margin", "entropy", "patience")
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(PolicyOptions):
+    """Settings of :func:`run_demo` (the shared ones: :class:`~exitguard.tasks.common.DemoOptions`).
 
     ``n_train`` training verses (default 3000; 1000 with ``quick``) and ``n_heldout``
     held-out verses (default 2000; 800 with ``quick``) are drawn from disjoint chapters;
@@ -80,15 +78,8 @@ class DemoConfig:
     """
 
     out: str = "exitguard-report/text"
-    seed: int = 0
     n_cal: int = 500
-    trials: int = 100
-    delta: float = 0.1
-    procedures: tuple[str, ...] = PROCEDURES
-    target_risks: tuple[float, ...] = TARGET_RISKS
     policy_risk: str = "prediction_consistency"
-    policy_procedure: str = "ucb-wsr"
-    policy_target_risk: float = 0.05
     confidence: str = "max_softmax"
     training: str = "heads"
     n_train: int | None = None
@@ -97,11 +88,7 @@ class DemoConfig:
     batch_size: int = 64
     timing_sentences: int = 256
     timing_sentences_batch1: int = 32
-    timing_repeats: int | None = None
     n_examples: int = 12
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     train: TextTrainSettings | None = None
     heads: TextHeadConfig | None = None
     encoder_path: str | None = None
@@ -185,22 +172,16 @@ def calibrated(
     """A policy calibrated on the held-out verses ``cal`` (the full model when nothing is
     certified), recording the network."""
     tables = text_tables(prepared.outputs.subset(cal), risk=risk, confidence=confidence, seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an uncertified policy is reported, not warned about
-        policy = calibrate_table(
-            tables["losses"],
-            target_risk=target_risk,
-            delta=delta,
-            procedure=procedure,
-            loss_bound=2.0 if risk.startswith("distribution") else 1.0,
-            cost=tables["cost"],
-            thresholds=tables["thresholds"],
-            risk=risk,
-            confidence=confidence,
-        )
-    network = prepared.network
-    return policy.with_model(
-        n_exits=network.n_exits, model_fingerprint=network.fingerprint, confidence=confidence
+    return calibrate_quietly(
+        tables,
+        risk=risk,
+        loss_bound=loss_bound(risk),
+        target_risk=target_risk,
+        delta=delta,
+        procedure=procedure,
+        confidence=confidence,
+        n_exits=prepared.network.n_exits,
+        model_fingerprint=prepared.network.fingerprint,
     )
 
 
@@ -213,17 +194,20 @@ def confidence_table(
         tables = text_tables(
             prepared.outputs, risk=config.policy_risk, confidence=measure, seed=config.seed
         )
-        common: dict[str, Any] = dict(
+        evaluated = evaluate_risk(
+            tables["losses"],
+            cost=tables["cost"],
+            exits=tables["exits"],
+            loss_bound=loss_bound(config.policy_risk),
+            title=default_risk_title(config.policy_risk),
             procedures=(config.policy_procedure,),
             target_risks=CONFIDENCE_TARGET_RISKS,
             delta=config.delta,
             n_cal=config.n_cal,
             trials=trials,
-            loss_bound=2.0 if config.policy_risk.startswith("distribution") else 1.0,
             seed=config.seed,
         )
-        by_flops = evaluate(tables["losses"], cost=tables["cost"], **common)
-        by_exit = evaluate(tables["losses"], cost=tables["exits"].astype(np.float64), **common)
+        by_flops, by_exit = evaluated.evaluation, evaluated.evaluation_exits
         data[measure] = {"evaluation": by_flops.to_dict(), "evaluation_exits": by_exit.to_dict()}
         for eps in CONFIDENCE_TARGET_RISKS:
             flops_row = by_flops.row(config.policy_procedure, eps)
@@ -322,27 +306,27 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     n_cal = min(config.n_cal, n_heldout // 2)
     trials = min(config.trials, 20) if config.quick else config.trials
 
-    risks: dict[str, RiskResult] = {}
     files: dict[str, Any] = {}
-    for risk in progress_bar(RISKS, enabled=config.progress, desc="calibrating risks"):
-        tables = text_tables(outputs, risk=risk, confidence=config.confidence, seed=config.seed)
-        bound = 2.0 if risk.startswith("distribution") else 1.0
-        risks[risk] = evaluate_risk(
-            tables["losses"],
-            cost=tables["cost"],
-            exits=tables["exits"],
-            loss_bound=bound,
-            title=default_risk_title(risk),
-            procedures=config.procedures,
-            target_risks=config.target_risks,
-            delta=config.delta,
-            n_cal=n_cal,
-            trials=trials,
-            seed=config.seed,
-        )
+
+    def keep(risk: str, tables: Any) -> None:
+        bound = loss_bound(risk)
         files[f"table_{risk}.npz"] = table_writer(
             tables, loss_bound=bound, risk=risk, model=network, confidence=config.confidence
         )
+
+    def tables_of(risk: str) -> Any:
+        return text_tables(outputs, risk=risk, confidence=config.confidence, seed=config.seed)
+
+    risks = evaluate_risks(
+        RISKS,
+        tables_of,
+        options=config,
+        n_cal=n_cal,
+        trials=trials,
+        loss_bound=loss_bound,
+        title=default_risk_title,
+        keep=keep,
+    )
     log("comparing the confidence measures")
     measures_table, measures_data = confidence_table(
         prepared, dataclasses.replace(config, n_cal=n_cal), trials=trials
@@ -350,9 +334,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
 
     # One calibrated policy, run for real on the rest of the held-out verses.
     log("running one calibrated policy for real and timing it against transformers")
-    cal_idx, test_idx = np.split(
-        np.random.default_rng(config.seed + 1).permutation(n_heldout), [n_cal]
-    )
+    cal_idx, test_idx = calibration_split(n_heldout, n_cal, seed=config.seed)
     policy = calibrated(
         prepared,
         cal_idx,
@@ -372,8 +354,12 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     predictions = torch.cat([r.predictions for r in results_by_batch]).numpy()
     confidence = torch.cat([r.confidence for r in results_by_batch]).numpy()
     simulated = exit_index(outputs.outputs.confidences[test_idx], threshold)
-    test_labels = labels[test_idx]
-    full_predictions = outputs.probs[test_idx, -1].argmax(-1)
+    accuracy_rows, quality = accuracy_measures(
+        predictions,
+        outputs.probs[test_idx, -1].argmax(-1),
+        labels[test_idx],
+        exits_match=bool(np.array_equal(exits, simulated)),
+    )
     flops_taken = (
         outputs.flops_to_exit[test_idx, exits]
         if math.isfinite(threshold)
@@ -404,8 +390,6 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         repeats=repeats,
     )
     b = config.batch_size
-    accuracy_full = float((full_predictions == test_labels).mean())
-    accuracy_early = float((predictions == test_labels).mean())
     baseline = "the plain transformers forward"
     timed = timed_policy(
         policy,
@@ -436,12 +420,9 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
                 f"no early exit against {baseline}, batch {b}",
                 speed_phrase(timing64["no early exit speed-up"], baseline=baseline),
             ),
-            ("test accuracy, full model", accuracy_full),
-            ("test accuracy, early exit", accuracy_early),
-            ("test risk (accuracy drop)", accuracy_full - accuracy_early),
-            ("real exits equal simulated exits", bool(np.array_equal(exits, simulated))),
+            *accuracy_rows,
         ],
-        quality=f"accuracy {accuracy_early:.3f} against {accuracy_full:.3f} for the full model",
+        quality=quality,
     )
     examples = example_table(
         prepared,
@@ -452,14 +433,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         count=config.n_examples,
         seed=config.seed,
     )
-    settings = Settings(
-        delta=config.delta,
+    settings = demo_settings(
+        config,
         n_cal=n_cal,
         trials=trials,
-        target_risks=tuple(config.target_risks),
         table_target_risks=TABLE_TARGET_RISKS,
-        procedures=tuple(config.procedures),
-        seed=config.seed,
         confidence=config.confidence,
     )
     counts = prepared.data.class_counts()
@@ -529,16 +507,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         },
         **results_header(),
     )
-    files.update(
-        {
-            f"exits_{name}.npz": npz_writer(
-                probs=outputs.probs[index].astype(np.float32),
-                labels=np.asarray(labels)[index],
-                exit_cost=mean_flops.astype(np.float64),
-            )
-            for name, index in (("calibration", cal_idx), ("test", test_idx))
-        }
-    )
-    files["policy.json"] = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
-    write_report(results, Path(config.out), data=files)
+    splits = {"calibration": cal_idx, "test": test_idx}
+    files.update(exit_output_files(outputs.probs, labels, splits, exit_cost=mean_flops))
+    write_demo_report(results, config, policy=policy, files=files)
     return results
