@@ -557,6 +557,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CommandError(f"--ray applies to --task {' or '.join(RAY_TASKS)}; got {args.task}.")
     if args.task == "calm":
         return demo_calm(args)
+    out = args.out or f"exitguard-report/{args.task}"
+    print(f"exitguard demo --task {args.task}: loading PyTorch and the data ({out})", flush=True)
     try:
         module = importlib.import_module(f"exitguard.tasks.{args.task}")
     except ImportError as error:
@@ -572,7 +574,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = module.DemoConfig(
         **({"ray": ray} if ray is not None else {}),
         **data,
-        out=args.out or f"exitguard-report/{args.task}",
+        out=out,
         seed=args.seed,
         n_cal=args.n_cal,
         trials=args.trials if args.trials is not None else 100,
