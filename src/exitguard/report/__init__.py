@@ -206,6 +206,33 @@ def timed_rows(results: DemoResults) -> list[list[Any]]:
     return rows
 
 
+def _names(procedures: list[str]) -> str:
+    return ", ".join(f"<b>{_text(p)}</b>" for p in procedures)
+
+
+def _promises(results: DemoResults) -> str:
+    """What each compared procedure promises, in words (the page's guarantee paragraph)."""
+    from exitguard.report.plots import procedures_of
+
+    procedures = procedures_of(next(iter(results.risks.values())).evaluation)
+    mean = [p for p in procedures if p.startswith("crc")]
+    none = [p for p in procedures if p == "naive"]
+    probable = [p for p in procedures if p not in mean and p not in none]
+    parts = []
+    if mean:
+        parts.append(
+            f"{_names(mean)} {'promises' if len(mean) == 1 else 'promise'} E[risk] ≤ ε over "
+            "calibration draws (the mean; any single draw may exceed ε, so its violation rate "
+            "is not bounded by δ)."
+        )
+    if probable:
+        verb = "promises" if len(probable) == 1 else "promise"
+        parts.append(f"{_names(probable)} {verb} P(risk ≤ ε) ≥ 1 − δ.")
+    if none:
+        parts.append(f"{_names(none)} promises nothing (no guarantee).")
+    return " ".join(parts)
+
+
 def _summary(results: DemoResults) -> str:
     items = []
     for line in results.summary:
@@ -301,12 +328,10 @@ L = {model.n_exits} exits: exit 0 to exit {last}.</p>
 <p>Every procedure is calibrated on n = {settings.n_cal} samples and checked on the rest of
 the held-out data, over {settings.trials} random calibration/test splits (δ =
 {settings.delta:g}); the plots and tables below are <b>means over these splits</b>.
-<b>crc</b> promises E[risk] ≤ ε over calibration draws (the mean; any single draw may
-exceed ε, so its violation rate is not bounded by δ). <b>ucb-wsr</b>, <b>ltt</b> promise
-P(risk ≤ ε) ≥ 1 − δ. <b>naive</b> promises nothing (no guarantee). All assume calibration and
-deployment data are exchangeable. A <i>test violation</i> is a split whose test risk exceeds
-ε; a <i>population violation</i> compares the policy's risk on all held-out data with ε (free
-of the test split's own noise); the binomial p-value tests "population violation rate ≤ δ".
+{_promises(results)} All assume calibration and deployment data are exchangeable.
+A <i>test violation</i> is a split whose test risk exceeds ε; a <i>population
+violation</i> compares the policy's risk on all held-out data with ε (free of the test
+split's own noise); the binomial p-value tests "population violation rate ≤ δ".
 <i>Certified</i> is the share of splits in which a procedure certified an early-exit policy
 (otherwise it returns the full model).</p>
 <h2>Test risk against the target</h2>
@@ -315,8 +340,9 @@ and negative risks show), so the line risk = ε is straight; a curve below it ke
 target on average.</p>
 <img src="test_risk.png" alt="test risk against target risk">
 <h2>Violations</h2>
-<p class="note">The dashed δ line bounds ucb-wsr and ltt. crc's curve is not bounded by δ: it
-promises the mean risk. naive has no guarantee.</p>
+<p class="note">The dashed δ line bounds the procedures that promise P(risk ≤ ε) ≥ 1 − δ
+only. The curves of those that promise the mean risk (crc) are not bounded by δ, and naive
+promises nothing.</p>
 <img src="violations.png" alt="violation rate against target risk">
 <h2>Efficiency</h2>
 <p class="note">Mean exit (0-based) and share of the full model's FLOPs saved by each
