@@ -46,6 +46,7 @@ def main() -> None:
     n_exits = network.n_exits
     full_flops = float(prepared.flops.full)
     rows = []
+    # mean exit: 0-based
     header = (
         f"{'risk':<26}{'proc.':<9}{'n_cal':>6}{'test risk':>10}{'viol.':>7}{'mean exit':>10}"
         f"{'layers saved':>13}{'FLOPs saved':>12}{'speed-up':>9}{'ideal':>7}"
@@ -71,7 +72,7 @@ def main() -> None:
                 seed=args.seed,
             )
             by_flops = exitguard.evaluate(tables["losses"], cost=tables["cost"], **common)
-            by_exit = exitguard.evaluate(tables["losses"], cost=tables["exits"] + 1.0, **common)
+            by_exit = exitguard.evaluate(tables["losses"], cost=tables["exits"] * 1.0, **common)
             order = np.random.default_rng(args.seed + 1).permutation(len(heldout))
             cal, test = order[:n_cal], order[n_cal:]
             for procedure in ("crc", "ucb-wsr"):
@@ -106,10 +107,10 @@ def main() -> None:
                     "violation_rate": flops_row.violation_rate,
                     "population_violation_rate": flops_row.population_violation_rate,
                     "mean_exit": exit_row.mean_cost,
-                    "layer_saving": 1.0 - exit_row.mean_cost / n_exits,
+                    "layer_saving": 1.0 - (exit_row.mean_cost + 1.0) / n_exits,
                     "flops_saving": flops_row.relative_saving,
                     "timed_threshold": threshold,
-                    "timed_mean_exit": float(taken.mean() + 1),
+                    "timed_mean_exit": float(taken.mean()),
                     "timed_flops_speedup": ideal,
                     **timing,
                 }
