@@ -420,3 +420,74 @@ def test_version_1_results_count_exits_from_zero(calm):
     assert typed.risks["prediction_gap"].evaluation_exits.rows[0].mean_cost == 2.5
     assert typed.timed.mean_exit == 1.0
     assert typed.timed.speeds[0].batch_size == 256 and typed.timed.speeds[0].speedup == 1.5
+
+
+def drift_results():
+    from exitguard.report.results import DriftDay, DriftEvent, DriftResults, MonitorSegment
+
+    served = ["policy", "policy", "full model", "full model", "policy"]
+    days = tuple(
+        DriftDay(
+            day=d,
+            severity=0.1 * d,
+            served=served[d],
+            threshold=None if served[d] == "full model" else 0.8,
+            risk_served=0.0 if served[d] == "full model" else 0.02 * (d + 1),
+            risk_original=0.02 * (d + 1),
+            flops_saved=0.0 if served[d] == "full model" else 0.4,
+            audits=10,
+            audit_overhead=0.05,
+            accuracy_full_model=0.9,
+        )
+        for d in range(5)
+    )
+    return DriftResults(
+        title="drift",
+        summary=("one line",),
+        settings={"target_risk": 0.05, "alpha": 0.05, "arl": 1000.0, "delta": 0.1},
+        days=days,
+        events=(
+            DriftEvent(day=1, event="alarm", reason="e-process", audit=17),
+            DriftEvent(day=3, event="recalibrated", threshold=0.9, audits=20),
+        ),
+        segments=(
+            MonitorSegment(
+                start_day=0,
+                threshold=0.8,
+                audits=3,
+                log10_wealth=(0.1, 0.6, 1.4),
+                log10_detector=(0.0, 0.2, 0.5),
+            ),
+        ),
+        samples_needed=30,
+        recalibration_window=40,
+    )
+
+
+def test_drift_plots_draw_the_days_and_the_fallback(ax):
+    import numpy as np
+
+    from exitguard.report.drift import fallback_spans, plot_daily_risk, plot_monitor
+
+    results = drift_results()
+    assert plot_daily_risk(ax, results) is ax
+    lines = lines_by_label(ax)
+    np.testing.assert_allclose(
+        lines["original policy (had it stayed)"].get_ydata(), [0.02, 0.04, 0.06, 0.08, 0.1]
+    )
+    np.testing.assert_allclose(
+        lines["served (policy, full model, recalibrated)"].get_ydata(), [0.02, 0.04, 0, 0, 0.1]
+    )
+    np.testing.assert_array_equal(lines["target ε = 0.05"].get_ydata(), [0.05, 0.05])
+    assert fallback_spans(results.days) == [(1.5, 3.5)]
+    assert ax.get_xlabel() == "day (0 = first)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "served by the full model" in labels and "alarm (day 1)" in labels
+    ax.clear()
+    plot_monitor(ax, results)
+    wealth = lines_by_label(ax)["e-process log10 wealth"]
+    np.testing.assert_array_equal(wealth.get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(wealth.get_ydata(), [0.1, 0.6, 1.4])
+    np.testing.assert_allclose(
+        lines_by_label(ax)["e-process alarm: 1/α = 20"].get_ydata(), [np.log10(20)] * 2
+    )
