@@ -422,5 +422,5 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     splits = {"calibration": cal_idx, "test": test_idx}
     files.update(exit_output_files(outputs.probs, heldout.labels, splits, exit_cost=exit_flops))
-    write_demo_report(results, config, policy=policy, files=files)
+    write_demo_report(results, config, policy=policy, files=files, log=log)
     return results

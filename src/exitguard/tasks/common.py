@@ -812,10 +812,12 @@ def write_demo_report(
     *,
     policy: ExitPolicy,
     files: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """Write a demo's report to ``options.out`` with its data files and ``policy.json``."""
     from exitguard.report import write_report
 
+    log(f"drawing the plots and writing the report to {options.out}")
     data = dict(files or {})
     data["policy.json"] = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
     return write_report(results, Path(options.out), data=data)

@@ -632,7 +632,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         f"table_{loss}.npz": lambda handle, loss=loss: table_npz(table, handle, loss=loss)
         for loss in config.losses
     }
-    write_demo_report(results, config, policy=policy, files=files)
+    write_demo_report(results, config, policy=policy, files=files, log=log)
     return results
 
 

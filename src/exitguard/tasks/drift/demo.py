@@ -348,5 +348,5 @@ def run_demo(
         policy=policy.to_dict(),
         **results_header(),
     )
-    write_demo_report(results, config, policy=policy)
+    write_demo_report(results, config, policy=policy, log=log)
     return results

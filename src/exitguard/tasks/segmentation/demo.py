@@ -595,5 +595,5 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         figures=tuple(figures),
         **results_header(),
     )
-    write_demo_report(results, config, policy=policy, files=risk_files(prepared))
+    write_demo_report(results, config, policy=policy, files=risk_files(prepared), log=log)
     return results

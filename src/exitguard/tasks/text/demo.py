@@ -509,5 +509,5 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     splits = {"calibration": cal_idx, "test": test_idx}
     files.update(exit_output_files(outputs.probs, labels, splits, exit_cost=mean_flops))
-    write_demo_report(results, config, policy=policy, files=files)
+    write_demo_report(results, config, policy=policy, files=files, log=log)
     return results
