@@ -12,6 +12,7 @@ is drawn, and text from the results is drawn literally (a ``$`` never starts mat
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import textwrap
@@ -659,10 +660,11 @@ def render_plots(results: DemoResults) -> dict[str, bytes]:
     Raises ValueError for results that cannot be drawn.
     """
     jobs: list[tuple[str, Callable[[], Any], bool]] = [
-        (name, lambda draw=draw: draw(results), False) for name, draw in PLOTS.items()
+        (name, functools.partial(draw, results), False) for name, draw in PLOTS.items()
     ]
     jobs += [
-        (grid.file, lambda grid=grid: figure_picture_grid(grid), False) for grid in results.figures
+        (grid.file, functools.partial(figure_picture_grid, grid), False)
+        for grid in results.figures
     ]
     drawn: dict[str, bytes] = {}
     for name, draw, layout in jobs:  # a loop over the report's few pictures

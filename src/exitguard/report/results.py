@@ -1183,6 +1183,8 @@ def summary_lines(
     """
     lines = []
     title = risks[timed.risk].title if timed.risk in risks else timed.risk
+    flops_row: EvaluationRow | None
+    exits_row: EvaluationRow | None
     try:
         flops_row, exits_row = risks[timed.risk].row(timed.procedure, timed.target_risk)
     except KeyError:
