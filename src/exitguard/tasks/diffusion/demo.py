@@ -219,6 +219,7 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
     n_cal = min(config.n_cal, n_samples // 2)
     trials = min(config.trials, 20) if config.quick else config.trials
     count = min(config.n_thresholds, 12) if config.quick else config.n_thresholds
+    log(f"placing {count} thresholds on {config.pilot_samples} pilot samples of the full model")
     thresholds = pilot_thresholds(
         trained.module,
         seed=config.seed,
