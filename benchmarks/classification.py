@@ -52,6 +52,7 @@ def main() -> None:
     n_exits = network.n_exits
     full_flops = float(prepared.flops.full)
     rows = []
+    # mean exit: 0-based
     header = (
         f"{'risk':<26}{'proc.':<9}{'n_cal':>6}{'test risk':>10}{'viol.':>7}{'mean exit':>10}"
         f"{'layers saved':>13}{'FLOPs saved':>12}"
@@ -76,7 +77,7 @@ def main() -> None:
                 seed=args.seed,
             )
             by_flops = exitguard.evaluate(tables["losses"], cost=tables["cost"], **common)
-            by_exit = exitguard.evaluate(tables["losses"], cost=tables["exits"] + 1.0, **common)
+            by_exit = exitguard.evaluate(tables["losses"], cost=tables["exits"] * 1.0, **common)
             for procedure in ("crc", "ucb-wsr"):
                 flops_row = by_flops.row(procedure, args.target_risk)
                 exit_row = by_exit.row(procedure, args.target_risk)
@@ -89,7 +90,7 @@ def main() -> None:
                     "violation_rate": flops_row.violation_rate,
                     "population_violation_rate": flops_row.population_violation_rate,
                     "mean_exit": exit_row.mean_cost,
-                    "layer_saving": 1.0 - exit_row.mean_cost / n_exits,
+                    "layer_saving": 1.0 - (exit_row.mean_cost + 1.0) / n_exits,
                     "flops_saving": flops_row.relative_saving,
                 }
                 rows.append(row)

@@ -158,7 +158,7 @@ def main() -> None:
         by_flops = exitguard.evaluate(losses, cost=table.cost, **common)  # type: ignore[arg-type]
         by_exit = exitguard.evaluate(
             losses,
-            cost=table.mean_exit + 1.0,
+            cost=table.mean_exit,  # the mean exit is 0-based
             **common,  # type: ignore[arg-type]
         )
         for procedure in args.procedure:
@@ -185,7 +185,7 @@ def main() -> None:
                     "flops_saving": flops_row.relative_saving,
                     "timed_threshold": None if math.isinf(value) else value,
                     "timed_certified": policy.certified,
-                    "timed_mean_exit": float(exits.mean() + 1),
+                    "timed_mean_exit": float(exits.mean()),
                     "timed_flops_saving": 1.0 - cost / full_flops,
                     "timed_ssim_loss": timed_risk,
                     "full_samples_per_second": rate[math.inf],

@@ -38,10 +38,13 @@ from exitguard.tasks.segmentation import (
 )
 
 
-def _cells(by_flops: exitguard.Evaluation, by_exit: exitguard.Evaluation, eps: float) -> dict:
+def _cells(
+    by_flops: exitguard.Evaluation, by_exit: exitguard.Evaluation, eps: float, n_exits: int
+) -> dict:
     row = by_flops.row("ucb-wsr", eps)
+    mean_exit = by_exit.row("ucb-wsr", eps).mean_cost  # 0-based
     return {
-        "layer_saving": by_exit.row("ucb-wsr", eps).relative_saving,
+        "layer_saving": 1.0 - (mean_exit + 1.0) / n_exits,
         "flops_saving": row.relative_saving,
         "mean_test_risk": row.mean_test_risk,
         "violation_rate": row.violation_rate,
@@ -86,7 +89,10 @@ def main() -> None:
     print(f"{'miscoverage: confidence/aggregation':<34}{head}")
     measures = {}
     for name, evaluations in table_one(prepared, target_risks=eps_list, **common).items():
-        cells = [_cells(evaluations["flops"], evaluations["exits"], e) for e in eps_list]
+        cells = [
+            _cells(evaluations["flops"], evaluations["exits"], e, network.n_exits)
+            for e in eps_list
+        ]
         measures[name] = dict(zip(map(str, eps_list), cells, strict=True))
         _print_row(name, cells)
     print(f"\n{'risk (top-1 + mean)':<34}{head}")
@@ -95,7 +101,10 @@ def main() -> None:
         evaluations = table_one(prepared, risk=risk, target_risks=eps_list, **common)[
             prepared.measures[0].__name__
         ]
-        cells = [_cells(evaluations["flops"], evaluations["exits"], e) for e in eps_list]
+        cells = [
+            _cells(evaluations["flops"], evaluations["exits"], e, network.n_exits)
+            for e in eps_list
+        ]
         risks[risk] = dict(zip(map(str, eps_list), cells, strict=True))
         _print_row(RISK_TITLES[risk], cells)
 
@@ -118,8 +127,8 @@ def main() -> None:
     network.confidence = prepared.measures[0]
     images = torch.from_numpy(heldout.images[test])
     print(
-        f"\npolicy at ε = {eps:g}: threshold {threshold:.4g}, mean exit (1-based) "
-        f"{tables['exits'][policy.index, test].mean() + 1:.2f}, {len(test)} test scenes"
+        f"\npolicy at ε = {eps:g}: threshold {threshold:.4g}, mean exit (0-based) "
+        f"{tables['exits'][policy.index, test].mean():.2f}, {len(test)} test scenes"
     )
     speed = speed_rows(network, images, threshold, batch_sizes=(1, 64), repeats=args.repeats)
     out = (

@@ -140,7 +140,7 @@ def main() -> None:
                     "threshold": thresholds[name],
                     "certified": policy.certified,
                     "test_risk": float(tables["losses"][k, test].mean()),
-                    "mean_exit": float(exits.mean() + 1),
+                    "mean_exit": float(exits.mean()),  # 0-based
                     "exit_counts": np.bincount(exits, minlength=network.n_exits).tolist(),
                     "flops_speedup": float(
                         outputs.flops_full[test].sum() / tables["cost"][k, test].sum()
@@ -193,7 +193,7 @@ def main() -> None:
         cost = outputs.flops_to_exit[test][np.arange(len(test)), earliest]
         oracle[risk] = {
             "flops_speedup": float(outputs.flops_full[test].sum() / cost.sum()),
-            "mean_exit": float(earliest.mean() + 1),
+            "mean_exit": float(earliest.mean()),  # 0-based
         }
 
     b = args.batch_size

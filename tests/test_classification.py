@@ -1,7 +1,5 @@
 """The classification main job on a tiny configuration (seconds)."""
 
-import json
-
 import numpy as np
 import pytest
 from scipy import stats
@@ -10,15 +8,15 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+from exitguard import ExitPolicy, calibrate, evaluate
 from exitguard.data.images import load_digits
 from exitguard.tasks.classification import (
     CNNConfig,
-    DemoConfig,
     TrainSettings,
     build_classifier,
     load_or_train,
-    run_demo,
 )
+from tests.report_checks import check_demo_report
 
 FILES = (
     "index.html",
@@ -30,51 +28,85 @@ FILES = (
 )
 
 
+DATA_FILES = (
+    "table_prediction_gap.npz",
+    "table_prediction_consistency.npz",
+    "table_distribution_gap.npz",
+    "table_distribution_consistency.npz",
+    "exits_calibration.npz",
+    "exits_test.npz",
+    "policy.json",
+)
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(
-        out=str(root / "report"),
-        cache_dir=str(root / "cache"),
-        epochs=2,
-        timing_repeats=1,
-        progress=False,
-        quick=True,
-    )
-    logs: list[str] = []
-    results = run_demo(config, log=logs.append)
-    return root, results, logs
+def demo(classification_demo):
+    return classification_demo
 
 
 def test_report_files_are_written(demo):
     root, results, _ = demo
     for name in FILES:
         assert (root / "report" / name).stat().st_size > 0, name
-    assert json.loads((root / "report" / "results.json").read_text()) == json.loads(
-        json.dumps(results)
-    )
+    check_demo_report(root / "report", results, data_files=DATA_FILES)
+
+
+def test_saved_tables_and_outputs_calibrate_as_the_demo_did(demo):
+    """The files beside the report give the demo's own numbers through the public API."""
+    root, results, _ = demo
+    with np.load(root / "report" / "table_prediction_gap.npz", allow_pickle=False) as table:
+        assert table["losses"].shape == table["cost"].shape == table["exits"].shape
+        assert str(table["risk"]) == "prediction_gap" and float(table["loss_bound"]) == 1.0
+        assert table["exits"].min() == 0 and table["exits"].max() == results.model.n_exits - 1
+        again = evaluate(
+            table["losses"],
+            procedures=["ucb-wsr"],
+            target_risks=[0.05],
+            n_cal=results.settings.n_cal,
+            trials=results.settings.trials,
+            cost=table["cost"],
+            seed=results.settings.seed,
+        )
+    row = results.risks["prediction_gap"].evaluation.row("ucb-wsr", 0.05)
+    assert again.row("ucb-wsr", 0.05).mean_test_risk == row.mean_test_risk
+    policy = ExitPolicy.load(root / "report" / "policy.json")
+    assert policy.to_dict() == dict(results.policy)
+    with np.load(root / "report" / "exits_calibration.npz", allow_pickle=False) as outputs:
+        again = calibrate(
+            outputs["probs"],
+            outputs["labels"],
+            risk=policy.risk,
+            target_risk=policy.target_risk,
+            delta=policy.delta,
+            procedure=policy.procedure,
+            exit_cost=outputs["exit_cost"],
+            rng=results.settings.seed,
+            seed=policy.order_seed,
+        )
+    assert again.threshold == policy.threshold
 
 
 def test_ucb_violation_rates_are_consistent_with_delta(demo):
     _, results, _ = demo
-    trials = results["settings"]["trials"]
+    trials = results.settings.trials
     assert trials >= 100
-    for risk, data in results["risks"].items():
-        for row in data["evaluation"]["rows"]:
-            if row["procedure"] in ("ucb-wsr", "ltt"):
-                violations = round(row["population_violation_rate"] * trials)
+    for risk, data in results.risks.items():
+        for row in data.evaluation.rows:
+            if row.procedure in ("ucb-wsr", "ltt"):
+                violations = round(row.population_violation_rate * trials)
                 p = stats.binomtest(violations, trials, 0.1, alternative="greater").pvalue
                 assert p > 1e-3, (risk, row)
 
 
 def test_real_inference_matches_the_simulation(demo):
     _, results, _ = demo
-    timing = results["timing"]
-    assert timing["real exits equal simulated exits"] is True
-    assert timing["measured speed-up, batch 256"] > 0
-    assert sum(results["exit_histogram"]["counts"]) == timing["test images"]
-    model = results["model"]
-    assert model["n_exits"] == 5 and np.all(np.diff(model["flops_per_exit"]) > 0)
+    timed = results.timed
+    assert dict(timed.measures)["real exits equal simulated exits"] is True
+    assert {s.batch_size for s in timed.speeds} == {1, 256}
+    assert all(s.speedup > 0 for s in timed.speeds)
+    assert sum(timed.exit_counts) == timed.n_test == 898 - timed.n_cal
+    model = results.model
+    assert model.n_exits == 5 and np.all(np.diff(model.flops_per_exit) > 0)
 
 
 def test_corrupted_cache_is_detected_and_rebuilt(tmp_path):

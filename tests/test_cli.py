@@ -1,5 +1,6 @@
 import importlib
 import json
+import types
 
 import numpy as np
 import pytest
@@ -177,6 +178,47 @@ def test_errors_are_one_line(args, message, calm_file, tmp_path, capsys):
     assert __import__("re").search(message, err)
 
 
+def test_errors_point_the_way(tmp_path, rng, capsys):
+    """A JSON file, a per-exit file without labels and Fashion-MNIST without its files each
+    get a one-line error that names the way out."""
+    probs = rng.dirichlet(np.ones(3), size=(50, 2))
+    np.savez(tmp_path / "outputs.npz", probs=probs)
+    (tmp_path / "table.json").write_text('{"losses": [[0, 0], [1, 0]]}')
+    cases = [
+        (["calibrate", str(tmp_path / "table.json"), "--target-risk", "0.1"], "not an .npz file"),
+        (
+            ["calibrate", str(tmp_path / "outputs.npz"), "--target-risk", "0.1"],
+            "has no `labels`.*use --risk prediction_consistency",
+        ),
+        (
+            ["demo", "--dataset", "fashion-mnist", "--data-path", str(tmp_path), "--quick"],
+            r"Fashion-MNIST not found in .*scripts/install-data\.sh.*--data-path FOLDER",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pickle" not in err, err
+        assert __import__("re").search(message, err), err
+
+
+def test_costs_are_printed_with_the_unit_their_file_names(tmp_path, rng, capsys):
+    probs = rng.dirichlet(np.ones(3), size=(300, 3))
+    labels = probs[:, -1].argmax(-1)
+    exit_cost = np.array([1e5, 2e5, 3e5])
+    np.savez(tmp_path / "cal.npz", probs=probs, labels=labels, exit_cost=exit_cost,
+             exit_cost_unit=np.str_("FLOPs"))  # fmt: skip
+    policy = str(tmp_path / "policy.json")
+    argv = ["calibrate", str(tmp_path / "cal.npz"), "--target-risk", "0.2", "--out", policy]
+    assert main(argv) == 0
+    assert "(FLOPs)" in capsys.readouterr().out
+    assert main(["apply", policy, str(tmp_path / "cal.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "(FLOPs)" in out and "(0-based)" in out and "exits 0..2" in out
+    assert main([*argv, "--exit-cost", "1", "2", "3"]) == 0  # units of your own costs
+    assert "in the units of `cost`" in capsys.readouterr().out
+
+
 def test_unknown_procedure_is_rejected_by_the_parser(calm_file):
     with pytest.raises(SystemExit):
         main(["calibrate", calm_file, "--target-risk", "0.1", "--procedure", "magic"])
@@ -200,7 +242,7 @@ def test_demo_passes_its_options_to_the_task(monkeypatch, capsys, task, n_cal):
 
     def fake_run_demo(config):
         seen["config"] = config
-        return {"summary": ["ran"]}
+        return types.SimpleNamespace(summary=("ran",))
 
     monkeypatch.setattr(module, "run_demo", fake_run_demo)
     argv = ["demo", "--task", task, "--quick", "--seed", "3", "--out", "rep", "--no-progress"]
@@ -224,9 +266,11 @@ def test_demo_ray_options_reach_the_task(monkeypatch, capsys):
 
     module = importlib.import_module("exitguard.tasks.diffusion")
     seen = {}
-    monkeypatch.setattr(
-        module, "run_demo", lambda config: seen.update(config=config) or {"summary": []}
-    )
+    def fake_run_demo(config):
+        seen["config"] = config
+        return types.SimpleNamespace(summary=())
+
+    monkeypatch.setattr(module, "run_demo", fake_run_demo)
     base = ["demo", "--task", "diffusion", "--quick"]
     assert main([*base, "--ray"]) == 0  # no value: a local Ray
     assert seen["config"].ray == RaySettings(address="local")

@@ -31,6 +31,9 @@ from exitguard.risk.exits import default_thresholds
 from exitguard.risk.losses import RISKS, get_risk
 from exitguard.risk.procedures import ALIASES, PROCEDURES
 
+EXIT_NOTE = "exits are counted from 0; the last one is the full model"
+"""The exit convention, as the command lines state it (the reports state it in full)."""
+
 
 class CommandError(Exception):
     """A problem with the command's input, reported as one line on stderr (exit status 2)."""
@@ -86,6 +89,15 @@ def _exit_cost(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndar
     return given if given is not None else data.get("exit_cost")
 
 
+def _cost_unit(args: argparse.Namespace, data: dict[str, np.ndarray], key: str) -> str | None:
+    """The unit a file names for its costs (one string member ``key``, e.g. "FLOPs"), unless
+    --exit-cost replaces them."""
+    value = np.asarray(data[key]) if key in data else None
+    if value is None or value.shape != () or value.dtype.kind != "U":
+        return None
+    return None if getattr(args, "exit_cost", None) else str(value)
+
+
 def _n_classes(data: dict[str, np.ndarray]) -> int | None:
     if "n_classes" not in data:
         return None
@@ -130,6 +142,7 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             "risk": None,
             "confidence": model_fields.get("confidence"),
             "model_fields": model_fields,
+            "cost_unit": _cost_unit(args, data, "cost_unit"),
         }
     grid = _grid(args, data)
     exit_cost = _exit_cost(args, data)
@@ -159,7 +172,8 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             "risk": risk.name,
             "confidence": _confidence_name(data),
             "n_exits": data["confidence"].shape[1],
-            "cost_label": "exits" if exit_cost is None else "cost",
+            "cost_label": "exits evaluated" if exit_cost is None else "cost",
+            "cost_unit": _cost_unit(args, data, "exit_cost_unit"),
         }
     outputs_key = "probs" if "probs" in data else "logits" if "logits" in data else None
     if outputs_key is None:
@@ -191,7 +205,8 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
         "risk": risk.name,
         "confidence": args.confidence,
         "n_exits": data[outputs_key].shape[1],
-        "cost_label": "exits" if exit_cost is None else "cost",
+        "cost_label": "exits evaluated" if exit_cost is None else "cost",
+        "cost_unit": _cost_unit(args, data, "exit_cost_unit"),
     }
 
 
@@ -293,7 +308,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    unit = "exits evaluated" if tables.get("cost_label") == "exits" else "in the units of `cost`"
+    evaluated = tables.get("cost_label") == "exits evaluated"
+    unit = "exits evaluated" if evaluated else tables.get("cost_unit") or "in the units of `cost`"
     print(describe_policy(policy, unit=unit))
     if args.out:
         print(f"policy written to {args.out}")
@@ -374,6 +390,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"delta = {result.delta:g}"
         )
         print(result.table(cost_label=tables.get("cost_label", "cost")))
+        if tables.get("cost_label") == "exits evaluated":
+            print(f"\nexits evaluated = exit + 1 ({EXIT_NOTE})")
     return 0
 
 
@@ -390,7 +408,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{c}" for c in summary["exit_counts"])
     print(f"samples         {summary['n']}")
     if risk is None:
-        print(f"risk            unknown ({policy.risk} needs labels or probabilities)")
+        print(
+            f"risk            unknown: {policy.risk} needs `labels` in FILE (or probabilities); "
+            "for label-free outputs calibrate with --risk prediction_consistency"
+        )
     else:
         error = float(np.std(applied.losses, ddof=1) / np.sqrt(len(applied.exits)))
         print(
@@ -401,9 +422,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     extra = (
         f" ({100 * saving:.1f}% below the full model's {applied.full_cost:.4g})" if saving else ""
     )
-    unit = "exits evaluated" if _exit_cost(args, data) is None else "in the units of the exit costs"
+    unit = (
+        "exits evaluated"
+        if _exit_cost(args, data) is None
+        else _cost_unit(args, data, "exit_cost_unit") or "in the units of the exit costs"
+    )
     print(f"mean cost       {applied.mean_cost:.4g} ({unit}){extra}")
-    print(f"exits (1..{applied.n_exits})  {counts}")
+    print(f"mean exit       {float(np.mean(applied.exits)):.3f} (0-based)")
+    print(f"exit counts     {counts}  (exits 0..{applied.n_exits - 1}; {EXIT_NOTE})")
     return 0
 
 
@@ -531,6 +557,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CommandError(f"--ray applies to --task {' or '.join(RAY_TASKS)}; got {args.task}.")
     if args.task == "calm":
         return demo_calm(args)
+    out = args.out or f"exitguard-report/{args.task}"
+    print(f"exitguard demo --task {args.task}: loading PyTorch and the data ({out})", flush=True)
     try:
         module = importlib.import_module(f"exitguard.tasks.{args.task}")
     except ImportError as error:
@@ -546,7 +574,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = module.DemoConfig(
         **({"ray": ray} if ray is not None else {}),
         **data,
-        out=args.out or f"exitguard-report/{args.task}",
+        out=out,
         seed=args.seed,
         n_cal=args.n_cal,
         trials=args.trials if args.trials is not None else 100,
@@ -555,9 +583,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     start = time.perf_counter()
-    results = module.run_demo(config)
+    try:
+        results = module.run_demo(config)
+    except FileNotFoundError as error:
+        if args.dataset != "fashion-mnist" or "Fashion-MNIST" not in str(error):
+            raise
+        raise CommandError(
+            f"{error} From the command line: `sudo scripts/install-data.sh`, or "
+            "`exitguard demo --dataset fashion-mnist --data-path FOLDER`."
+        ) from error
     print()
-    for line in results["summary"]:
+    for line in results.summary:
         print(f"- {line}")
     seconds = time.perf_counter() - start
     print(f"\nreport written to {Path(config.out) / 'index.html'} ({seconds:.0f} s)")
@@ -613,8 +649,8 @@ PROCEDURE_HELP = (
     "ltt, ltt-bonferroni; aliases: ucb = ucb-wsr, ltt-hb = ltt-fixed-sequence = ltt"
 )
 QUICK_HELP = (
-    "a quick smoke run: fewer training epochs and timing repeats (and 20 splits for calm "
-    "unless --trials is given)"
+    "a quick smoke run: fewer training epochs, samples and timing repeats, and at most 20 "
+    "splits for calm, diffusion and text unless --trials is given"
 )
 
 

@@ -1,6 +1,6 @@
 """Corruptions, audited inference and the drift demo on a tiny configuration."""
 
-import json
+import html
 import math
 
 import numpy as np
@@ -55,8 +55,8 @@ def test_rotation_by_a_quarter_turn_moves_a_corner():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(model_cache):
+    return str(model_cache)  # the main job's tiny classifier, trained once per session
 
 
 @pytest.fixture(scope="module")
@@ -193,15 +193,16 @@ def test_the_monitor_catches_a_policy_that_breaks_its_promise(trained, cache, tm
 
 def test_drift_demo_end_to_end(cache, tmp_path):
     from exitguard.tasks.drift.demo import run_demo
+    from tests.report_checks import check_demo_report, earlier_report
 
+    earlier_report(tmp_path / "report")
     results = run_demo(tiny_config(cache, tmp_path), log=lambda _: None, stream_defaults=False)
-    assert len(results["days"]) == 8 and len(results["summary"]) == 5
-    for name in ("index.html", "results.json", "drift_risk.png", "drift_monitor.png"):
+    assert len(results.days) == 8 and len(results.summary) == 5
+    assert [day.day for day in results.days] == list(range(8))  # days counted from 0
+    page = check_demo_report(tmp_path / "report", results, data_files=["policy.json"])
+    for name in ("drift_risk.png", "drift_monitor.png", "drift_saving.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    saved = json.loads((tmp_path / "report" / "results.json").read_text())
-    assert saved["task"] == "drift" and saved["days"] == results["days"]
-    page = (tmp_path / "report" / "index.html").read_text()
-    assert all(line in page for line in results["summary"])
+    assert all(html.escape(line, quote=True) in page for line in results.summary)
 
 
 def test_infer_with_an_audit_share_and_labels_that_arrive_later(trained):

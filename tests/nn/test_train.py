@@ -148,3 +148,34 @@ def test_training_errors(cnn_network, data):
 def test_config_validation(field, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**field)
+
+
+def test_numpy_arrays_train_as_their_tensors(cnn_network, data):
+    """A numpy array of float64 images and integer labels trains exactly as the float32
+    tensor; an array that holds no numbers says to pass a tensor."""
+    x, y = data
+    twin = copy.deepcopy(cnn_network)
+    config = TrainConfig(mode="joint", epochs=1, batch_size=16, seed=3)
+    from_tensor = train_exits(cnn_network, x, labels=y, config=config, progress=False)
+    from_numpy = train_exits(
+        twin, x.double().numpy(), labels=y.numpy(), config=config, progress=False
+    )
+    assert from_numpy.loss.tolist() == from_tensor.loss.tolist()
+    for (name, a), b in zip(
+        cnn_network.state_dict().items(), twin.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    with pytest.raises(TypeError, match=r"Pass a tensor of samples \(e.g. torch.from_numpy"):
+        train_exits(twin, x.numpy().astype(object), labels=y, progress=False)
+
+
+def test_the_progress_bar_shows_the_total_and_the_epoch_mean_loss(cnn_network, data, capsys):
+    x, y = data
+    history = train_exits(
+        cnn_network, x, labels=y, config=TrainConfig(epochs=2, batch_size=16), progress=True
+    )
+    err = capsys.readouterr().err
+    assert "epoch 1/2" in err and "epoch 2/2" in err
+    assert "3/3" in err  # 48 samples in batches of 16: the total is known
+    for loss in history.loss:  # the epoch's mean, not the last batch's
+        assert f"mean_loss={loss:.4f}" in err

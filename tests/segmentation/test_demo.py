@@ -10,12 +10,20 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from exitguard.report import rebuild_report
-from exitguard.tasks.segmentation import SEGMENTATION_RISKS, DemoConfig, run_demo
+from exitguard.tasks.segmentation import (
+    RISK_TITLES,
+    SEGMENTATION_RISKS,
+    DemoConfig,
+    prepare,
+    run_demo,
+)
+from tests.report_checks import check_demo_report, earlier_report
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("segmentation")
+    earlier_report(folder / "report")
     config = DemoConfig(
         out=str(folder / "report"),
         cache_dir=str(folder / "cache"),
@@ -35,39 +43,43 @@ def demo(tmp_path_factory):
 def test_report_and_results(demo):
     config, results = demo
     folder = Path(config.out)
-    for name in ("index.html", "results.json", "segmentation_examples.png", "efficiency.png"):
-        assert (folder / name).stat().st_size > 0, name
-    assert list(results["risks"]) == list(SEGMENTATION_RISKS)
-    assert results["task"] == "segmentation"
-    page = (folder / "index.html").read_text()
-    assert "miscoverage" in page and "segmentation_examples.png" in page
-    table, four_risks = results["tables"]
-    assert len(table["rows"]) == 9 and len(table["header"]) == 1 + 3 * 3
-    assert len(four_risks["rows"]) == 4
-    figure = results["figures"][0]
-    assert len(figure["columns"]) == 5 and all(len(r["cells"]) == 5 for r in figure["rows"])
+    files = [f"table_{risk}.npz" for risk in SEGMENTATION_RISKS] + ["policy.json"]
+    page = check_demo_report(folder, results, data_files=files)
+    assert list(results.risks) == list(SEGMENTATION_RISKS)
+    assert results.task == "segmentation"
+    for risk in SEGMENTATION_RISKS:  # risks in words, not symbols
+        assert f"<h3>{RISK_TITLES[risk]} (B = " in page
+    assert "R^C" not in page and "background" in page
+    table, five_risks = results.tables
+    assert len(table.rows) == 9 and len(table.header) == 1 + 3 * 3
+    assert len(five_risks.rows) == len(SEGMENTATION_RISKS)
+    (figure,) = results.figures
+    assert figure.file == "segmentation_examples.png" and len(figure.columns) == 5
+    assert all(len(row.cells) == 5 for row in figure.rows)
+    assert figure.legend[0].label == "background"
+    assert len(figure.legend) == 11 and figure.colorbar
     rebuilt = rebuild_report(folder / "results.json", out=folder / "again")
-    assert json.loads((folder / "again" / "results.json").read_text()) == results
+    assert json.loads((folder / "again" / "results.json").read_text()) == results.to_dict()
     assert rebuilt.is_file()
 
 
 def test_real_exits_and_guarantee_fields(demo):
     _, results = demo
-    timing = results["timing"]
-    assert timing["real exits equal simulated exits"] is True
-    assert results["policy"]["confidence"] == "max_softmax/mean"
-    assert results["policy"]["n_exits"] == 4
+    measures = dict(results.timed.measures)
+    assert measures["real exits equal simulated exits"] is True
+    assert results.policy["confidence"] == "max_softmax/mean"
+    assert results.policy["n_exits"] == 4
     for risk in SEGMENTATION_RISKS:
-        rows = results["risks"][risk]["evaluation"]["rows"]
-        assert {r["procedure"] for r in rows} == {"naive", "crc", "ucb-wsr", "ltt"}
-        assert all(r["mean_test_risk"] is not None for r in rows)
+        rows = results.risks[risk].evaluation.rows
+        assert {r.procedure for r in rows} == {"naive", "crc", "ucb-wsr", "ltt"}
+        assert all(r.mean_test_risk is not None for r in rows)
 
 
 def test_second_run_loads_the_cached_model(demo):
     config, first = demo
-    again = run_demo(dataclasses.replace(config, trials=2), log=lambda line: None)
-    assert again["model"]["from_cache"] is True and first["model"]["from_cache"] is False
-    assert again["model"]["fingerprint"] == first["model"]["fingerprint"]
+    again = prepare(dataclasses.replace(config, trials=2), log=lambda line: None)
+    assert again.trained.from_cache is True and first.model.from_cache is False
+    assert again.network.fingerprint == first.model.fingerprint
 
 
 def test_the_table_procedure_is_required():

@@ -11,6 +11,7 @@ from exitguard.tasks.segmentation import (
     LOSS_BOUNDS,
     SEGMENTATION_RISKS,
     SegmentationOutputs,
+    foreground_miscoverage,
     mean_iou,
     mean_pixel_brier,
     miscoverage,
@@ -61,6 +62,32 @@ def test_miou_and_miscoverage_against_loops():
     assert np.all(cover[:, -1] == 0)
 
 
+def test_foreground_miscoverage_against_a_loop():
+    """Disagreements with the last exit over the pixels that either calls an object."""
+    generator = torch.Generator().manual_seed(3)
+    predictions = torch.randint(0, 3, (4, 3, 6, 6), generator=generator)
+    predictions[0] = 0  # no object anywhere: loss 0
+    value = foreground_miscoverage(predictions).numpy()
+    for b in range(4):
+        full = predictions[b, -1].numpy()
+        for e in range(3):
+            p = predictions[b, e].numpy()
+            objects = (p != 0) | (full != 0)
+            expected = (p != full).sum() / objects.sum() if objects.any() else 0.0
+            assert value[b, e] == pytest.approx(expected)
+    assert np.all(value[:, -1] == 0) and np.all(value[0] == 0)
+
+
+def test_foreground_miscoverage_is_not_diluted_by_background():
+    """An exit that misses one small object of a large scene: a small pixel miscoverage, a
+    foreground miscoverage of 1."""
+    full = torch.zeros(32, 32, dtype=torch.long)
+    full[10:14, 10:14] = 3  # 16 object pixels of 1024
+    predictions = torch.stack([torch.zeros_like(full), full]).unsqueeze(0)  # (1, 2, 32, 32)
+    assert miscoverage(predictions)[0, 0].item() == pytest.approx(16 / 1024)
+    assert foreground_miscoverage(predictions)[0, 0].item() == 1.0
+
+
 def test_mean_pixel_brier_against_the_formula_and_its_range():
     generator = torch.Generator().manual_seed(1)
     probs = random_probs(generator)
@@ -98,6 +125,7 @@ def test_per_exit_losses_bounds_and_the_last_exit():
         assert value.shape == (3, 4)
         assert value.min() >= 0 and value.max() <= LOSS_BOUNDS[risk], risk
     assert torch.all(losses["prediction_consistency"][:, -1] == 0)
+    assert torch.all(losses["foreground_miscoverage"][:, -1] == 0)
 
 
 def test_tables_row_zero_is_loss_free_and_charged_the_backbone():

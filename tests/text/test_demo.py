@@ -15,6 +15,7 @@ from exitguard.cli import main  # noqa: E402
 from exitguard.risk.losses import RISKS  # noqa: E402
 from exitguard.tasks.text import demo  # noqa: E402
 from exitguard.tasks.text.train import TextTrainSettings  # noqa: E402
+from tests.report_checks import check_demo_report, earlier_report  # noqa: E402
 
 
 def test_demo_writes_the_report_with_example_sentences(tiny_model_dir, tmp_path, monkeypatch):
@@ -35,22 +36,24 @@ def test_demo_writes_the_report_with_example_sentences(tiny_model_dir, tmp_path,
         encoder_path=str(tiny_model_dir),
         train=TextTrainSettings(head_epochs=20, head_lr=1e-2, head_batch_size=16),
     )
+    earlier_report(tmp_path / "report")
     results = demo.run_demo(config, log=lambda _: None)
-    assert (tmp_path / "report" / "index.html").is_file()
+    files = [f"table_{risk}.npz" for risk in RISKS]
+    files += ["exits_calibration.npz", "exits_test.npz", "policy.json"]
+    page = check_demo_report(tmp_path / "report", results, data_files=files)
     saved = json.loads((tmp_path / "report" / "results.json").read_text())
     assert saved["task"] == "text" and set(saved["risks"]) == set(RISKS)
-    assert set(saved["confidence_measures"]) == {"max_softmax", "margin", "entropy", "patience"}
-    assert results["timing"]["real exits equal simulated exits"] is True
-    assert results["dataset"]["unit"] == "verses" and results["dataset"]["n_heldout"] == 80
-    assert len(results["model"]["accuracy_per_exit"]) == 4
-    examples, measures = results["tables"]
-    assert examples["header"][:4] == ["verse", "text", "genre", "exit"]
-    assert len(examples["rows"]) == 6
-    assert all(1 <= row[3] <= 4 for row in examples["rows"])
-    assert len(measures["rows"]) == 4 * 3
-    page = (tmp_path / "report" / "index.html").read_text()
+    assert set(saved["extra"]["confidence_measures"]) == set(demo.MEASURES)
+    assert dict(results.timed.measures)["real exits equal simulated exits"] is True
+    assert results.dataset.unit == "verses" and results.dataset.n_heldout == 80
+    assert len(results.model.accuracy_per_exit) == 4
+    examples, measures = results.tables
+    assert examples.header[:4] == ("verse", "text", "genre", "exit")
+    assert len(examples.rows) == 6
+    assert all(0 <= row[3] <= 3 for row in examples.rows)  # exits 0 to 3
+    assert len(measures.rows) == 4 * 3
     assert "Example test verses" in page and "held-out verses" in page
-    assert sum(results["exit_histogram"]["counts"]) == 80 - 40
+    assert sum(results.timed.exit_counts) == 80 - 40
 
 
 def test_cli_text_demo_rejects_image_options(capsys):

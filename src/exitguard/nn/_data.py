@@ -27,6 +27,30 @@ def as_label_tensor(labels: Any, n: int) -> Tensor:
     return tensor.long()
 
 
+def as_samples(data: Any) -> Any:
+    """``data`` with a numpy array of samples turned into a tensor (floats in torch's default
+    dtype, usually float32, as the weights are); anything else as given."""
+    if not isinstance(data, np.ndarray):
+        return data
+    if data.dtype.kind not in "fiub":
+        raise TypeError(
+            f"`data` must hold numbers; got a numpy array of dtype {data.dtype}. Pass a tensor "
+            "of samples (e.g. torch.from_numpy(images)) or a DataLoader."
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(data))
+    return tensor.to(torch.get_default_dtype()) if tensor.is_floating_point() else tensor
+
+
+def batch_count(data: Any, *, batch_size: int) -> int | None:
+    """How many batches :func:`iter_batches` will give, when known (for progress bars)."""
+    if isinstance(data, (Tensor, np.ndarray)):
+        return -(-int(data.shape[0]) // batch_size) if data.ndim else None
+    try:
+        return len(data)
+    except TypeError:  # an iterator or a generator: unknown
+        return None
+
+
 def iter_batches(
     data: Any,
     *,
@@ -36,10 +60,11 @@ def iter_batches(
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yield ``(x, y)`` batches (``y`` may be None).
 
-    ``data`` is either a tensor of samples (batched here, shuffled when ``generator`` is
-    given, with ``labels`` alongside) or an iterable of batches, each a tensor or a
-    ``(x, y, ...)`` sequence such as a DataLoader gives.
+    ``data`` is either a tensor (or numpy array, see :func:`as_samples`) of samples (batched
+    here, shuffled when ``generator`` is given, with ``labels`` alongside) or an iterable of
+    batches, each a tensor or a ``(x, y, ...)`` sequence such as a DataLoader gives.
     """
+    data = as_samples(data)
     if isinstance(data, Tensor):
         n = data.shape[0] if data.ndim else 0
         if n == 0:

@@ -12,7 +12,7 @@ import torch
 from numpy.typing import NDArray
 
 from exitguard._files import atomic_write
-from exitguard.nn._data import iter_batches, model_device
+from exitguard.nn._data import batch_count, iter_batches, model_device
 from exitguard.nn.network import EarlyExitNetwork
 from exitguard.risk._validation import check_int
 
@@ -100,7 +100,7 @@ def collect(
     Parameters
     ----------
     network : EarlyExitNetwork
-    data : Tensor of shape (n, ...) or iterable of batches
+    data : Tensor or numpy array of shape (n, ...), or iterable of batches
         Samples, or batches (a tensor or an ``(x, y)`` pair each, e.g. a DataLoader).
     labels : array-like of shape (n,), optional
         Labels for a tensor ``data``.
@@ -122,7 +122,8 @@ def collect(
     if progress:
         from exitguard.nn.train import _tqdm
 
-        batches = _tqdm()(batches, desc="collect", unit="batch")
+        total = batch_count(data, batch_size=batch_size)
+        batches = _tqdm()(batches, desc="collect", total=total, unit="batch")
     logits, probs, confidences, targets = [], [], [], []
     modes = {module: module.training for module in network.modules()}
     network.eval()

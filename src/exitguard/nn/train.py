@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
 
-from exitguard.nn._data import iter_batches, model_device
+from exitguard.nn._data import batch_count, iter_batches, model_device
 from exitguard.nn.network import EarlyExitNetwork
 from exitguard.risk._validation import check_int
 
@@ -204,14 +204,16 @@ def train_exits(
     ----------
     network : EarlyExitNetwork
         Trained in place, on its own device.
-    data : Tensor of shape (n, ...) or iterable of (x, y) batches
-        Training samples (with ``labels``), or batches such as a DataLoader gives.
+    data : Tensor or numpy array of shape (n, ...), or iterable of (x, y) batches
+        Training samples (with ``labels``), or batches such as a DataLoader gives. A numpy
+        array becomes a tensor (floats in torch's default dtype, float32 unless changed).
     labels : array-like of shape (n,) or (n, *S), optional
         Labels of a tensor ``data``.
     config : TrainConfig, optional
         Defaults to ``TrainConfig()``: heads only, one epoch.
     progress : bool, default True
-        Show a progress bar.
+        Show a progress bar per epoch: batches done of the total, time left, and the mean
+        loss of the epoch so far.
 
     Returns
     -------
@@ -265,7 +267,11 @@ def train_exits(
                     data, labels=labels, batch_size=config.batch_size, generator=generator
                 )
                 bar = _tqdm()(
-                    batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress
+                    batches,
+                    desc=f"epoch {epoch + 1}/{config.epochs}",
+                    total=batch_count(data, batch_size=config.batch_size),
+                    unit="batch",
+                    disable=not progress,
                 )
                 totals = np.zeros(1 + 2 * n_exits)  # loss, CE per exit, correct per exit
                 seen = counted = 0
@@ -295,7 +301,7 @@ def train_exits(
                     totals[1 + n_exits :] += correct.cpu().numpy()
                     seen += batch
                     counted += int(valid.sum())
-                    bar.set_postfix(loss=f"{value:.4f}")
+                    bar.set_postfix(mean_loss=f"{totals[0] / seen:.4f}", refresh=False)
                 if seen == 0:
                     raise ValueError("`data` gave no batches.")
                 history["loss"].append(totals[0] / seen)

@@ -1,21 +1,26 @@
 """The drift demo's page: daily risk, the monitor's statistics, fallback and recalibration.
 
-Each plot function draws on a given matplotlib axis and returns it, so tests can read the
-plotted data; :func:`write_drift_report` lays them out and writes the folder atomically.
+Each plot function draws on a given matplotlib axis and returns it
+(``plot_daily_risk(ax, results) -> ax``), so tests can read the plotted data;
+:func:`render_drift_plots` lays them out and :func:`write_drift_report` writes the folder
+(a fresh folder swapped into place, see :mod:`exitguard.report.folder`).
 """
 
 from __future__ import annotations
 
 import html
-import json
+import io
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exitguard._files import atomic_save, atomic_write_text
+from exitguard.report.results import EXIT_CONVENTION, DriftDay, DriftResults
+
+DRIFT_PLOTS = ("drift_risk.png", "drift_monitor.png", "drift_saving.png")
 
 
 def _pyplot() -> Any:
@@ -24,28 +29,32 @@ def _pyplot() -> Any:
     return pyplot()
 
 
-def _fallback_spans(days: list[Mapping[str, Any]]) -> list[tuple[float, float]]:
+def _typed(results: DriftResults | Mapping[str, Any]) -> DriftResults:
+    return results if isinstance(results, DriftResults) else DriftResults.from_dict(results)
+
+
+def fallback_spans(days: tuple[DriftDay, ...]) -> list[tuple[float, float]]:
     """Day ranges served by the full model, as (start, end) for shading."""
     spans, start = [], None
-    for day in days:
-        if day["served"] == "full model" and start is None:
-            start = day["day"] - 0.5
-        elif day["served"] != "full model" and start is not None:
-            spans.append((start, day["day"] - 0.5))
+    for day in days:  # a loop over the days of the stream
+        if day.served == "full model" and start is None:
+            start = day.day - 0.5
+        elif day.served != "full model" and start is not None:
+            spans.append((start, day.day - 0.5))
             start = None
     if start is not None:
-        spans.append((start, days[-1]["day"] + 0.5))
+        spans.append((start, days[-1].day + 0.5))
     return spans
 
 
-def plot_daily_risk(ax: Any, results: Mapping[str, Any]) -> Any:
+def plot_daily_risk(ax: Any, results: DriftResults) -> Any:
     """True daily risk of the served policy and of the original one, with the target."""
-    days = results["days"]
-    x = [d["day"] for d in days]
-    eps = results["settings"]["target_risk"]
+    days = results.days
+    x = [d.day for d in days]
+    eps = results.target_risk
     ax.plot(
         x,
-        [d["risk_original"] for d in days],
+        [d.risk_original for d in days],
         "o-",
         color="#d62728",
         ms=3,
@@ -53,41 +62,50 @@ def plot_daily_risk(ax: Any, results: Mapping[str, Any]) -> Any:
     )
     ax.plot(
         x,
-        [d["risk_served"] for d in days],
+        [d.risk_served for d in days],
         "s-",
         color="#1f77b4",
         ms=3,
         label="served (policy, full model, recalibrated)",
     )
     ax.axhline(eps, color="black", lw=1, ls="--", label=f"target ε = {eps:g}")
-    for start, end in _fallback_spans(days):
-        ax.axvspan(start, end, color="#999999", alpha=0.25, lw=0)
-    for event in results["events"]:
-        ax.axvline(
-            event["day"],
-            color="#2ca02c" if event["event"] == "recalibrated" else "#ff7f0e",
-            lw=1.2,
-            ls=":",
+    for number, (start, end) in enumerate(fallback_spans(days)):
+        ax.axvspan(
+            start,
+            end,
+            color="#999999",
+            alpha=0.25,
+            lw=0,
+            label="served by the full model" if number == 0 else None,
         )
+    for kind, colour in (("alarm", "#ff7f0e"), ("recalibrated", "#2ca02c")):
+        for number, event in enumerate(e for e in results.events if e.event == kind):
+            ax.axvline(
+                event.day,
+                color=colour,
+                lw=1.2,
+                ls=":",
+                label=f"{kind} (day {event.day})" if number == 0 else None,
+            )
     twin = ax.twinx()
-    twin.fill_between(x, [d["severity"] for d in days], step="mid", color="#9467bd", alpha=0.12)
-    twin.set_ylabel("corruption severity", color="#9467bd")
+    twin.fill_between(x, [d.severity for d in days], step="mid", color="#9467bd", alpha=0.12)
+    twin.set_ylabel("corruption severity (shaded)", color="#9467bd")
     twin.set_ylim(0, 1)
-    ax.set_xlabel("day")
+    ax.set_xlabel("day (0 = first)")
     ax.set_ylabel("risk: disagreement with the full model")
-    ax.set_title("Daily risk (shaded: served by the full model)")
+    ax.set_title("Daily risk of the served and the original policy")
     ax.legend(fontsize=7, loc="upper left")
     return ax
 
 
-def plot_monitor(ax: Any, results: Mapping[str, Any]) -> Any:
+def plot_monitor(ax: Any, results: DriftResults) -> Any:
     """The monitor's e-process and change detector per audit, with their alarm lines."""
-    settings = results["settings"]
+    settings = results.settings
     offset = 0
-    for number, segment in enumerate(results["segments"]):
-        if not segment.get("audits"):
+    for number, segment in enumerate(results.segments):
+        if not segment.audits:
             continue
-        audits = np.arange(offset + 1, offset + segment["audits"] + 1)
+        audits = np.arange(offset + 1, offset + segment.audits + 1)
         first = number == 0
         if not first:
             ax.axvline(
@@ -99,32 +117,33 @@ def plot_monitor(ax: Any, results: Mapping[str, Any]) -> Any:
             )
         ax.plot(
             audits,
-            segment["log10_wealth"],
+            segment.log10_wealth,
             color="#1f77b4",
             lw=1,
             label="e-process log10 wealth" if first else None,
         )
         ax.plot(
             audits,
-            segment["log10_detector"],
+            segment.log10_detector,
             color="#ff7f0e",
             lw=1,
             label="e-CUSUM log10 statistic" if first else None,
         )
-        offset += segment["audits"]
+        offset += segment.audits
+    alpha, arl = float(settings["alpha"]), float(settings["arl"])
     ax.axhline(
-        math.log10(1 / settings["alpha"]),
+        math.log10(1 / alpha),
         color="#1f77b4",
         ls="--",
         lw=1,
-        label=f"e-process alarm: 1/α = {1 / settings['alpha']:g}",
+        label=f"e-process alarm: 1/α = {1 / alpha:g}",
     )
     ax.axhline(
-        math.log10(settings["arl"]),
+        math.log10(arl),
         color="#ff7f0e",
         ls="--",
         lw=1,
-        label=f"detector alarm: ARL {settings['arl']:g} audits",
+        label=f"detector alarm: ARL {arl:g} audits",
     )
     ax.set_xlabel("audited sample (of the watched policies, in order)")
     ax.set_ylabel("log10 statistic")
@@ -133,59 +152,75 @@ def plot_monitor(ax: Any, results: Mapping[str, Any]) -> Any:
     return ax
 
 
-def plot_saving(ax: Any, results: Mapping[str, Any]) -> Any:
+def plot_saving(ax: Any, results: DriftResults) -> Any:
     """Share of FLOPs saved per day by what was served."""
-    days = results["days"]
-    ax.bar([d["day"] for d in days], [100 * d["flops_saved"] for d in days], color="#2ca02c")
-    ax.set_xlabel("day")
+    days = results.days
+    ax.bar(
+        [d.day for d in days],
+        [100 * d.flops_saved for d in days],
+        color="#2ca02c",
+        label="FLOPs saved by what was served",
+    )
+    ax.set_xlabel("day (0 = first)")
     ax.set_ylabel("FLOPs saved (%)")
-    ax.set_title("Compute saved by the served policy")
+    ax.set_title("Compute saved by the served policy (0 on full-model days)")
+    ax.legend(fontsize=7, loc="upper right")
     return ax
 
 
-def draw(results: Mapping[str, Any], folder: Path) -> list[str]:
+_LAYOUT = (
+    ("drift_risk.png", plot_daily_risk, (9, 3.8)),
+    ("drift_monitor.png", plot_monitor, (9, 3.4)),
+    ("drift_saving.png", plot_saving, (9, 2.8)),
+)
+
+
+def render_drift_plots(results: DriftResults | Mapping[str, Any]) -> dict[str, bytes]:
+    """The drift page's plots as PNG bytes, by file name."""
+    typed = _typed(results)
     plt = _pyplot()
-    names = []
-    for name, function, size in (
-        ("drift_risk.png", plot_daily_risk, (9, 3.6)),
-        ("drift_monitor.png", plot_monitor, (9, 3.4)),
-        ("drift_saving.png", plot_saving, (9, 2.6)),
-    ):
+    drawn = {}
+    for name, function, size in _LAYOUT:  # the page's three plots
         figure, ax = plt.subplots(figsize=size)
-        function(ax, results)
-        figure.tight_layout()
-        atomic_save(
-            folder / name, lambda path, figure=figure: figure.savefig(path, dpi=110, format="png")
-        )
-        plt.close(figure)
-        names.append(name)
-    return names
+        try:
+            function(ax, typed)
+            figure.tight_layout()
+            handle = io.BytesIO()
+            figure.savefig(handle, dpi=110, format="png")
+            drawn[name] = handle.getvalue()
+        finally:
+            plt.close(figure)
+    return drawn
 
 
-def render_drift_html(results: Mapping[str, Any]) -> str:
-    escape = html.escape
-    summary = "".join(f"<li>{escape(str(line))}</li>" for line in results["summary"])
+def _text(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def render_drift_html(results: DriftResults | Mapping[str, Any]) -> str:
+    typed = _typed(results)
+    summary = "".join(f"<li>{_text(line)}</li>" for line in typed.summary)
     rows = "".join(
         "<tr>"
         + "".join(
-            f"<td>{escape(str(v))}</td>"
+            f"<td>{_text(v)}</td>"
             for v in (
-                d["day"],
-                f"{d['severity']:.2f}",
-                d["served"],
-                "–" if d["threshold"] is None else f"{d['threshold']:.3g}",
-                f"{d['risk_served']:.4f}",
-                f"{d['risk_original']:.4f}",
-                f"{100 * d['flops_saved']:.1f}%",
-                d["audits"],
-                f"{d['accuracy_full_model']:.3f}",
+                d.day,
+                f"{d.severity:.2f}",
+                d.served,
+                "–" if d.threshold is None else f"{d.threshold:.3g}",
+                f"{d.risk_served:.4f}",
+                f"{d.risk_original:.4f}",
+                f"{100 * d.flops_saved:.1f}%",
+                d.audits,
+                f"{d.accuracy_full_model:.3f}",
             )
         )
         + "</tr>"
-        for d in results["days"]
+        for d in typed.days
     )
     header = "".join(
-        f"<th>{escape(h)}</th>"
+        f"<th>{_text(h)}</th>"
         for h in (
             "day",
             "severity",
@@ -198,38 +233,46 @@ def render_drift_html(results: Mapping[str, Any]) -> str:
             "full-model accuracy",
         )
     )
-    machine = results.get("machine", {})
+    settings = typed.settings
+    alpha, arl = float(settings["alpha"]), float(settings["arl"])
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{escape(str(results.get("title", "")))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{_text(typed.title)}</title>
 <style>body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
 padding: 0 1em; color: #222; }} table {{ border-collapse: collapse; font-size: 0.85em; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: 0.2em 0.6em; text-align: right; }}
 img {{ max-width: 100%; }} .summary {{ background: #f4f7fb; border-left: 4px solid #1f77b4;
-padding: 0.6em 1em; }}</style></head><body>
-<h1>{escape(str(results.get("title", "")))}</h1>
+padding: 0.6em 1em; }} .convention {{ background: #fbf8ef; border-left: 4px solid #c9a227;
+padding: 0.4em 1em; }} .note {{ color: #555; font-size: 0.9em; }}</style></head><body>
+<h1>{_text(typed.title)}</h1>
 <ul class="summary">{summary}</ul>
+<p class="convention"><b>Counting exits and days.</b> {_text(EXIT_CONVENTION)} Days are
+counted the same way, from day 0.</p>
 <p>The monitor reads only the audited samples' losses (disagreement with the full model, no
-labels needed). Its e-process alarms with probability at most α = {results["settings"]["alpha"]:g}
-over the whole stream if the policy's risk never exceeds ε; its change detector (e-CUSUM) has
-an average run length of at least {results["settings"]["arl"]:g} audits without a change. After
-an alarm the full model is served until a policy certified on the most recent
-{results["recalibration_window"]} audits takes over (at least {results["samples_needed"]} are
-needed to certify anything at this ε and δ). Days are 0-based.</p>
+labels needed). Its e-process alarms with probability at most α = {alpha:g} over the whole
+stream if the policy's risk never exceeds ε; its change detector (e-CUSUM) has an average run
+length of at least {arl:g} audits without a change. After an alarm the full model is served
+until a policy certified on the most recent {typed.recalibration_window} audits takes over (at
+least {typed.samples_needed} are needed to certify anything at this ε and δ).</p>
 <img src="drift_risk.png" alt="daily risk">
 <img src="drift_monitor.png" alt="monitor statistics">
 <img src="drift_saving.png" alt="FLOPs saved per day">
 <h2>Days</h2><table><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>
-<p>Machine: Python {escape(str(machine.get("python", "")))}, torch
-{escape(str(machine.get("torch", "")))}, {escape(str(machine.get("threads", "")))} threads.</p>
+<p class="note">Created {_text(typed.created)} with exitguard {_text(typed.exitguard_version)}.
+Machine: {_text(typed.machine.describe())}.</p>
 </body></html>
 """
 
 
-def write_drift_report(results: Mapping[str, Any], folder: Path) -> Path:
-    """Write ``results.json``, the plots and ``index.html`` of the drift demo into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        folder / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n"
-    )
-    draw(results, folder)
-    return atomic_write_text(folder / "index.html", render_drift_html(results))
+def write_drift_report(
+    results: DriftResults | Mapping[str, Any],
+    folder: str | os.PathLike[str],
+    *,
+    data: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``results.json``, the plots and ``index.html`` of the drift demo into ``folder``.
+
+    The same as :func:`exitguard.report.write_report` (which dispatches here by task).
+    """
+    from exitguard.report import write_report
+
+    return write_report(_typed(results), folder, data=data)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import exitguard
 from exitguard.calibration import build_table, calibrate
 from exitguard.data.images import ImageDataset, load_dataset
 from exitguard.nn import (
@@ -30,25 +29,35 @@ from exitguard.nn import (
     count_flops,
 )
 from exitguard.nn.blocks import BasicBlock
-from exitguard.report import write_report
+from exitguard.report.plots import default_risk_title
+from exitguard.report.results import DemoResults, ModelInfo, summary_lines
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
 from exitguard.tasks.common import (
-    PROCEDURES,
     CachedModel,
+    ImageOptions,
+    PolicyOptions,
+    accuracy_measures,
     cached_model,
-    evaluate_risk,
+    calibration_split,
+    demo_settings,
+    evaluate_risks,
+    exit_output_files,
+    image_dataset_info,
+    loss_bound,
     model_description,
-    progress_bar,
     results_header,
-    time_inference,
+    table_writer,
+    time_inference,  # noqa: F401  (benchmarks/classification.py imports it from here)
+    time_policy,
+    timed_policy,
     train_jointly,
+    write_demo_report,
 )
 
 if TYPE_CHECKING:
     from exitguard.distributed.options import RaySettings
 
-TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CACHE_FORMAT = "exitguard.classifier/1"
 
@@ -161,27 +170,17 @@ def load_or_train(
 # ------------------------------------------------------------------------------- demo
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(ImageOptions, PolicyOptions):
+    """Settings of :func:`run_demo` (the shared ones: :class:`~exitguard.tasks.common.DemoOptions`).
 
-    dataset: str = "digits"
-    dataset_path: str | None = None
+    ``timing_images_batch1`` test images are timed at batch 1 (all of them at batch 256).
+    """
+
     out: str = "exitguard-report/classification"
-    seed: int = 0
-    n_cal: int = 100
-    trials: int = 100
-    delta: float = 0.1
-    procedures: tuple[str, ...] = PROCEDURES
-    target_risks: tuple[float, ...] = TARGET_RISKS
     policy_risk: str = "prediction_gap"
-    policy_procedure: str = "ucb-wsr"
-    policy_target_risk: float = 0.05
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     epochs: int | None = None
-    timing_repeats: int | None = None
+    timing_images_batch1: int = 200
     ray: RaySettings | None = None  # collect the held-out outputs on Ray
 
 
@@ -307,8 +306,14 @@ def risk_tables(prepared: Prepared, risk: str, *, seed: int) -> dict[str, np.nda
     return tables
 
 
-def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the classification main job and write its report; returns the results dict."""
+def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResults:
+    """Run the classification main job and write its report; returns the results.
+
+    Beside the report (``config.out``) it saves the loss table of every risk
+    (``table_<risk>.npz``), the held-out per-exit outputs split as the timed policy used
+    them (``exits_calibration.npz``, ``exits_test.npz``: ``probs`` (n, L, C), ``labels``,
+    ``exit_cost``) and that policy (``policy.json``), so the README's examples run on them.
+    """
     prepared = prepare(config, log=log)
     data, train, heldout = prepared.data, prepared.train, prepared.heldout
     network, trained, flops = prepared.network, prepared.trained, prepared.flops
@@ -317,27 +322,27 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     exit_flops = prepared.exit_flops
     accuracy = (outputs.probs.argmax(-1) == heldout.labels[:, None]).mean(axis=0)  # (L,)
 
-    trials = config.trials
-    risks: dict[str, Any] = {}
-    for risk in progress_bar(RISKS, enabled=config.progress, desc="calibrating risks"):
-        tables = risk_tables(prepared, risk, seed=config.seed)
-        risks[risk] = evaluate_risk(
-            tables["losses"],
-            cost=tables["cost"],
-            exits=tables["exits"],
-            loss_bound=2.0 if risk.startswith("distribution") else 1.0,
-            procedures=config.procedures,
-            target_risks=config.target_risks,
-            delta=config.delta,
-            n_cal=config.n_cal,
-            trials=trials,
-            seed=config.seed,
+    files: dict[str, Any] = {}
+
+    def keep(risk: str, tables: Any) -> None:
+        files[f"table_{risk}.npz"] = table_writer(
+            tables, loss_bound=loss_bound(risk), risk=risk, model=network
         )
 
-    # One calibrated policy, run for real on the rest of the held-out data.
-    cal_idx, test_idx = np.split(
-        np.random.default_rng(config.seed + 1).permutation(len(heldout)), [config.n_cal]
+    risks = evaluate_risks(
+        RISKS,
+        lambda risk: risk_tables(prepared, risk, seed=config.seed),
+        options=config,
+        n_cal=config.n_cal,
+        trials=config.trials,
+        loss_bound=loss_bound,
+        title=default_risk_title,
+        keep=keep,
     )
+
+    # One calibrated policy, run for real on the rest of the held-out data.
+    log("running one calibrated policy for real and timing it against the full model")
+    cal_idx, test_idx = calibration_split(len(heldout), config.n_cal, seed=config.seed)
     policy = calibrate(
         outputs.probs[cal_idx],
         heldout.labels[cal_idx],
@@ -347,6 +352,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         procedure=config.policy_procedure,
         exit_cost=exit_flops,
         rng=config.seed,
+        seed=config.seed,  # the calibration split is a random permutation: a fixed order is valid
     ).with_model(
         n_exits=network.n_exits,
         model_fingerprint=network.fingerprint,
@@ -356,105 +362,70 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     result = network.infer(test_images, policy)
     simulated = exit_index(outputs.confidences[test_idx], float(policy.threshold))
     exits = result.exits.numpy()
-    predictions = result.predictions.numpy()
-    test_labels = heldout.labels[test_idx]
-    full_predictions = outputs.probs[test_idx, -1].argmax(-1)
-    repeats = config.timing_repeats or (3 if config.quick else 7)
-    timing = time_inference(
-        network, test_images, float(policy.threshold), batch_size=256, repeats=repeats
+    measures, quality = accuracy_measures(
+        result.predictions.numpy(),
+        outputs.probs[test_idx, -1].argmax(-1),
+        heldout.labels[test_idx],
+        exits_match=bool(np.array_equal(exits, simulated)),
     )
-    timing_batch1 = time_inference(
-        network,
-        test_images[:200],
-        float(policy.threshold),
-        batch_size=1,
-        repeats=max(1, repeats // 2),
+    timed = timed_policy(
+        policy,
+        exits,
+        n_exits=network.n_exits,
+        flops_saving=1.0 - float(exit_flops[exits].mean()) / float(flops.full),
+        n_cal=len(cal_idx),
+        unit="images",
+        speeds=time_policy(
+            network,
+            test_images,
+            float(policy.threshold),
+            batch_size=256,
+            batch1_images=config.timing_images_batch1,
+            repeats=config.timing_repeats or (3 if config.quick else 7),
+            progress=config.progress,
+        ),
+        measures=measures,
+        quality=quality,
     )
-    full_only = float(flops.full)
-    timing_summary = {
-        "policy": f"{policy.procedure}, {policy.risk}, ε = {policy.target_risk:g}, "
-        f"threshold = {policy.threshold:.3g}",
-        "certified": policy.certified,
-        "test images": len(test_idx),
-        "mean exit (1 = first)": float(exits.mean() + 1),
-        "FLOPs speed-up": float(full_only / exit_flops[exits].mean()),
-        "measured speed-up, batch 256": timing["measured_speedup"],
-        "measured speed-up, batch 1": timing_batch1["measured_speedup"],
-        "full model ms/image, batch 256": timing["full_ms_per_image"],
-        "early exit ms/image, batch 256": timing["early_exit_ms_per_image"],
-        "test accuracy, full model": float((full_predictions == test_labels).mean()),
-        "test accuracy, early exit": float((predictions == test_labels).mean()),
-        "test risk (accuracy drop)": float(
-            (predictions != test_labels).mean() - (full_predictions != test_labels).mean()
-        ),
-        "real exits equal simulated exits": bool(np.array_equal(exits, simulated)),
-    }
-    eps_shown = config.policy_target_risk
-    ucb = exitguard.Evaluation.from_dict(risks[config.policy_risk]["evaluation"]).row(
-        config.policy_procedure, eps_shown
+    settings_ = demo_settings(
+        config,
+        n_cal=config.n_cal,
+        trials=config.trials,
+        table_target_risks=TABLE_TARGET_RISKS,
+        confidence=str(network.confidence),
     )
-    summary = [
+    summary = (
         (
-            f"{data.name}: a {network.n_exits}-exit ResNet-style CNN, held-out accuracy "
-            f"{accuracy[0]:.3f} at the first exit and {accuracy[-1]:.3f} at the last."
+            f"{data.name}: a {network.n_exits}-exit ResNet-style CNN (exits 0 to "
+            f"{network.n_exits - 1}), held-out accuracy {accuracy[0]:.3f} at exit 0 and "
+            f"{accuracy[-1]:.3f} at exit {network.n_exits - 1}, the full model."
         ),
-        (
-            f"{config.policy_procedure} on the {config.policy_risk} risk at ε = {eps_shown:g}, "
-            f"δ = {config.delta:g}, n = {config.n_cal}: mean test risk {ucb.mean_test_risk:.4f}, "
-            f"population violation rate {ucb.population_violation_rate:.2f} over {trials} "
-            f"splits, {100 * (ucb.relative_saving or 0):.1f}% of FLOPs saved."
-        ),
-        (
-            f"Real inference at that policy: {timing['measured_speedup']:.2f}x faster at batch "
-            f"256 and {timing_batch1['measured_speedup']:.2f}x at batch 1 (FLOPs ideal "
-            f"{timing_summary['FLOPs speed-up']:.2f}x); accuracy "
-            f"{timing_summary['test accuracy, early exit']:.3f} vs "
-            f"{timing_summary['test accuracy, full model']:.3f} for the full model."
-        ),
-    ]
-    results: dict[str, Any] = {
-        **results_header("classification", f"exitguard: certified early exit on {data.name}"),
-        "summary": summary,
-        "dataset": {
-            "name": data.name,
-            "source": data.source,
-            "n_train": len(train),
-            "n_heldout": len(heldout),
-            "image_shape": list(data.image_shape),
-            "classes": list(data.class_names),
-        },
-        "model": {
-            "description": f"ResNet-style CNN, stage widths {list(model_config.widths)}, strides "
+        *summary_lines(risks, settings_, timed),
+    )
+    results = DemoResults(
+        task="classification",
+        title=f"exitguard: certified early exit on {data.name}",
+        summary=summary,
+        dataset=image_dataset_info(data, n_train=len(train), n_heldout=len(heldout), unit="images"),
+        model=ModelInfo(
+            description=f"ResNet-style CNN, stage widths {list(model_config.widths)}, strides "
             f"{list(model_config.strides)}, one exit head (pool, layer norm, linear) per stage; "
             f"trained jointly with self-distillation ({settings.epochs} epochs).",
-            "n_exits": network.n_exits,
-            "flops_per_exit": exit_flops.tolist(),
-            "full_flops": full_only,
-            "accuracy_per_exit": accuracy.tolist(),
-            "fingerprint": network.fingerprint,
-            "from_cache": trained.from_cache,
-            "train_seconds": trained.metadata.get("train_seconds"),
-        },
-        "settings": {
-            "delta": config.delta,
-            "n_cal": config.n_cal,
-            "trials": trials,
-            "target_risks": list(config.target_risks),
-            "table_target_risks": list(TABLE_TARGET_RISKS),
-            "procedures": list(config.procedures),
-            "seed": config.seed,
-            "confidence": network.confidence,
-        },
-        "risks": risks,
-        "exit_histogram": {
-            "risk": config.policy_risk,
-            "procedure": config.policy_procedure,
-            "target_risk": config.policy_target_risk,
-            "threshold": policy.threshold,
-            "counts": np.bincount(exits, minlength=network.n_exits).tolist(),
-        },
-        "timing": timing_summary,
-        "policy": policy.to_dict(),
-    }
-    write_report(results, Path(config.out))
+            n_exits=network.n_exits,
+            flops_per_exit=tuple(exit_flops.tolist()),
+            full_flops=float(flops.full),
+            accuracy_per_exit=tuple(accuracy.tolist()),
+            fingerprint=network.fingerprint,
+            from_cache=trained.from_cache,
+            train_seconds=trained.metadata.get("train_seconds"),
+        ),
+        settings=settings_,
+        risks=risks,
+        timed=timed,
+        policy=policy.to_dict(),
+        **results_header(),
+    )
+    splits = {"calibration": cal_idx, "test": test_idx}
+    files.update(exit_output_files(outputs.probs, heldout.labels, splits, exit_cost=exit_flops))
+    write_demo_report(results, config, policy=policy, files=files, log=log)
     return results

@@ -19,6 +19,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -38,10 +39,61 @@ from exitguard._files import (
 from exitguard.evaluation import evaluate
 from exitguard.nn import EarlyExitNetwork, TrainConfig, train_exits
 from exitguard.nn.io import assign_tensors, stored_tensors
-from exitguard.report import RESULTS_SCHEMA
+from exitguard.policy import ExitPolicy
+from exitguard.report.results import (
+    DatasetInfo,
+    DemoResults,
+    DriftResults,
+    Machine,
+    RiskResult,
+    Settings,
+    Speed,
+    TimedPolicy,
+)
 
 PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
 """The procedures every demo compares."""
+TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
+"""The target risks of the classification, segmentation and text demos: 0.01 to 0.2, 0.25, 0.3."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoOptions:
+    """What every demo takes (what ``exitguard demo`` passes to each task).
+
+    ``out`` is the report folder, ``n_cal`` the calibration size of each of ``trials``
+    random calibration/test splits, ``delta`` the level of the high-probability procedures.
+    """
+
+    out: str
+    seed: int = 0
+    n_cal: int = 100
+    trials: int = 100
+    delta: float = 0.1
+    quick: bool = False
+    progress: bool = True
+    cache_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageOptions(DemoOptions):
+    """The options of the demos on images: ``dataset`` (``digits``, ``mnist-5k``,
+    ``fashion-mnist``) and, for Fashion-MNIST, the folder of its IDX files."""
+
+    dataset: str = "digits"
+    dataset_path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicyOptions(DemoOptions):
+    """The options of the demos that compare procedures over a grid of target risks and run
+    one calibrated policy for real (``policy_procedure`` at ``policy_target_risk``)."""
+
+    procedures: tuple[str, ...] = PROCEDURES
+    target_risks: tuple[float, ...] = TARGET_RISKS
+    policy_procedure: str = "ucb-wsr"
+    policy_target_risk: float = 0.05
+    timing_repeats: int | None = None
 
 
 def default_cache_dir() -> Path:
@@ -310,15 +362,38 @@ def _write_entry(
     return metadata
 
 
-def median_seconds(fn: Callable[[], Any], *, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+def median_seconds(
+    fn: Callable[[], Any], *, repeats: int, tick: Callable[[], Any] | None = None
+) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call.
+
+    ``tick`` is called after every call (the warm-up included), e.g. a progress bar's update.
+    """
     fn()
+    if tick is not None:
+        tick()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+        if tick is not None:
+            tick()
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def timing_bar(
+    *, runs: int, repeats: int, enabled: bool, desc: str
+) -> Iterator[Callable[[], Any] | None]:
+    """A progress bar over ``runs`` timed runs of ``repeats + 1`` calls each (warm-up
+    included); yields its ``update`` for :func:`median_seconds`, or None when disabled."""
+    bar = _progress(total=runs * (repeats + 1), enabled=enabled, desc=desc, unit="call")
+    if bar is None:
+        yield None
+        return
+    with bar:
+        yield bar.update
 
 
 def time_inference(
@@ -328,6 +403,7 @@ def time_inference(
     *,
     batch_size: int,
     repeats: int,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Median seconds per image of early-exit and full-model inference, run side by side."""
     batches = list(torch.split(images, batch_size))
@@ -336,8 +412,10 @@ def time_inference(
         for batch in batches:
             network.infer(batch, value)
 
-    full = median_seconds(lambda: run(math.inf), repeats=repeats)
-    early = median_seconds(lambda: run(threshold), repeats=repeats)
+    desc = f"timing {len(images)} images at batch {batch_size}"
+    with timing_bar(runs=2, repeats=repeats, enabled=progress, desc=desc) as tick:
+        full = median_seconds(lambda: run(math.inf), repeats=repeats, tick=tick)
+        early = median_seconds(lambda: run(threshold), repeats=repeats, tick=tick)
     return {
         "batch_size": batch_size,
         "full_ms_per_image": 1000 * full / len(images),
@@ -346,37 +424,137 @@ def time_inference(
     }
 
 
-def progress_bar(iterable: Iterable[Any], *, enabled: bool, desc: str) -> Iterable[Any]:
-    """``iterable`` wrapped in a tqdm bar when enabled and tqdm is installed."""
+def _progress(*, enabled: bool, **options: Any) -> Any:
+    """A tqdm bar with ``options`` when enabled and tqdm is installed, else None."""
     if not enabled:
-        return iterable
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
+        return None
+    return tqdm(leave=False, **options)
+
+
+def progress_bar(
+    iterable: Iterable[Any], *, enabled: bool, desc: str, total: int | None = None
+) -> Iterable[Any]:
+    """``iterable`` wrapped in a tqdm bar (count, total and time left when the length is
+    known) when enabled and tqdm is installed."""
+    bar = _progress(iterable=iterable, enabled=enabled, desc=desc, total=total)
+    return iterable if bar is None else bar
 
 
 def machine_info() -> dict[str, Any]:
-    """Python and torch versions and torch's thread count, for result files."""
+    """Python and torch versions, torch's thread count and the platform, for result files."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "platform": f"{platform.system()} {platform.machine()}",
     }
 
 
-def results_header(task: str, title: str) -> dict[str, Any]:
-    """The fields every demo's results dict starts with (schema, versions, machine)."""
+def results_header() -> dict[str, Any]:
+    """The fields every demo's results start with: the machine, the time, the version."""
     return {
-        "schema": RESULTS_SCHEMA,
-        "schema_version": 1,
-        "task": task,
-        "title": title,
+        "machine": Machine(**machine_info()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "exitguard_version": exitguard.__version__,
-        "machine": machine_info(),
     }
+
+
+def timed_policy(
+    policy: ExitPolicy,
+    exits: np.ndarray,
+    *,
+    n_exits: int,
+    flops_saving: float,
+    n_cal: int,
+    unit: str,
+    speeds: Sequence[Speed],
+    measures: Sequence[tuple[str, Any]] = (),
+    quality: str = "",
+    baseline: str = "the full model",
+    counted: str = "",
+) -> TimedPolicy:
+    """The record of one calibrated policy run for real: its exits (0-based) and timings.
+
+    ``exits`` holds the exit each timed sample took, (n,) or (n, steps) (every entry counts;
+    ``counted`` names what the entries are when not samples), and ``flops_saving`` is
+    ``1 - FLOPs / full-model FLOPs`` on the same samples.
+    """
+    taken = np.asarray(exits, dtype=np.int64).ravel()
+    return TimedPolicy(
+        procedure=str(policy.procedure),
+        risk=str(policy.risk),
+        target_risk=float(policy.target_risk),
+        threshold=None
+        if policy.is_full_model or policy.threshold is None
+        else float(policy.threshold),
+        certified=bool(policy.certified),
+        n_cal=int(n_cal),
+        n_test=int(np.asarray(exits).shape[0]),
+        unit=unit,
+        exit_counts=tuple(int(c) for c in np.bincount(taken, minlength=n_exits)),
+        mean_exit=float(taken.mean()) if taken.size else None,
+        flops_saving=float(flops_saving),
+        speeds=tuple(speeds),
+        baseline=baseline,
+        measures=tuple(measures),
+        quality=quality,
+        counted=counted,
+    )
+
+
+def speed(timing: Mapping[str, float], *, unit: str = "ms per image") -> Speed:
+    """A :class:`Speed` from :func:`time_inference`'s side-by-side timing."""
+    return Speed(
+        batch_size=int(timing["batch_size"]),
+        speedup=float(timing["measured_speedup"]),
+        baseline=float(timing["full_ms_per_image"]),
+        early=float(timing["early_exit_ms_per_image"]),
+        unit=unit,
+    )
+
+
+def npz_writer(**arrays: Any) -> Callable[[Any], None]:
+    """A file writer of the arrays as a compressed ``.npz`` (no pickles)."""
+
+    def write(handle: Any) -> None:
+        np.savez_compressed(handle, **arrays)
+
+    return write
+
+
+def table_writer(
+    tables: Mapping[str, np.ndarray],
+    *,
+    loss_bound: float,
+    risk: str,
+    model: EarlyExitNetwork | None = None,
+    confidence: str | None = None,
+) -> Callable[[Any], None]:
+    """A loss table as ``exitguard calibrate FILE`` reads it.
+
+    Holds ``losses`` (K, n), ``cost`` (K, n) FLOPs, ``thresholds`` (K,), ``exits`` (K, n)
+    (0-based), ``loss_bound``, ``risk`` and ``cost_unit`` ("FLOPs"); with ``model``, also
+    the fields that bind a policy calibrated on it to the network (``model_fingerprint``,
+    ``n_exits``, ``confidence_name``).
+    """
+    arrays: dict[str, Any] = {
+        "losses": np.asarray(tables["losses"], dtype=np.float64),
+        "cost": np.asarray(tables["cost"], dtype=np.float64),
+        "thresholds": np.asarray(tables["thresholds"], dtype=np.float64),
+        "exits": np.asarray(tables["exits"]).astype(np.int16),
+        "loss_bound": np.float64(loss_bound),
+        "risk": np.str_(risk),
+        "cost_unit": np.str_("FLOPs"),
+    }
+    if model is not None:
+        arrays["model_fingerprint"] = np.str_(model.fingerprint)
+        arrays["n_exits"] = np.int64(model.n_exits)
+        arrays["confidence_name"] = np.str_(confidence or model.confidence)
+    return npz_writer(**arrays)
 
 
 def evaluate_risk(
@@ -385,18 +563,20 @@ def evaluate_risk(
     cost: np.ndarray,
     exits: np.ndarray,
     loss_bound: float,
+    title: str,
     procedures: Sequence[str],
     target_risks: Sequence[float],
     delta: float,
     n_cal: int,
     trials: int,
     seed: int,
-) -> dict[str, Any]:
+    note: str = "",
+) -> RiskResult:
     """Repeated-split evaluation of one loss table, as the report reads it.
 
-    ``cost`` (K, N) is the compute (FLOPs) and ``exits`` (K, N) the 0-based exit taken; both
-    use the same splits (same seed), so the FLOPs saving and the mean exit describe the
-    same selections.
+    ``cost`` (K, N) is the compute (FLOPs) and ``exits`` (K, N) the 0-based exit taken (the
+    mean exit is 0-based too); both use the same splits (same seed), so the FLOPs saving
+    and the mean exit describe the same selections.
     """
     common: dict[str, Any] = dict(
         procedures=tuple(procedures),
@@ -408,9 +588,236 @@ def evaluate_risk(
         seed=seed,
     )
     by_flops = evaluate(losses, cost=cost, **common)
-    by_exit = evaluate(losses, cost=np.asarray(exits, dtype=np.float64) + 1.0, **common)
+    by_exit = evaluate(losses, cost=np.asarray(exits, dtype=np.float64), **common)
+    return RiskResult(
+        title=title, loss_bound=loss_bound, evaluation=by_flops, evaluation_exits=by_exit, note=note
+    )
+
+
+def loss_bound(risk: str) -> float:
+    """B of one of exitguard's risks (2 for the Brier risks, 1 for the 0-1 risks)."""
+    from exitguard.risk.losses import get_risk
+
+    return float(get_risk(risk).loss_bound)
+
+
+def evaluate_risks(
+    names: Sequence[str],
+    tables: Callable[[str], Mapping[str, np.ndarray]],
+    *,
+    options: PolicyOptions,
+    n_cal: int,
+    trials: int,
+    loss_bound: Callable[[str], float],
+    title: Callable[[str], str],
+    note: Callable[[str], str] | None = None,
+    keep: Callable[[str, Mapping[str, np.ndarray]], Any] | None = None,
+) -> dict[str, RiskResult]:
+    """Every risk's repeated-split evaluation (:func:`evaluate_risk`), behind a progress bar.
+
+    ``tables(name)`` gives the risk's ``losses``, ``cost`` and ``exits`` (K, n); ``keep``
+    receives each risk's tables once evaluated (e.g. to save them beside the report).
+    """
+    risks: dict[str, RiskResult] = {}
+    for name in progress_bar(names, enabled=options.progress, desc="calibrating risks"):
+        table = tables(name)
+        risks[name] = evaluate_risk(
+            table["losses"],
+            cost=table["cost"],
+            exits=table["exits"],
+            loss_bound=loss_bound(name),
+            title=title(name),
+            note="" if note is None else note(name),
+            procedures=options.procedures,
+            target_risks=options.target_risks,
+            delta=options.delta,
+            n_cal=n_cal,
+            trials=trials,
+            seed=options.seed,
+        )
+        if keep is not None:
+            keep(name, table)
+    return risks
+
+
+def image_dataset_info(
+    data: Any,
+    *,
+    n_train: int,
+    n_heldout: int,
+    unit: str,
+    note: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> DatasetInfo:
+    """What a page says about an image dataset (:class:`~exitguard.data.images.ImageDataset`
+    or one of scenes): its name, source, classes and image shape, and the sizes used."""
+    return DatasetInfo(
+        name=data.name,
+        source=data.source,
+        n_train=n_train,
+        n_heldout=n_heldout,
+        unit=unit,
+        note=note,
+        classes=tuple(data.class_names),
+        extra={"image_shape": list(data.image_shape), **(extra or {})},
+    )
+
+
+def demo_settings(
+    options: PolicyOptions,
+    *,
+    n_cal: int,
+    trials: int,
+    table_target_risks: Sequence[float],
+    confidence: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Settings:
+    """The calibration settings a demo's page states."""
+    return Settings(
+        delta=options.delta,
+        n_cal=n_cal,
+        trials=trials,
+        target_risks=tuple(options.target_risks),
+        table_target_risks=tuple(table_target_risks),
+        procedures=tuple(options.procedures),
+        seed=options.seed,
+        confidence=confidence,
+        extra=dict(extra or {}),
+    )
+
+
+def calibration_split(n: int, n_cal: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, test) indices of the one policy a demo runs for real: a random split
+    of ``n`` held-out samples, seeded by ``seed + 1`` (the splits of the evaluation use
+    ``seed``)."""
+    order = np.random.default_rng(seed + 1).permutation(n)
+    calibration, test = np.split(order, [n_cal])
+    return calibration, test
+
+
+def calibrate_quietly(
+    table: Mapping[str, np.ndarray],
+    *,
+    risk: str,
+    loss_bound: float,
+    target_risk: float,
+    delta: float,
+    procedure: str,
+    confidence: str,
+    n_exits: int,
+    model_fingerprint: str,
+) -> ExitPolicy:
+    """A policy calibrated on a loss table, recording the model it belongs to.
+
+    When nothing can be certified it is the full model, which the demo reports (so the
+    warning is not shown).
+    """
+    from exitguard.calibration import calibrate_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an uncertified policy is reported, not warned about
+        policy = calibrate_table(
+            table["losses"],
+            target_risk=target_risk,
+            delta=delta,
+            procedure=procedure,
+            loss_bound=loss_bound,
+            cost=table["cost"],
+            thresholds=table["thresholds"],
+            risk=risk,
+            confidence=confidence,
+        )
+    return policy.with_model(
+        n_exits=n_exits, model_fingerprint=model_fingerprint, confidence=confidence
+    )
+
+
+def time_policy(
+    network: EarlyExitNetwork,
+    images: Tensor,
+    threshold: float,
+    *,
+    batch_size: int,
+    batch1_images: int,
+    repeats: int,
+    progress: bool,
+) -> list[Speed]:
+    """Early exit against the full model, side by side, at ``batch_size`` on all ``images``
+    and at batch 1 on the first ``batch1_images`` (with half the repeats)."""
+    timings = [
+        time_inference(
+            network,
+            images,
+            threshold,
+            batch_size=batch_size,
+            repeats=repeats,
+            progress=progress,
+        ),
+        time_inference(
+            network,
+            images[:batch1_images],
+            threshold,
+            batch_size=1,
+            repeats=max(1, repeats // 2),
+            progress=progress,
+        ),
+    ]
+    return [speed(timing) for timing in timings]
+
+
+def accuracy_measures(
+    predictions: np.ndarray,
+    full_predictions: np.ndarray,
+    labels: np.ndarray,
+    *,
+    exits_match: bool,
+) -> tuple[list[tuple[str, Any]], str]:
+    """The timed policy's accuracy against the full model's on the same test samples: the
+    page's measures and the summary's phrase."""
+    full = float((full_predictions == labels).mean())
+    early = float((predictions == labels).mean())
+    measures: list[tuple[str, Any]] = [
+        ("test accuracy, full model", full),
+        ("test accuracy, early exit", early),
+        ("test risk (accuracy drop)", full - early),
+        ("real exits equal simulated exits", exits_match),
+    ]
+    return measures, f"accuracy {early:.3f} against {full:.3f} for the full model"
+
+
+def exit_output_files(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    splits: Mapping[str, np.ndarray],
+    *,
+    exit_cost: np.ndarray,
+) -> dict[str, Callable[[Any], None]]:
+    """Held-out per-exit outputs as ``exits_<split>.npz`` writers, split as the timed policy
+    used them: ``probs`` (n, L, C) float32, ``labels`` (n,), ``exit_cost`` (L,) and
+    ``exit_cost_unit`` ("FLOPs"), what ``exitguard calibrate`` and ``exitguard apply`` read."""
     return {
-        "loss_bound": loss_bound,
-        "evaluation": by_flops.to_dict(),
-        "evaluation_exits": by_exit.to_dict(),
+        f"exits_{name}.npz": npz_writer(
+            probs=np.asarray(probs)[index].astype(np.float32),
+            labels=np.asarray(labels)[index],
+            exit_cost=np.asarray(exit_cost, dtype=np.float64),
+            exit_cost_unit=np.str_("FLOPs"),
+        )
+        for name, index in splits.items()
     }
+
+
+def write_demo_report(
+    results: DemoResults | DriftResults,
+    options: DemoOptions,
+    *,
+    policy: ExitPolicy,
+    files: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write a demo's report to ``options.out`` with its data files and ``policy.json``."""
+    from exitguard.report import write_report
+
+    log(f"drawing the plots and writing the report to {options.out}")
+    data = dict(files or {})
+    data["policy.json"] = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
+    return write_report(results, Path(options.out), data=data)

@@ -4,9 +4,8 @@
 uncertainty modules (or loads it from the cache), places a threshold grid on pilot noise seeds,
 samples N noise seeds under every threshold (the loss table), checks the calibrated policies
 of naive, CRC, UCB-WSR and LTT over repeated calibration/test splits for every loss, runs one
-calibrated policy for real against the full model (samples per second at batch 64), and returns
-the results dict that :func:`exitguard.report.write_report` turns into a report. It writes no
-file itself.
+calibrated policy for real against the full model (samples per second at batch 64), and writes
+the report (:func:`exitguard.report.write_report`) with the loss tables beside it.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,26 +20,40 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from exitguard.calibration import calibrate_table
 from exitguard.data.images import ImageDataset, load_dataset
-from exitguard.evaluation import Evaluation
 from exitguard.policy import ExitPolicy
-from exitguard.report import write_report
+from exitguard.report.results import (
+    DemoResults,
+    GridCell,
+    GridRow,
+    ModelInfo,
+    PictureGrid,
+    Speed,
+    summary_lines,
+)
 from exitguard.tasks.common import (
-    PROCEDURES,
     CachedModel,
-    evaluate_risk,
+    ImageOptions,
+    PolicyOptions,
+    calibrate_quietly,
+    calibration_split,
+    demo_settings,
+    evaluate_risks,
+    image_dataset_info,
     median_seconds,
     results_header,
+    timed_policy,
+    timing_bar,
+    write_demo_report,
 )
 from exitguard.tasks.diffusion.losses import LOSSES, FeatureDistance, ssim_loss
 from exitguard.tasks.diffusion.model import Denoiser, DenoiserConfig, describe
 from exitguard.tasks.diffusion.sample import SampleResult, generate, to_unit
 from exitguard.tasks.diffusion.sweep import (
     DiffusionSweep,
-    exit_counts,
     pilot_thresholds,
     sweep,
+    table_npz,
     write_table,
 )
 from exitguard.tasks.diffusion.train import TrainSettings, load_or_train
@@ -62,9 +74,9 @@ LOSS_TITLES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(ImageOptions, PolicyOptions):
+    """Settings of :func:`run_demo` (the shared ones: :class:`~exitguard.tasks.common.DemoOptions`).
 
     ``n_samples`` noise seeds are tabulated (default 1000, 200 with ``quick``); ``n_cal`` of
     them calibrate and the rest test, so ``n_cal`` is capped at half of ``n_samples``.
@@ -72,30 +84,18 @@ class DemoConfig:
     dataset (``train_iterations`` only the number of iterations).
     """
 
-    dataset: str = "digits"
-    dataset_path: str | None = None
     out: str = "exitguard-report/diffusion"
-    seed: int = 0
     n_cal: int = 500
     n_samples: int | None = None
-    trials: int = 100
-    delta: float = 0.1
-    procedures: tuple[str, ...] = PROCEDURES
     target_risks: tuple[float, ...] = TARGET_RISKS
     losses: tuple[str, ...] = LOSSES
     policy_loss: str = "ssim"
-    policy_procedure: str = "ucb-wsr"
-    policy_target_risk: float = 0.05
     figure_target_risks: tuple[float, ...] = FIGURE_TARGET_RISKS
     earliest_exit: int = 1
     n_thresholds: int = 20
     pilot_samples: int = 64
     batch_size: int = 64
     timing_samples: int = 128
-    timing_repeats: int | None = None
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     ray: RaySettings | None = None  # sweep on Ray
     model: DenoiserConfig | None = None
     train: TrainSettings | None = None
@@ -219,6 +219,7 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
     n_cal = min(config.n_cal, n_samples // 2)
     trials = min(config.trials, 20) if config.quick else config.trials
     count = min(config.n_thresholds, 12) if config.quick else config.n_thresholds
+    log(f"placing {count} thresholds on {config.pilot_samples} pilot samples of the full model")
     thresholds = pilot_thresholds(
         trained.module,
         seed=config.seed,
@@ -290,22 +291,20 @@ def calibrated(
     """A policy calibrated on the sweep's columns ``cal`` (the full model when none is
     certified), recording the model."""
     table = prepared.sweep
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an uncertified policy is reported, not warned about
-        policy = calibrate_table(
-            table.table(loss)[:, cal],
-            target_risk=target_risk,
-            delta=delta,
-            procedure=procedure,
-            cost=table.cost[:, cal],
-            thresholds=table.thresholds,
-            risk=loss,
-            confidence="uem",
-        )
-    return policy.with_model(
+    return calibrate_quietly(
+        {
+            "losses": table.table(loss)[:, cal],
+            "cost": table.cost[:, cal],
+            "thresholds": table.thresholds,
+        },
+        risk=loss,
+        loss_bound=1.0,
+        target_risk=target_risk,
+        delta=delta,
+        procedure=procedure,
+        confidence="uem",
         n_exits=prepared.model.n_exits,
         model_fingerprint=prepared.model.fingerprint,
-        confidence="uem",
     )
 
 
@@ -318,6 +317,7 @@ def time_sampling(
     earliest_exit: int,
     batch_size: int,
     repeats: int,
+    progress: bool = False,
 ) -> tuple[dict[str, float], SampleResult, SampleResult]:
     """Samples per second of early-exit and full-model sampling, run side by side.
 
@@ -336,8 +336,10 @@ def time_sampling(
             batch_size=batch_size,
         )
 
-    full = median_seconds(lambda: run(math.inf, "full"), repeats=repeats)
-    early = median_seconds(lambda: run(threshold, "early"), repeats=repeats)
+    desc = f"timing {len(indices)} samples at batch {batch_size}"
+    with timing_bar(runs=2, repeats=repeats, enabled=progress, desc=desc) as tick:
+        full = median_seconds(lambda: run(math.inf, "full"), repeats=repeats, tick=tick)
+        early = median_seconds(lambda: run(threshold, "early"), repeats=repeats, tick=tick)
     n = len(indices)
     timing = {
         "batch_size": batch_size,
@@ -349,13 +351,14 @@ def time_sampling(
     return timing, runs["full"], runs["early"]
 
 
-def _cell(image: np.ndarray, *, cmap: str, vmin: float, vmax: float) -> dict[str, Any]:
-    return {
-        "image": np.asarray(image, dtype=np.float64).round(4).tolist(),
-        "cmap": cmap,
-        "vmin": vmin,
-        "vmax": vmax,
-    }
+def _cell(image: np.ndarray, *, cmap: str, vmin: float, vmax: float) -> GridCell:
+    return GridCell(
+        image=np.asarray(image, dtype=np.float64).round(4), cmap=cmap, vmin=vmin, vmax=vmax
+    )
+
+
+def _label(policy: ExitPolicy) -> str:
+    return f"{policy.procedure} at ε = {policy.target_risk:g}"
 
 
 def figures(
@@ -364,65 +367,101 @@ def figures(
     shown: np.ndarray,
     *,
     heat_samples: np.ndarray,
-) -> list[dict[str, Any]]:
-    """The picture grids of the report: samples beside early-exit samples, and exit maps."""
+    earliest_exit: int,
+) -> list[PictureGrid]:
+    """The picture grids of the report: samples beside early-exit samples, and exit maps.
+
+    The full model appears once: a policy that certified nothing (the full model) gets no
+    column or map of its own, the captions say which; policies that picked the same
+    threshold share one column.
+    """
     table = prepared.sweep
     last = table.n_exits - 1
-    labels = [f"ε = {p.target_risk:g}" + ("" if p.certified else " (full model)") for p in policies]
+    distinct: dict[int, list[ExitPolicy]] = {}
+    for policy in policies:  # a loop over the few policies shown
+        if not policy.is_full_model:
+            distinct.setdefault(int(policy.index), []).append(policy)
+    full = [p for p in policies if p.is_full_model]
+    full_note = (
+        f" At {', '.join(f'ε = {p.target_risk:g}' for p in full)} nothing could be certified, "
+        "so the policy is the full model (the first column)."
+        if full
+        else ""
+    )
+    labels = {index: " / ".join(_label(p) for p in group) for index, group in distinct.items()}
     rows = []
     for i in shown.tolist():  # a few example samples
         cells = [_cell(table.images[0, i, 0], cmap="gray", vmin=0.0, vmax=1.0)]
         cells += [
-            _cell(table.images[p.index, i, 0], cmap="gray", vmin=0.0, vmax=1.0) for p in policies
+            _cell(table.images[index, i, 0], cmap="gray", vmin=0.0, vmax=1.0) for index in distinct
         ]
-        rows.append({"label": f"seed {i}", "cells": cells})
-    samples = {
-        "file": "diffusion_samples.png",
-        "title": "Full-model samples beside early-exit samples from the same noise",
-        "caption": (
+        rows.append(GridRow(label=f"seed {i}", cells=tuple(cells)))
+    first = policies[0]
+    samples = PictureGrid(
+        file="diffusion_samples.png",
+        title="Full-model samples beside early-exit samples from the same noise",
+        caption=(
             f"Each row starts from the same noise (test seeds); columns: the full model, then "
-            f"the {policies[0].procedure} policy calibrated at each ε (δ = "
-            f"{policies[0].delta:g}, n = {policies[0].n}) on the "
-            f"{policies[0].risk} loss."
+            f"the {first.procedure} policy calibrated at each ε (δ = {first.delta:g}, n = "
+            f"{first.n}) on the {first.risk} loss.{full_note}"
         ),
-        "columns": ["full model", *labels],
-        "rows": rows,
-    }
+        columns=("full model", *labels.values()),
+        rows=tuple(rows),
+    )
+    steps = table.exits.shape[-1]
+    step_ticks = sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
+    sample_ticks = sorted({0, heat_samples.size - 1})
     heat_rows = []
     means = []
-    for policy, label in zip(policies, labels, strict=True):
-        depth = table.exits[policy.index][heat_samples].astype(np.float64)  # (S, T)
-        means.append(f"{label}: {float(table.exits[policy.index].mean() + 1):.2f}")
+    for index, group in distinct.items():  # a loop over the few distinct policies
+        depth = table.exits[index][heat_samples].astype(np.float64)  # (S, T)
+        means.append(f"{labels[index]}: {float(table.exits[index].mean()):.2f}")
         heat_rows.append(
-            {
-                "label": label.replace(" (full model)", " (full)"),
-                "cells": [_cell(depth, cmap="viridis", vmin=0.0, vmax=float(last))],
-            }
+            GridRow(
+                label=" / ".join(f"ε = {p.target_risk:g}" for p in group),
+                cells=(_cell(depth, cmap="viridis", vmin=0.0, vmax=float(last)),),
+            )
         )
-    steps = table.exits.shape[-1]
-    heat = {
-        "file": "diffusion_exits.png",
-        "title": "Exit taken at every denoising step",
-        "caption": (
-            f"Rows of each map: {heat_samples.size} test samples; columns: the {steps} steps from "
-            f"t = {steps - 1} (pure noise, left) to t = 0 (right). Colour: the 0-based exit "
-            f"(0 = after the first block, {last} = the full model). Mean exit (1 = first) over "
-            f"all samples and steps: {'; '.join(means)}."
-        ),
-        "columns": [f"exit per step ({heat_samples.size} samples x {steps} steps)"],
-        "rows": heat_rows,
-        "colorbar": "exit",
-    }
-    return [samples, heat]
+    grids = [samples]
+    if heat_rows:
+        grids.append(
+            PictureGrid(
+                file="diffusion_exits.png",
+                title="Exit taken at every denoising step",
+                caption=(
+                    f"Rows of each map: {heat_samples.size} test samples; columns: the {steps} "
+                    f"steps from t = {steps - 1} (pure noise, left) to t = 0 (right). Colour: "
+                    f"the exit (0 = after the first block, {last} = the full model). No sample "
+                    f"ever leaves before exit {earliest_exit}: as in DeeDiff, the sampler lets "
+                    f"samples leave from exit {earliest_exit} on (`earliest_exit = "
+                    f"{earliest_exit}`), so the colours start there. Mean exit over all "
+                    f"samples and steps: {'; '.join(means)}.{full_note}"
+                ),
+                columns=(f"exit per step ({heat_samples.size} samples x {steps} steps)",),
+                rows=tuple(heat_rows),
+                colorbar="exit (0-based)",
+                colorbar_ticks=tuple(
+                    (float(e), f"{e} (full model)" if e == last else str(e))
+                    for e in range(last + 1)
+                ),
+                xlabel="denoising step (timestep t)",
+                ylabel="test sample",
+                xticks=tuple((float(s), f"t={steps - 1 - s}") for s in step_ticks),
+                yticks=tuple((float(r), str(r)) for r in sample_ticks),
+            )
+        )
+    return grids
 
 
 # ------------------------------------------------------------------------------- demo
 
 
-def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResults:
     """Run the diffusion task end to end, write its report to ``config.out``, return the results.
 
-    See :func:`write_demo_table` for the loss table as npz.
+    Beside the report it saves the sweep's loss table of every loss (``table_<loss>.npz``,
+    see :func:`~exitguard.tasks.diffusion.sweep.write_table`) and the timed policy
+    (``policy.json``).
     """
     started = time.perf_counter()
     prepared = prepare(config, log=log)
@@ -431,23 +470,17 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     n_samples = table.indices.size
     flops = table.flops
 
-    risks: dict[str, Any] = {}
-    for loss in config.losses:  # a loop over the few losses
-        risks[loss] = evaluate_risk(
-            table.table(loss),
-            cost=table.cost,
-            exits=table.mean_exit,
-            loss_bound=1.0,
-            procedures=config.procedures,
-            target_risks=config.target_risks,
-            delta=config.delta,
-            n_cal=n_cal,
-            trials=trials,
-            seed=config.seed,
-        )
-
-    order = np.random.default_rng(config.seed + 1).permutation(n_samples)
-    cal, test = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+    log("calibrating every loss over repeated splits")
+    risks = evaluate_risks(
+        config.losses,
+        lambda loss: {"losses": table.table(loss), "cost": table.cost, "exits": table.mean_exit},
+        options=config,
+        n_cal=n_cal,
+        trials=trials,
+        loss_bound=lambda loss: 1.0,
+        title=LOSS_TITLES.__getitem__,
+    )
+    cal, test = (np.sort(part) for part in calibration_split(n_samples, n_cal, seed=config.seed))
 
     def policy_at(target_risk: float) -> ExitPolicy:
         return calibrated(
@@ -463,6 +496,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     shown_policies = [policy_at(eps) for eps in config.figure_target_risks]
     threshold = math.inf if policy.threshold is None else float(policy.threshold)
 
+    log("sampling with one calibrated policy for real and timing it against the full model")
     timed = test[: min(config.timing_samples, test.size)]
     repeats = config.timing_repeats or (1 if config.quick else 3)
     timing, full_run, early_run = time_sampling(
@@ -473,6 +507,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         earliest_exit=config.earliest_exit,
         batch_size=config.batch_size,
         repeats=repeats,
+        progress=config.progress,
     )
     timed_loss = ssim_loss(to_unit(early_run.images), to_unit(full_run.images)).numpy()
     sweep_exits = table.exits[policy.index][timed].astype(np.int64)  # (S, T)
@@ -485,95 +520,47 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         else float(step_flops[early_run.exits.numpy()].sum(axis=1).mean())
     )
     test_losses = table.table(config.policy_loss)[policy.index, test]
-    timing_summary: dict[str, Any] = {
-        "policy": f"{policy.procedure}, {config.policy_loss}, ε = {policy.target_risk:g}, "
-        f"δ = {policy.delta:g}, threshold = "
-        + ("never (full model)" if policy.is_full_model else f"{threshold:.4g}"),
-        "certified": policy.certified,
-        "samples timed": int(timed.size),
-        "batch size": config.batch_size,
-        "denoising steps": steps,
-        "mean exit (1 = first)": float(early_run.exits.double().mean() + 1),
-        "FLOPs saving": 1.0 - early_cost / full_cost,
-        "FLOPs speed-up": full_cost / early_cost,
-        "full model samples/s": timing["full_samples_per_second"],
-        "early exit samples/s": timing["early_exit_samples_per_second"],
-        "measured speed-up": timing["measured_speedup"],
-        "test risk (sweep, test split)": float(test_losses.mean()),
-        "test risk (timed samples, SSIM loss)": float(timed_loss.mean()),
-        "exits equal to the sweep's": float(
-            (early_run.exits.numpy() == sweep_exits).mean() if not policy.is_full_model else 1.0
-        ),
-    }
-
-    row = Evaluation.from_dict(risks[config.policy_loss]["evaluation"]).row(
-        config.policy_procedure, config.policy_target_risk
+    record = timed_policy(
+        policy,
+        early_run.exits.numpy(),
+        n_exits=model.n_exits,
+        flops_saving=1.0 - early_cost / full_cost,
+        n_cal=int(cal.size),
+        unit="samples",
+        counted="(sample, denoising step) pairs",
+        speeds=[
+            Speed(
+                batch_size=config.batch_size,
+                speedup=timing["measured_speedup"],
+                baseline=timing["full_samples_per_second"],
+                early=timing["early_exit_samples_per_second"],
+                unit="samples per second",
+            )
+        ],
+        measures=[
+            ("denoising steps", steps),
+            ("test risk (sweep, test split)", float(test_losses.mean())),
+            ("test risk (timed samples, SSIM loss)", float(timed_loss.mean())),
+            (
+                "exits equal to the sweep's",
+                float(
+                    (early_run.exits.numpy() == sweep_exits).mean()
+                    if not policy.is_full_model
+                    else 1.0
+                ),
+            ),
+        ],
+        quality=f"SSIM loss {timed_loss.mean():.4f} against the full model's samples",
     )
     history = prepared.trained.metadata.get("history", {})
     final_losses = {key: values[-1] for key, values in history.items() if key != "iteration"}
-    summary = [
-        (
-            f"{data.name}: a {model.n_exits}-exit U-ViT denoiser (DeeDiff exits and uncertainty "
-            f"modules), T = {steps} ancestral DDPM steps; {n_samples} generated samples "
-            f"tabulated under {table.thresholds.size} thresholds."
-        ),
-        (
-            f"{config.policy_procedure} on the {config.policy_loss} loss at ε = "
-            f"{config.policy_target_risk:g}, δ = {config.delta:g}, n = {n_cal}: mean test risk "
-            f"{row.mean_test_risk:.4f}, population violation rate "
-            f"{row.population_violation_rate:.2f} over {trials} splits, "
-            f"{100 * (row.relative_saving or 0):.1f}% of FLOPs saved."
-        ),
-        (
-            f"Real sampling at that policy (batch {config.batch_size}): "
-            f"{timing['early_exit_samples_per_second']:.1f} samples/s against "
-            f"{timing['full_samples_per_second']:.1f} for the full model "
-            f"({timing['measured_speedup']:.2f}x; FLOPs ideal "
-            f"{timing_summary['FLOPs speed-up']:.2f}x), loss {timed_loss.mean():.4f}."
-        ),
-    ]
-    rng = np.random.default_rng(config.seed + 2)
-    shown = np.sort(rng.choice(test, size=min(6, test.size), replace=False))
-    heat_samples = np.sort(rng.choice(test, size=min(16, test.size), replace=False))
-    results: dict[str, Any] = {
-        **results_header("diffusion", f"exitguard: certified early-exit sampling on {data.name}"),
-        "summary": summary,
-        "dataset": {
-            "name": data.name,
-            "source": data.source,
-            "n_train": len(prepared.train),
-            "n_heldout": n_samples,
-            "heldout_note": "generated samples (noise seeds), not dataset images",
-            "image_shape": list(data.image_shape),
-            "classes": list(data.class_names),
-        },
-        "model": {
-            "description": describe(prepared.config)
-            + f" Trained with DeeDiff's losses for {prepared.settings.iterations} iterations "
-            f"(batch {prepared.settings.batch_size}, EMA {prepared.settings.ema}).",
-            "n_exits": model.n_exits,
-            "flops_per_exit": [float(v) for v in flops["to_exit"]],
-            "full_flops": float(flops["full"]),
-            "flops_unit": "per sample and denoising step",
-            "flops": flops,
-            "steps": steps,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "fingerprint": model.fingerprint,
-            "from_cache": prepared.trained.from_cache,
-            "train_seconds": prepared.trained.metadata.get("train_seconds"),
-            "final_train_losses": final_losses,
-            "config": dataclasses.asdict(prepared.config),
-            "train": dataclasses.asdict(prepared.settings),
-        },
-        "settings": {
-            "delta": config.delta,
-            "n_cal": n_cal,
-            "trials": trials,
-            "target_risks": list(config.target_risks),
-            "table_target_risks": list(TABLE_TARGET_RISKS),
-            "procedures": list(config.procedures),
-            "seed": config.seed,
-            "confidence": "uem",
+    settings = demo_settings(
+        config,
+        n_cal=n_cal,
+        trials=trials,
+        table_target_risks=TABLE_TARGET_RISKS,
+        confidence="uem",
+        extra={
             "losses": {name: LOSS_TITLES[name] for name in config.losses},
             "earliest_exit": config.earliest_exit,
             "thresholds": [
@@ -582,21 +569,71 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
             "n_samples": n_samples,
             "sweep_seconds": table.seconds,
         },
-        "risks": risks,
-        "exit_histogram": {
-            "risk": config.policy_loss,
-            "procedure": config.policy_procedure,
-            "target_risk": config.policy_target_risk,
-            "threshold": policy.threshold if not policy.is_full_model else "never",
-            "counts": exit_counts(early_run.exits.numpy(), model.n_exits),
-            "unit": "(sample, denoising step) pairs",
-        },
-        "timing": timing_summary,
-        "policy": policy.to_dict(),
-        "figures": figures(prepared, shown_policies, shown, heat_samples=heat_samples),
-        "seconds": time.perf_counter() - started,
+    )
+    summary = (
+        (
+            f"{data.name}: a {model.n_exits}-exit U-ViT denoiser (DeeDiff exits and uncertainty "
+            f"modules; exits 0 to {model.n_exits - 1}, samples may leave from exit "
+            f"{config.earliest_exit} on), T = {steps} ancestral DDPM steps; {n_samples} "
+            f"generated samples tabulated under {table.thresholds.size} thresholds."
+        ),
+        *summary_lines(risks, settings, record),
+    )
+    rng = np.random.default_rng(config.seed + 2)
+    shown = np.sort(rng.choice(test, size=min(6, test.size), replace=False))
+    heat_samples = np.sort(rng.choice(test, size=min(16, test.size), replace=False))
+    results = DemoResults(
+        task="diffusion",
+        title=f"exitguard: certified early-exit sampling on {data.name}",
+        summary=summary,
+        dataset=image_dataset_info(
+            data,
+            n_train=len(prepared.train),
+            n_heldout=n_samples,
+            unit="samples",
+            note="the held-out samples are generated samples (noise seeds), not dataset images",
+        ),
+        model=ModelInfo(
+            description=describe(prepared.config)
+            + f" Trained with DeeDiff's losses for {prepared.settings.iterations} iterations "
+            f"(batch {prepared.settings.batch_size}, EMA {prepared.settings.ema}).",
+            n_exits=model.n_exits,
+            flops_per_exit=tuple(float(v) for v in flops["to_exit"]),
+            full_flops=float(flops["full"]),
+            flops_unit="per sample and denoising step",
+            fingerprint=model.fingerprint,
+            from_cache=prepared.trained.from_cache,
+            train_seconds=prepared.trained.metadata.get("train_seconds"),
+            extra={
+                "flops": flops,
+                "steps": steps,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "final_train_losses": final_losses,
+                "config": dataclasses.asdict(prepared.config),
+                "train": dataclasses.asdict(prepared.settings),
+            },
+        ),
+        settings=settings,
+        risks=risks,
+        timed=record,
+        policy=policy.to_dict(),
+        figures=tuple(
+            figures(
+                prepared,
+                shown_policies,
+                shown,
+                heat_samples=heat_samples,
+                earliest_exit=config.earliest_exit,
+            )
+        ),
+        extra={"seconds": time.perf_counter() - started},
+        **results_header(),
+    )
+    files: dict[str, Any] = {
+        f"table_{loss}.npz": lambda handle, loss=loss: table_npz(table, handle, loss=loss)
+        for loss in config.losses
     }
-    write_report(results, Path(config.out))
+    write_demo_report(results, config, policy=policy, files=files, log=log)
     return results
 
 

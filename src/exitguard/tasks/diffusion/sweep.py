@@ -252,15 +252,8 @@ class DiffusionSweep:
             )
 
 
-def write_table(sweep: DiffusionSweep, path: str | os.PathLike[str], *, loss: str = "ssim") -> Path:
-    """Write a sweep as npz that ``exitguard calibrate FILE`` / ``evaluate FILE`` read.
-
-    Keys: ``losses`` (K, N) of the chosen loss, ``cost`` (K, N) FLOPs, ``thresholds`` (K,),
-    and extras: ``loss_<name>`` for every computed loss, ``exits`` (K, N, T) int8,
-    ``mean_exit`` (K, N), ``indices`` (N,), ``loss_bound`` (1.0), ``risk`` (the chosen loss)
-    and ``settings`` (JSON: seed, stream, earliest exit, FLOPs). No pickles.
-    """
-    target = Path(path)
+def table_npz(sweep: DiffusionSweep, handle: Any, *, loss: str = "ssim") -> None:
+    """Write a sweep's loss table as npz to a binary handle (the format of :func:`write_table`)."""
     arrays: dict[str, Any] = {
         "losses": sweep.table(loss),
         "cost": sweep.cost,
@@ -287,8 +280,19 @@ def write_table(sweep: DiffusionSweep, path: str | os.PathLike[str], *, loss: st
     }
     for name, table in sweep.losses.items():
         arrays[f"loss_{name}"] = table
+    np.savez_compressed(handle, **arrays)
+
+
+def write_table(sweep: DiffusionSweep, path: str | os.PathLike[str], *, loss: str = "ssim") -> Path:
+    """Write a sweep as npz that ``exitguard calibrate FILE`` / ``evaluate FILE`` read.
+
+    Keys: ``losses`` (K, N) of the chosen loss, ``cost`` (K, N) FLOPs, ``thresholds`` (K,),
+    and extras: ``loss_<name>`` for every computed loss, ``exits`` (K, N, T) int8 (0-based),
+    ``mean_exit`` (K, N), ``indices`` (N,), ``loss_bound`` (1.0), ``risk`` (the chosen loss)
+    and ``settings`` (JSON: seed, stream, earliest exit, FLOPs). No pickles.
+    """
     return atomic_write(
-        target, lambda handle: np.savez_compressed(handle, **arrays), argument="path"
+        Path(path), lambda handle: table_npz(sweep, handle, loss=loss), argument="path"
     )
 
 

@@ -23,7 +23,6 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,16 +33,18 @@ from exitguard.monitor import RiskAlarmWarning, RiskMonitor, recalibrate, sample
 from exitguard.nn import collect
 from exitguard.nn.audit import audited_infer
 from exitguard.policy import ExitPolicy
+from exitguard.report.results import DriftDay, DriftEvent, DriftResults, MonitorSegment
 from exitguard.risk import monitor as monitor_stats
 from exitguard.risk.exits import exit_index
 from exitguard.tasks import classification
-from exitguard.tasks.common import progress_bar, results_header
+from exitguard.tasks.common import ImageOptions, progress_bar, results_header, write_demo_report
 from exitguard.tasks.drift.corrupt import CORRUPTIONS, corrupt
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(ImageOptions):
+    """Settings of :func:`run_demo` (the shared ones: :class:`~exitguard.tasks.common.DemoOptions`;
+    ``trials`` is not used).
 
     The stream has ``days`` days of ``per_day`` samples: ``clean_days`` clean days, then the
     corruption's severity ramps linearly to ``max_severity`` over ``ramp_days`` days and
@@ -51,12 +52,8 @@ class DemoConfig:
     recent audits a recalibration uses.
     """
 
-    dataset: str = "digits"
-    dataset_path: str | None = None
     out: str = "exitguard-report/drift"
-    seed: int = 0
     n_cal: int = 400
-    delta: float = 0.1
     target_risk: float = 0.1
     alpha: float = 0.05
     arl: float = 1e5
@@ -68,11 +65,7 @@ class DemoConfig:
     max_severity: float = 0.4
     audit: float = 0.05
     recalibration_window: int = 400
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     epochs: int | None = None
-    trials: int = 100  # not used: the CLI passes every demo the same options
 
     def __post_init__(self) -> None:
         if self.corruption not in CORRUPTIONS:
@@ -94,13 +87,8 @@ class Prepared:
 def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepared:
     """The classifier, a certified consistency policy on clean images, and the stream pool."""
     classifier = classification.prepare(
-        classification.DemoConfig(
-            dataset=config.dataset,
-            dataset_path=config.dataset_path,
-            seed=config.seed,
-            quick=config.quick,
-            progress=config.progress,
-            cache_dir=config.cache_dir,
+        classification.DemoConfig(  # the main job's data and model, with these options
+            **{f.name: getattr(config, f.name) for f in dataclasses.fields(ImageOptions)},
             epochs=config.epochs,
         ),
         log=log,
@@ -272,14 +260,14 @@ def serve(prepared: Prepared, config: DemoConfig) -> dict[str, Any]:
 
 def run_demo(
     config: DemoConfig, *, log: Callable[[str], None] = print, stream_defaults: bool = True
-) -> dict[str, Any]:
+) -> DriftResults:
     """Serve the drifting stream with audits and the monitor; write the report.
+
+    Beside the report it saves the policy certified on clean images (``policy.json``).
 
     With ``quick`` (and ``stream_defaults``), a shorter stream with more audits per day
     replaces the configured one.
     """
-    from exitguard.report.drift import write_drift_report
-
     if config.quick and stream_defaults:  # a shorter stream with more audits per day
         config = dataclasses.replace(
             config,
@@ -339,20 +327,26 @@ def run_demo(
         (
             f"A policy recalibrated on the last {recal['audits']} audits (threshold "
             f"{recal['threshold']:.3g}) was certified on day {recal['day']} and served from "
-            f"day {recal['day'] + 1}."
+            f"day {recal['day'] + 1} (days are counted from 0)."
             if recal
             else "No recalibrated policy could be certified before the stream ended."
         ),
         f"Audits cost {100 * overhead:.1f}% of the served compute on average.",
     ]
-    results: dict[str, Any] = {
-        **results_header("drift", "exitguard: keeping a certified policy safe under drift"),
-        "summary": summary,
-        "settings": dataclasses.asdict(config),
-        "policy": policy.to_dict(),
-        "samples_needed": served["needed"],
-        "recalibration_window": served["window"],
-        **served,
-    }
-    write_drift_report(results, Path(config.out))
+    results = DriftResults(
+        title="exitguard: keeping a certified policy safe under drift",
+        summary=tuple(summary),
+        settings=dataclasses.asdict(config),
+        days=tuple(DriftDay(**day) for day in served["days"]),
+        events=tuple(DriftEvent(**event) for event in served["events"]),
+        segments=tuple(
+            MonitorSegment(**{k: tuple(v) if isinstance(v, list) else v for k, v in seg.items()})
+            for seg in served["segments"]
+        ),
+        samples_needed=served["needed"],
+        recalibration_window=served["window"],
+        policy=policy.to_dict(),
+        **results_header(),
+    )
+    write_demo_report(results, config, policy=policy, log=log)
     return results

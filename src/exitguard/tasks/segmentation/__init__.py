@@ -2,8 +2,8 @@
 
 The pieces, in the order they are used:
 
-- :func:`per_exit_losses` and the four risks (``losses``): miscoverage, mIoU gap and the
-  mean-pixel Brier gap and consistency, per image;
+- :func:`per_exit_losses` and the risks (``losses``): pixel miscoverage, foreground
+  miscoverage, mIoU gap and the mean-pixel Brier gap and consistency, per image;
 - :class:`SegmenterConfig`, :func:`build_segmenter`, :func:`load_or_train` (``model``): a
   small encoder-decoder with a dense exit after every stage, trained jointly and cached;
 - :func:`confidence_measures`, :func:`collect_segmentation`, :func:`segmentation_tables`
@@ -30,6 +30,7 @@ _EXPORTS = {
     "DemoConfig": "demo",
     "LOSS_BOUNDS": "losses",
     "Prepared": "demo",
+    "RISK_NOTES": "losses",
     "RISK_TITLES": "losses",
     "SEGMENTATION_RISKS": "losses",
     "SegmentationOutputs": "collect",
@@ -41,6 +42,7 @@ _EXPORTS = {
     "collect_segmentation": "collect",
     "confidence_measures": "collect",
     "load_or_train": "model",
+    "foreground_miscoverage": "losses",
     "mean_iou": "losses",
     "mean_pixel_brier": "losses",
     "miscoverage": "losses",

