@@ -9,6 +9,7 @@ for real against the full model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from exitguard.nn import (
     FlopsTable,
     collect,
     count_flops,
+    optimize_for_inference,
+    profile_latency,
 )
 from exitguard.nn.blocks import BasicBlock
 from exitguard.report.plots import default_risk_title
@@ -240,10 +243,13 @@ class Prepared:
     settings: TrainSettings
     outputs: ExitOutputs
     flops: FlopsTable
+    served: EarlyExitNetwork | None = None
 
     @property
     def network(self) -> EarlyExitNetwork:
-        return self.trained.module
+        """The network that is calibrated and served: the trained one with BatchNorm folded
+        (:func:`exitguard.nn.optimize_for_inference`); the held-out outputs are its own."""
+        return self.trained.module if self.served is None else self.served
 
     @property
     def exit_flops(self) -> np.ndarray:
@@ -271,14 +277,17 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
         log=log,
     )
     log("model: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
+    served, _ = optimize_for_inference(trained.module)  # the same outputs, faster on CPU
     images = torch.from_numpy(heldout.images)
     if config.ray is None:
-        outputs = collect(trained.module, images, labels=heldout.labels, batch_size=256)
+        outputs = collect(served, images, labels=heldout.labels, batch_size=256)
     else:  # the same batches on Ray workers: the same outputs, bit for bit
         from exitguard.distributed import collect as collect_on_ray
         from exitguard.distributed.models import classifier_payload
 
-        payload = classifier_payload(trained.module, model_config, image_shape=train.image_shape)
+        payload = classifier_payload(
+            trained.module, model_config, image_shape=train.image_shape, optimize=True
+        )
         outputs = collect_on_ray(
             payload,
             heldout.images,
@@ -289,7 +298,9 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
             **config.ray.run_options(),
         )
     flops = count_flops(trained.module, images[:1])
-    return Prepared(data, train, heldout, trained, model_config, settings, outputs, flops)
+    return Prepared(
+        data, train, heldout, trained, model_config, settings, outputs, flops, served=served
+    )
 
 
 def risk_tables(prepared: Prepared, risk: str, *, seed: int) -> dict[str, np.ndarray]:
@@ -359,6 +370,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         confidence=network.confidence,
     )
     test_images = images[test_idx]
+    # Latency profile of the served network (saved beside the policy): predicts the timings.
+    profile = profile_latency(network, test_images[:256], batch_sizes=(1, 256), repeats=5)
+    files["latency.json"] = lambda handle: handle.write(
+        (json.dumps(profile.to_dict(), indent=2) + "\n").encode()
+    )
     result = network.infer(test_images, policy)
     simulated = exit_index(outputs.confidences[test_idx], float(policy.threshold))
     exits = result.exits.numpy()
@@ -383,6 +399,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
             batch1_images=config.timing_images_batch1,
             repeats=config.timing_repeats or (3 if config.quick else 7),
             progress=config.progress,
+            profile=profile,
         ),
         measures=measures,
         quality=quality,
