@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from exitguard import evaluate  # noqa: E402
-from exitguard.evaluation import split_indices  # noqa: E402
-from exitguard.tasks.common import calibration_split, evaluate_risk  # noqa: E402
+from exitguard import evaluate
+from exitguard.evaluation import split_indices
+from exitguard.tasks.common import calibration_split, evaluate_risk
 
 PROCEDURES = ("naive", "crc", "ucb-wsr", "ltt")
 TARGETS = (0.02, 0.05, 0.1, 0.2)
