@@ -3,7 +3,9 @@
 For every confidence x aggregation: UCB-WSR on the miscoverage risk R^C(ŷ) at each target
 risk, with the share of layers and of FLOPs saved and the test risk over repeated random
 splits; then the four risks with top-1 + mean; then one calibrated policy run for real against
-the full model (median of repeated runs after a warm-up, both measured side by side here).
+the full model at batch 1 and 64, for the network as trained, with BatchNorm folded, and folded
+and channels-last: FLOPs, predicted (latency profile) and measured speed-ups side by side, the
+policy and the full model timed interleaved in this run.
 
     python benchmarks/segmentation.py --dataset fashion-mnist --n-cal 400
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +23,11 @@ import numpy as np
 import torch
 
 import exitguard
-from exitguard.tasks.common import machine_info, time_inference
+from exitguard.tasks.common import machine_info
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _speed import speed_rows
+
 from exitguard.tasks.segmentation import (
     LOSS_BOUNDS,
     RISK_TITLES,
@@ -119,23 +126,11 @@ def main() -> None:
     threshold = math.inf if policy.threshold is None else float(policy.threshold)
     network.confidence = prepared.measures[0]
     images = torch.from_numpy(heldout.images[test])
-    timing = {
-        f"batch_{batch}": time_inference(
-            network,
-            images if batch > 1 else images[:100],
-            threshold,
-            batch_size=batch,
-            repeats=args.repeats,
-        )
-        for batch in (64, 1)
-    }
-    ideal = float(prepared.flops.full) / float(np.mean(tables["cost"][policy.index, test]))
     print(
-        f"\npolicy at ε = {eps:g} (threshold {threshold:.4g}, mean exit "
-        f"{tables['exits'][policy.index, test].mean():.2f}, 0-based): measured speed-up "
-        f"{timing['batch_64']['measured_speedup']:.2f}x at batch 64, "
-        f"{timing['batch_1']['measured_speedup']:.2f}x at batch 1; FLOPs ideal {ideal:.2f}x"
+        f"\npolicy at ε = {eps:g}: threshold {threshold:.4g}, mean exit (0-based) "
+        f"{tables['exits'][policy.index, test].mean():.2f}, {len(test)} test scenes"
     )
+    speed = speed_rows(network, images, threshold, batch_sizes=(1, 64), repeats=args.repeats)
     out = (
         Path(args.out)
         if args.out
@@ -154,12 +149,8 @@ def main() -> None:
         "machine": machine_info(),
         "miscoverage_by_measure": measures,
         "risks_top1_mean": risks,
-        "timed_policy": {
-            "target_risk": eps,
-            "threshold": threshold,
-            "flops_speedup_ideal": ideal,
-            **timing,
-        },
+        "timed_policy": {"target_risk": eps, "threshold": threshold, "procedure": "ucb-wsr"},
+        "speed": speed,
     }
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"written to {out}")

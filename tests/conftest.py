@@ -21,6 +21,16 @@ def calm_table() -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: more torch threads only add contention (and make timings noisy)."""
+    torch = pytest.importorskip("torch")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def calm() -> dict[str, np.ndarray]:
     """The released CALM CNN/DM loss table, as embedded in the package."""

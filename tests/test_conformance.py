@@ -46,7 +46,7 @@ def segmenter():
     from exitguard.tasks.segmentation import SegmenterConfig, build_segmenter
 
     torch.manual_seed(0)
-    config = SegmenterConfig(widths=(8, 12, 12), strides=(2, 2, 1), dilations=(1, 1, 2))
+    config = SegmenterConfig(widths=(8, 12, 12), strides=(2, 1, 1), dilations=(1, 1, 2))
     network = build_segmenter(config, image_shape=(1, 16, 16), num_classes=4)
     with torch.no_grad():  # spread the dense heads' classifiers; exit 1 bolder than exit 0
         generator = torch.Generator().manual_seed(3)

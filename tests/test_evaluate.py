@@ -86,7 +86,7 @@ def test_bad_arguments(calm):
         evaluate(calm["losses"], target_risks=[0.1, 1.2])
     with pytest.raises(ValueError, match="`procedures` must name at least one"):
         evaluate(calm["losses"], procedures=[])
-    with pytest.raises(ValueError, match="`trials` must be an integer >= 1"):
+    with pytest.raises(ValueError, match="`trials` must be a positive integer"):
         evaluate(calm["losses"], trials=0)
 
 

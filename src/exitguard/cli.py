@@ -674,9 +674,9 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
     return value
 
 

@@ -42,11 +42,8 @@ def assert_same_sweep(got, expected):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """One torch thread for the tiny models here (see tests/conftest.py)."""
 
 
 def test_diffusion_sweep_is_bitwise_the_single_process_one_despite_a_killed_worker(

@@ -186,3 +186,26 @@ def test_cache_writes_never_follow_links(tmp_path):
     again = fetch(tmp_path, recorder)
     assert not again.from_cache and victim.read_text() == "precious"
     assert any("could not cache" in line for line in recorder.lines)
+
+
+def test_weights_of_another_architecture_are_never_loaded(tmp_path):
+    """An entry written by an earlier version whose architecture has since changed (here under
+    the same description) is retrained, never loaded into the wrong shape."""
+    recorder = Recorder()
+    fetch(tmp_path, recorder, build=lambda: nn.Linear(3, 2))
+    again = fetch(tmp_path, recorder, build=lambda: nn.Linear(3, 4), tag="new shape")
+    assert not again.from_cache and recorder.trainings == ["only", "new shape"]
+    assert again.module.weight.shape == (4, 3)
+
+
+def test_the_task_models_key_their_entries_by_architecture():
+    from exitguard.tasks.classification import classifier_settings
+    from exitguard.tasks.segmentation import SegmenterConfig, build_segmenter
+    from exitguard.tasks.segmentation.model import CACHE_FORMAT
+
+    # The description (and so the key) holds the whole model config, strides included.
+    model, _ = classifier_settings("fashion-mnist")
+    assert model.strides == (2, 1, 2, 1, 1)
+    assert CACHE_FORMAT.endswith("/2")  # segmenters cached before the low-resolution exits
+    segmenter = build_segmenter(SegmenterConfig(), image_shape=(1, 16, 16), num_classes=3)
+    assert segmenter.resize is not None

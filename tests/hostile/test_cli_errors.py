@@ -161,7 +161,7 @@ def test_zero_trials_is_refused_not_replaced(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["demo", "--task", "calm", "--quick", "--trials", "0"])
     assert stop.value.code == 2
-    assert "must be an integer >= 1; got 0" in capsys.readouterr().err
+    assert "must be a positive integer; got 0" in capsys.readouterr().err
 
 
 def test_quick_respects_an_explicit_trial_count(tmp_path, capsys):

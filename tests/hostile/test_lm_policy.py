@@ -19,11 +19,8 @@ from tests.language.conftest import make_tiny_llama, save_tiny_model_folder  # n
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """One torch thread for the tiny models here (see tests/conftest.py)."""
 
 
 def make_heads(model, *, exit_layers=(1, 3), seed=1):

@@ -9,11 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """One torch thread for the tiny models here (see tests/conftest.py)."""
 
 
 def make_tiny_llama(*, seed: int = 0, n_layers: int = 6, vocab: int = 97):

@@ -95,12 +95,8 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The tests use tiny models: more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """One torch thread for the tiny models here (see tests/conftest.py)."""
 
 
 @pytest.fixture

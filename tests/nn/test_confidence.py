@@ -96,5 +96,5 @@ def test_errors_name_the_argument():
         torch_conf.confidences(probs, measure=lambda p: p[:, 0, 0])
     with pytest.raises(ValueError, match=r"must return finite values in \[0, 1\]"):
         torch_conf.confidences(probs, measure=lambda p: p.sum(dim=2) * 2)
-    with pytest.raises(ValueError, match=r"`k` must be an integer >= 1; got 0"):
+    with pytest.raises(ValueError, match=r"`k` must be a positive integer; got 0"):
         torch_conf.patience(probs, k=0)

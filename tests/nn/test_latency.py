@@ -67,3 +67,44 @@ def test_a_real_profile(cnn_network, images):
     assert np.all(np.diff(profile.exit_ms(8)) > 0)  # later exits cost more
     with pytest.raises(ValueError, match="`batch_sizes` must be positive"):
         profile_latency(cnn_network, images(2), batch_sizes=(0,))
+
+
+def test_resizing_is_charged_to_the_samples_that_leave():
+    import dataclasses
+
+    profile = dataclasses.replace(hand_profile(), resize_ms=(0.5, 2.0))
+    # At B = 100 every leaver pays 2.0 / 100 once, at whatever exit it leaves.
+    expected = np.cumsum([0.121, 0.071, 0.06]) + 0.003 * np.arange(3) + 0.02
+    np.testing.assert_allclose(profile.exit_ms(100), expected)
+    assert profile.full_ms(100) == pytest.approx((11 + 6 + 6) / 100 + 0.02)
+    # 90 resized at exit 0 (read at B = 90: 0.5 + 1.5 * 80 / 90 ms) and 10 at exit 2 (0.5 ms).
+    exits = np.array([0] * 90 + [2] * 10)
+    base = 11.0 + 1.1 + 1.0 + 0.2 + 1.0 + 0.0 + 0.3
+    resize = (0.5 + 1.5 * 80 / 90) + 0.5
+    assert profile.batch_ms(exits) == pytest.approx(base + resize)
+    assert LatencyProfile.from_dict(profile.to_dict()) == profile
+    old = {k: v for k, v in hand_profile().to_dict().items() if k != "resize_ms"}
+    assert LatencyProfile.from_dict(old).resize_ms == ()  # profiles saved before it still load
+
+
+def test_measured_speedup_side_by_side(cnn_network, images):
+    from exitguard.nn import count_flops
+    from exitguard.nn.latency import measure_speedup
+
+    x = images(32)
+    _, conf = cnn_network.exit_confidences(x)
+    threshold = float(conf[:, 0].median())
+    profile = profile_latency(cnn_network, x, batch_sizes=(1, 16), repeats=3, warmup=1)
+    flops = count_flops(cnn_network, x[:1])
+    result = measure_speedup(
+        cnn_network, x, threshold, batch_size=16, repeats=3, profile=profile, flops=flops
+    )
+    exits = torch.cat([cnn_network.infer(b, threshold).exits for b in x.split(16)]).numpy()
+    assert result.mean_exit == pytest.approx(exits.mean())
+    assert result.flops_speedup == pytest.approx(flops.full * 32 / flops.to_exit[exits].sum())
+    assert result.measured_speedup == pytest.approx(result.full_ms / result.early_ms)
+    assert result.predicted_speedup > 0 and result.n == 32 and result.batch_size == 16
+    never = measure_speedup(cnn_network, x, float("inf"), batch_size=16, repeats=1, flops=flops)
+    assert never.flops_speedup == pytest.approx(1.0) and never.predicted_speedup is None
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer; got 0"):
+        measure_speedup(cnn_network, x, threshold, batch_size=0)

@@ -183,6 +183,51 @@ def test_dense_outputs_exit_per_image(images):
     assert_same_outcome(real, network.simulate(x, threshold))
 
 
+class CountingUpsample(nn.Module):
+    """Bilinear 2x upsampling that records how many samples it resized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def forward(self, logits):
+        self.calls.append(logits.shape[0])
+        return nn.functional.interpolate(logits, scale_factor=2, mode="bilinear")
+
+
+@pytest.mark.parametrize("measure", ["max_softmax", "patience"])
+def test_resize_decides_at_low_resolution_and_resizes_only_the_leavers(images, measure):
+    from exitguard.nn import DenseHead
+
+    torch.manual_seed(0)
+    stages = [
+        nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+    ]
+    resize = CountingUpsample()
+    heads = [DenseHead(8, 4), DenseHead(8, 4)]
+    network = EarlyExitNetwork(
+        stages, heads, input_shape=(3, 8, 8), resize=resize, confidence=measure
+    ).eval()
+    x = images(40, shape=(3, 8, 8))
+    decision, outputs = network.exit_logits(x)
+    assert decision.shape == (40, 3, 4, 4, 4) and outputs.shape == (40, 3, 4, 8, 8)
+    torch.testing.assert_close(outputs[:, 1], resize(decision[:, 1]))
+    logits, conf = network.exit_confidences(x)
+    torch.testing.assert_close(logits, outputs)  # the outputs are resized ...
+    expected = network._confidence_of(decision.softmax(dim=2))  # ... the decision is not
+    torch.testing.assert_close(conf, expected)
+    threshold = float(conf[:, 0].median())
+    resize.calls.clear()
+    real = network.infer(x, threshold)
+    assert real.logits.shape == (40, 4, 8, 8)
+    counts = real.exit_counts
+    assert counts[0] > 0 and sum(counts) == 40
+    assert resize.calls == [c for c in counts if c]  # each leaver resized once, no one else
+    assert_same_outcome(real, network.simulate(x, threshold))
+
+
 def test_results_keep_the_input_order(cnn_network, images):
     x = images(30, seed=9)
     _, conf = cnn_network.exit_confidences(x)

@@ -139,7 +139,7 @@ def test_training_errors(cnn_network, data):
     ("field", "message"),
     [
         ({"mode": "all"}, r"`mode` must be 'heads' or 'joint'; got 'all'"),
-        ({"epochs": 0}, r"`epochs` must be an integer >= 1; got 0"),
+        ({"epochs": 0}, r"`epochs` must be a positive integer; got 0"),
         ({"lr": 0.0}, r"`lr` must be > 0; got 0.0"),
         ({"distill": -1.0}, r"`distill` must be >= 0; got -1.0"),
         ({"loss_weights": (0.0, 0.0)}, r"`loss_weights` must hold one non-negative weight"),

@@ -48,7 +48,7 @@ def test_quantile_matches_numpy_on_random_maps():
     [
         ({"aggregation": "max"}, "`aggregation` must be one of 'mean', 'quantile', 'patch'; got"),
         ({"aggregation": "quantile", "q": 1.5}, r"`q` must lie in \[0, 1\]; got 1.5"),
-        ({"aggregation": "patch", "window": 0}, "`window` must be an integer >= 1; got 0"),
+        ({"aggregation": "patch", "window": 0}, "`window` must be a positive integer; got 0"),
     ],
 )
 def test_bad_aggregation_arguments(kwargs, message):

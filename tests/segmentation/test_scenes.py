@@ -59,14 +59,14 @@ def test_upscale_repeats_pixels():
     assert big.images.shape == (2, 1, 6, 6)
     np.testing.assert_array_equal(big.images[1, 0, :3, 3:], 0.0)
     assert upscale(items, 1) is items
-    with pytest.raises(ValueError, match="`factor` must be an integer >= 1; got 0"):
+    with pytest.raises(ValueError, match="`factor` must be a positive integer; got 0"):
         upscale(items, 0)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"n": 0}, "`n` must be an integer >= 1; got 0"),
+        ({"n": 0}, "`n` must be a positive integer; got 0"),
         ({"n": 2, "min_items": 3, "max_items": 2}, r"`max_items` must be >= `min_items` \(3\)"),
         ({"n": 2, "size": 1}, r"`size` must be an integer >= the item side \(2\); got 1"),
         ({"n": 2, "threshold": 1.0}, r"`threshold` must lie in \[0, 1\); got 1.0"),

@@ -15,11 +15,8 @@ WORDS = (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """One torch thread for the tiny models here (see tests/conftest.py)."""
 
 
 def make_tiny_bert(

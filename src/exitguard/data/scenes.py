@@ -22,14 +22,14 @@ import dataclasses
 import numpy as np
 
 from exitguard.data.images import ImageDataset
+from exitguard.risk._validation import check_int
 
 BACKGROUND = "background"
 
 
 def upscale(items: ImageDataset, factor: int) -> ImageDataset:
     """Items enlarged ``factor`` times by pixel repetition (nearest neighbour)."""
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"`factor` must be an integer >= 1; got {factor!r}.")
+    check_int(factor, "factor")
     if factor == 1:
         return items
     big = items.images.repeat(factor, axis=2).repeat(factor, axis=3)  # (N, 1, fH, fW)
@@ -70,13 +70,8 @@ def make_scenes(
         Images (n, 1, size, size) and dense labels, the masks (n, size, size) int64, with
         ``len(items.class_names) + 1`` classes, background (0) first.
     """
-    for value, label, low in (
-        (n, "n", 1),
-        (min_items, "min_items", 1),
-        (max_items, "max_items", 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"`{label}` must be an integer >= {low}; got {value!r}.")
+    for value, label in ((n, "n"), (min_items, "min_items"), (max_items, "max_items")):
+        check_int(value, label)
     if max_items < min_items:
         raise ValueError(f"`max_items` must be >= `min_items` ({min_items}); got {max_items}.")
     if items.images.ndim != 4 or items.images.shape[1] != 1:

@@ -26,6 +26,7 @@ from exitguard.distributed.merge import merge_samples, merge_table
 from exitguard.distributed.models import ModelPayload, denoiser_payload
 from exitguard.distributed.runner import Job, Worker, WorkItem, run_and_merge
 from exitguard.distributed.shards import ShardStore
+from exitguard.risk._validation import check_int
 
 
 def array_sha256(array: NDArray[Any] | None) -> str | None:
@@ -63,12 +64,6 @@ def restore_layout(array: NDArray[Any], strides: Sequence[int]) -> NDArray[Any]:
     view = dense.transpose(np.argsort([*rest, *order]))  # back to the original axes
     # Only size-1 axes change their stride: no element is reachable twice.
     return np.lib.stride_tricks.as_strided(view, shape=shape, strides=strides, writeable=True)
-
-
-def _positive(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-    return value
 
 
 def _block_bounds(n: int, size: int) -> list[tuple[int, int]]:
@@ -157,9 +152,9 @@ class CollectJob(Job):
                 f"`sample_ids` must be unique; these repeat: {values[counts > 1][:8].tolist()}."
             )
         self.sample_ids = ids.astype(np.int64)
-        self.batch_size = _positive(batch_size, "batch_size")
+        self.batch_size = check_int(batch_size, "batch_size")
         size = block_size if block_size is not None else 4 * batch_size
-        if _positive(size, "block_size") % batch_size:
+        if check_int(size, "block_size") % batch_size:
             raise ValueError(
                 f"`block_size` must be a multiple of `batch_size` ({batch_size}) so that every "
                 f"batch is the single-process one; got {block_size!r}."
@@ -377,7 +372,7 @@ class DiffusionSweepJob(Job):
             raise TypeError(f"`model` must build a Denoiser; got {type(denoiser).__name__}.")
         self.grid = as_threshold_grid(thresholds)  # (K,)
         self.earliest_exit = denoiser.check_earliest_exit(earliest_exit)
-        self.n = _positive(n, "n")
+        self.n = check_int(n, "n")
         self.seed, self.stream = _check_seed(seed), _check_seed(stream, "stream")
         names = tuple(losses)
         if not names or sorted(set(names) - set(LOSSES)) or len(set(names)) != len(names):
@@ -388,7 +383,7 @@ class DiffusionSweepJob(Job):
                 f"`losses` holds 'features'; got losses {names!r} and features={features!r}."
             )
         self.losses, self.features = names, features
-        self.batch_size = _positive(batch_size, "batch_size")
+        self.batch_size = check_int(batch_size, "batch_size")
         self.groups = threshold_groups(self.grid.size, thresholds_per_batch)
         self.thresholds_per_batch = thresholds_per_batch
         self.flops = exit_flops(denoiser, earliest_exit=self.earliest_exit)

@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from exitguard.distributed.shards import Shard
+from exitguard.risk._validation import check_int
 
 _SHOWN = 8
 
@@ -100,8 +101,7 @@ def _merge(
     order = np.argsort(expected, kind="stable")
     sorted_ids = expected[order]
     n, r = expected.size, (n_rows if table else 1)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"`n_rows` must be a positive integer; got {n_rows!r}.")
+    check_int(r, "n_rows")
     if not shards:
         raise ValueError("`shards` must hold at least one shard; got none.")
     count = np.zeros((r, n), dtype=np.int64)  # (R, n) how often each pair is held

@@ -80,12 +80,17 @@ class ModelPayload:
         ``safetensors.torch.save`` of the module's state dict.
     fingerprint : str
         The architecture fingerprint the built module must have.
+    optimize : bool
+        After loading, rewrite the network with
+        :func:`exitguard.nn.optimize_for_inference` (BatchNorm folded), as the driver serves
+        it, so that workers compute what the driver would.
     """
 
     factory: str
     arguments: Mapping[str, Any]
     weights: bytes
     fingerprint: str
+    optimize: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -98,7 +103,12 @@ class ModelPayload:
 
     @classmethod
     def of(
-        cls, module: nn.Module, *, factory: str, arguments: Mapping[str, Any] | None = None
+        cls,
+        module: nn.Module,
+        *,
+        factory: str,
+        arguments: Mapping[str, Any] | None = None,
+        optimize: bool = False,
     ) -> ModelPayload:
         """The payload of a trained ``module`` that ``factory(**arguments)`` rebuilds."""
         if not isinstance(module, nn.Module):
@@ -109,6 +119,7 @@ class ModelPayload:
             arguments=dict(arguments or {}),
             weights=_state_bytes(module),
             fingerprint=architecture_fingerprint(module),
+            optimize=optimize,
         )
 
     @classmethod
@@ -136,6 +147,7 @@ class ModelPayload:
             "arguments": dict(self.arguments),
             "fingerprint": self.fingerprint,
             "weights_sha256": self.sha256,
+            "optimize": self.optimize,
         }
 
     def light(self) -> ModelPayload:
@@ -175,6 +187,15 @@ class ModelPayload:
             )
         module.eval()
         module.requires_grad_(False)
+        if self.optimize:
+            from exitguard.nn import EarlyExitNetwork, optimize_for_inference
+
+            if not isinstance(module, EarlyExitNetwork):
+                raise ValueError(
+                    f"`optimize` needs an EarlyExitNetwork; {self.factory!r} built a "
+                    f"{type(module).__name__}."
+                )
+            module, _ = optimize_for_inference(module)
         return module
 
 
@@ -206,11 +227,15 @@ def classifier(
     return network
 
 
-def classifier_payload(network: nn.Module, config: Any, *, image_shape: Any) -> ModelPayload:
+def classifier_payload(
+    network: nn.Module, config: Any, *, image_shape: Any, optimize: bool = False
+) -> ModelPayload:
     """The payload of a trained classifier of
-    :func:`exitguard.tasks.classification.build_classifier` with ``config`` (a CNNConfig)."""
+    :func:`exitguard.tasks.classification.build_classifier` with ``config`` (a CNNConfig);
+    ``optimize``: workers serve it BatchNorm-folded (see :class:`ModelPayload`)."""
     return ModelPayload.of(
         network,
+        optimize=optimize,
         factory=f"{__name__}:classifier",
         arguments={
             "config": dataclasses.asdict(config),

@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 from typing import Any
 
+from exitguard.risk._validation import check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class RaySettings:
@@ -42,14 +44,9 @@ class RaySettings:
                 "`address` must be 'local', 'auto', 'host:port' or 'ray://host:port'; got "
                 f"{self.address!r}."
             )
-        if self.workers is not None and (
-            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
-        ):
-            raise ValueError(f"`workers` must be a positive integer or None; got {self.workers!r}.")
-        for name, low in (("threads", 1), ("retries", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
+        check_int(self.workers, "workers", allow_none=True)
+        check_int(self.threads, "threads", minimum=1)
+        check_int(self.retries, "retries", minimum=0)
 
     def run_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`exitguard.distributed.run` (and the task functions)."""

@@ -40,6 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from exitguard.distributed.shards import Shard, ShardStore, check_item_id
+from exitguard.risk._validation import check_int
 
 
 def import_ray() -> Any:
@@ -358,10 +359,7 @@ def run(
     for name, value, low in (("threads", threads, 1), ("retries", retries, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
-        raise ValueError(f"`workers` must be a positive integer or None; got {workers!r}.")
+    check_int(workers, "workers", allow_none=True)
     items = job.items()
     by_id = {item.id: item for item in items}
     if len(by_id) != len(items):

@@ -32,8 +32,14 @@ from exitguard.nn.confidence import (
 from exitguard.nn.flops import FlopsTable, count_flops, flop_counter
 from exitguard.nn.heads import ClassifierHead, DenseHead
 from exitguard.nn.io import load_policy, load_weights, save_policy, save_weights
-from exitguard.nn.latency import LatencyProfile, profile_latency
+from exitguard.nn.latency import (
+    LatencyProfile,
+    SpeedupMeasurement,
+    measure_speedup,
+    profile_latency,
+)
 from exitguard.nn.network import EarlyExitNetwork, InferenceResult, NonFiniteOutputWarning
+from exitguard.nn.optimize import OptimizeReport, optimize_for_inference
 from exitguard.nn.train import TrainConfig, TrainHistory, exit_losses, train_exits
 
 __all__ = [
@@ -46,6 +52,8 @@ __all__ = [
     "InferenceResult",
     "LatencyProfile",
     "NonFiniteOutputWarning",
+    "OptimizeReport",
+    "SpeedupMeasurement",
     "TrainConfig",
     "TrainHistory",
     "attach_exits",
@@ -60,6 +68,8 @@ __all__ = [
     "load_weights",
     "margin",
     "max_softmax",
+    "measure_speedup",
+    "optimize_for_inference",
     "patience",
     "profile_latency",
     "save_policy",

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from exitguard.nn.confidence import ConfidenceFn
 from exitguard.nn.heads import ClassifierHead, DenseHead, InputFormat
 from exitguard.nn.network import EarlyExitNetwork
+from exitguard.risk._validation import check_int
 
 HeadFactory = Callable[[tuple[int, ...], int], nn.Module]
 
@@ -391,10 +392,7 @@ def attach_exits(
         example_input = torch.randn((2, *shape), generator=generator).to(**factory)
     elif not isinstance(example_input, Tensor) or example_input.ndim < 1:
         raise TypeError(f"`example_input` must be a batch tensor; got {example_input!r}.")
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-    ):
-        raise ValueError(f"`num_classes` must be a positive integer or None; got {num_classes!r}.")
+    check_int(num_classes, "num_classes", allow_none=True)
     options = dict(head_options or {})
 
     stages = cut_into_stages(model, at, example_input=example_input)

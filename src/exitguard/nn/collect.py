@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from exitguard._files import atomic_write
 from exitguard.nn._data import batch_count, iter_batches, model_device
 from exitguard.nn.network import EarlyExitNetwork
+from exitguard.risk._validation import check_int
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -115,8 +116,7 @@ def collect(
     """
     if not isinstance(network, EarlyExitNetwork):
         raise TypeError(f"`network` must be an EarlyExitNetwork; got {type(network).__name__}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    check_int(batch_size, "batch_size")
     device = model_device(network)
     batches = iter_batches(data, labels=labels, batch_size=batch_size)
     if progress:

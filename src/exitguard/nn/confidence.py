@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exitguard.risk._validation import check_int
+
 ConfidenceFn = Callable[[Tensor], Tensor]
 
 
@@ -77,8 +79,7 @@ def patience(probs: Tensor, *, k: int = 2) -> Tensor:
     A threshold of 1 therefore means "the prediction has not changed for ``k`` exits".
     Use ``functools.partial(patience, k=3)`` for another ``k``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1; got {k!r}.")
+    check_int(k, "k")
     predictions = probs.argmax(dim=2)  # (B, L, *S), first maximum on ties like numpy
     runs = torch.zeros(predictions.shape, dtype=probs.dtype, device=probs.device)  # (B, L, *S)
     # A loop over the (few) exits: each run length depends on the previous one.
@@ -134,8 +135,7 @@ def aggregate(
         if not 0.0 <= float(q) <= 1.0:
             raise ValueError(f"`q` must lie in [0, 1]; got {q!r}.")
         return torch.quantile(flat, float(q), dim=-1)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"`window` must be an integer >= 1; got {window!r}.")
+    check_int(window, "window")
     batch, n_exits, height, width = scores.shape
     kernel = (min(window, height), min(window, width))
     means = F.avg_pool2d(scores.reshape(batch * n_exits, 1, height, width), kernel, stride=1)

@@ -15,14 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exitguard.risk._validation import check_int
+
 InputFormat = Literal["NCHW", "NLC", "NC"]
 Pool = Literal["avg", "max", "cls", "none"]
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-    return value
 
 
 def _check_rate(value: Any, name: str) -> float:
@@ -86,7 +82,7 @@ class ClassifierHead(nn.Module):
                 f"`pool` must be one of {', '.join(map(repr, allowed))} for input_format "
                 f"{input_format!r}; got {pool!r}."
             )
-        self.in_features = _check_positive_int(in_features, "in_features")
+        self.in_features = check_int(in_features, "in_features")
         self.input_format = input_format
         self.pool = pool
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -96,9 +92,9 @@ class ClassifierHead(nn.Module):
             self.hidden: nn.Module = nn.Identity()
             width = in_features
         else:
-            width = _check_positive_int(hidden_features, "hidden_features")
+            width = check_int(hidden_features, "hidden_features")
             self.hidden = nn.Sequential(nn.Linear(in_features, width, **factory), nn.GELU())
-        self.fc = nn.Linear(width, _check_positive_int(num_classes, "num_classes"), **factory)
+        self.fc = nn.Linear(width, check_int(num_classes, "num_classes"), **factory)
 
     @property
     def num_classes(self) -> int:
@@ -109,7 +105,7 @@ class ClassifierHead(nn.Module):
         weight = self.fc.weight
         self.fc = nn.Linear(
             self.fc.in_features,
-            _check_positive_int(num_classes, "num_classes"),
+            check_int(num_classes, "num_classes"),
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -172,14 +168,14 @@ class DenseHead(nn.Module):
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        width = _check_positive_int(in_channels, "in_channels")
+        width = check_int(in_channels, "in_channels")
         self.drop = nn.Dropout2d(_check_rate(drop_rate, "drop_rate"))
         if hidden_channels is None:
             self.hidden: nn.Module = nn.Identity()
         else:
-            width = _check_positive_int(hidden_channels, "hidden_channels")
+            width = check_int(hidden_channels, "hidden_channels")
             self.hidden = nn.Sequential(nn.Conv2d(in_channels, width, 1, **factory), nn.ReLU())
-        self.fc = nn.Conv2d(width, _check_positive_int(num_classes, "num_classes"), 1, **factory)
+        self.fc = nn.Conv2d(width, check_int(num_classes, "num_classes"), 1, **factory)
         if out_size is not None and (
             len(out_size) != 2 or not all(isinstance(s, int) and s > 0 for s in out_size)
         ):
@@ -195,7 +191,7 @@ class DenseHead(nn.Module):
         weight = self.fc.weight
         self.fc = nn.Conv2d(
             self.fc.in_channels,
-            _check_positive_int(num_classes, "num_classes"),
+            check_int(num_classes, "num_classes"),
             1,
             device=weight.device,
             dtype=weight.dtype,

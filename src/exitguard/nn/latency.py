@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from exitguard._files import atomic_write_text, load_json
 from exitguard.nn.network import EarlyExitNetwork
+from exitguard.risk._validation import check_int
 
 _SCHEMA = "exitguard.LatencyProfile"
 
@@ -51,9 +53,13 @@ class LatencyProfile:
         Median milliseconds of one call of stage/head ``l`` on a batch of that size.
     stage_spread_ms, head_spread_ms : tuple of tuples (S, L)
         Interquartile range of the same measurements.
+        A head's time includes the exit decision (softmax and confidence).
     compaction_ms : tuple of float (S,)
         Median milliseconds of compacting a batch of that size (selecting the samples that
         go on, as ``infer`` does after an exit fires).
+    resize_ms : tuple of float (S,)
+        Median milliseconds of the network's ``resize`` and softmax on that many leaving
+        samples (empty for a network without ``resize``).
     threads : int
         ``torch.get_num_threads()`` while measuring.
     torch_version, machine : str
@@ -71,6 +77,7 @@ class LatencyProfile:
     machine: str
     repeats: int
     warmup: int
+    resize_ms: tuple[float, ...] = ()
 
     @property
     def n_exits(self) -> int:
@@ -97,7 +104,14 @@ class LatencyProfile:
         per_sample = per_sample / batch_size  # (L,)
         compaction = float(self._at(self.compaction_ms, batch_size)) / batch_size
         cumulative = np.cumsum(per_sample)
-        return cumulative + compaction * np.arange(self.n_exits)
+        return cumulative + compaction * np.arange(self.n_exits) + self._resize_at(batch_size)
+
+    def _resize_at(self, n: ArrayLike) -> Any:
+        """Per-sample milliseconds of resizing ``n`` leaving samples (0 without ``resize``)."""
+        if not self.resize_ms:
+            return np.zeros(np.shape(n))
+        n = np.asarray(n, dtype=np.float64)
+        return self._at(self.resize_ms, n) / np.maximum(n, 1.0)
 
     def cost_table(self, exits: ArrayLike, *, batch_size: int) -> NDArray[np.float64]:
         """Milliseconds each sample spends, for exits (..., n): the risk core's ``cost``."""
@@ -107,7 +121,7 @@ class LatencyProfile:
         """Per-sample milliseconds of the full model (no intermediate head runs)."""
         stages = self._at(self.stage_ms, batch_size).sum()
         head = self._at(self.head_ms, batch_size)[-1]
-        return float(stages + head) / batch_size
+        return float(stages + head) / batch_size + float(self._resize_at(batch_size))
 
     def batch_ms(self, exits: ArrayLike) -> float:
         """Predicted milliseconds of serving one batch whose samples leave at ``exits`` (B,).
@@ -124,6 +138,7 @@ class LatencyProfile:
         total = stage[diagonal, diagonal].sum() + head[diagonal, diagonal].sum()
         leaving_early = (counts[:-1] > 0) & (reaching[1:] > 0)
         total += float(np.sum(self._at(self.compaction_ms, reaching[:-1])[leaving_early]))
+        total += float(np.sum(self._resize_at(counts) * counts))
         return float(total)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +154,7 @@ class LatencyProfile:
             values[key] = tuple(tuple(float(x) for x in row) for row in values[key])
         values["batch_sizes"] = tuple(int(b) for b in values["batch_sizes"])
         values["compaction_ms"] = tuple(float(x) for x in values["compaction_ms"])
+        values["resize_ms"] = tuple(float(x) for x in values.get("resize_ms", ()))
         return cls(**values)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -178,8 +194,9 @@ def profile_latency(
 
     ``example`` (N, ...) provides the inputs (repeated when a batch size exceeds N). Each
     stage is timed on its real input (the previous stage's output at that batch size), in
-    eval mode, one call at a time. Run it on an otherwise idle machine with the thread count
-    you deploy with; both are recorded in the profile.
+    eval mode, one call at a time; each head with the exit decision after it (softmax and
+    confidence), as :meth:`EarlyExitNetwork.infer` runs it. Run it on an otherwise idle
+    machine with the thread count you deploy with; both are recorded in the profile.
     """
     if not isinstance(network, EarlyExitNetwork):
         raise TypeError(f"`network` must be an EarlyExitNetwork; got {type(network).__name__}.")
@@ -188,7 +205,7 @@ def profile_latency(
         raise ValueError(f"`batch_sizes` must be positive integers; got {tuple(batch_sizes)}.")
     modes = {module: module.training for module in network.modules()}
     network.eval()
-    stage_ms, head_ms, stage_iqr, head_iqr, compaction = [], [], [], [], []
+    stage_ms, head_ms, stage_iqr, head_iqr, compaction, resize = [], [], [], [], [], []
     try:
         for size in sizes:
             reps = -(-size // example.shape[0])
@@ -206,7 +223,9 @@ def profile_latency(
                 s_iqr.append(iqr)
                 h = network._run_stage(index, inputs)
                 median, iqr = _time_ms(
-                    lambda head=head, h=h: head(h), repeats=repeats, warmup=warmup
+                    lambda head=head, h=h: _decide(network, head, h),
+                    repeats=repeats,
+                    warmup=warmup,
                 )
                 heads.append(median)
                 h_iqr.append(iqr)
@@ -216,6 +235,14 @@ def profile_latency(
             median, _ = _time_ms(
                 lambda features=features, keep=keep: features[keep], repeats=repeats, warmup=warmup
             )
+            if network.resize is not None:
+                logits = network.heads[-1](h)  # (size, C, ...) the last exit's own output
+                median, _ = _time_ms(
+                    lambda logits=logits: network.resize(logits).softmax(dim=1),
+                    repeats=repeats,
+                    warmup=warmup,
+                )
+                resize.append(median)
             stage_ms.append(tuple(stages))
             head_ms.append(tuple(heads))
             stage_iqr.append(tuple(s_iqr))
@@ -236,4 +263,120 @@ def profile_latency(
         machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
         repeats=repeats,
         warmup=warmup,
+        resize_ms=tuple(resize),
+    )
+
+
+def _decide(network: EarlyExitNetwork, head: Any, h: Tensor) -> Tensor:
+    """A head and the exit decision after it: logits, softmax, confidence (as infer does)."""
+    probs = head(h).softmax(dim=1)  # (B, C, ...)
+    if network._confidence_pointwise:
+        return network._confidence_of(probs.unsqueeze(1))[:, 0]  # (B,)
+    return probs
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedupMeasurement:
+    """Early-exit against full-model inference on the same data, timed side by side.
+
+    Attributes
+    ----------
+    batch_size, n : int
+        Served in batches of ``batch_size``; ``n`` samples in all.
+    full_ms, early_ms : float
+        Median milliseconds per sample of the full model (``math.inf``) and of the policy.
+    measured_speedup : float
+        ``full_ms / early_ms``.
+    predicted_speedup : float or None
+        What the latency profile predicts for the same exits (None without a profile).
+    flops_speedup : float or None
+        Full-model FLOPs over the FLOPs of the exits taken (None without a FLOPs table).
+    mean_exit : float
+        Mean 0-based exit taken.
+    repeats, threads : int
+    """
+
+    batch_size: int
+    n: int
+    full_ms: float
+    early_ms: float
+    measured_speedup: float
+    predicted_speedup: float | None
+    flops_speedup: float | None
+    mean_exit: float
+    repeats: int
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@torch.inference_mode()
+def measure_speedup(
+    network: EarlyExitNetwork,
+    x: Tensor,
+    policy: Any,
+    *,
+    batch_size: int,
+    repeats: int = 7,
+    warmup: int = 1,
+    profile: LatencyProfile | None = None,
+    flops: Any = None,
+    allow_unbound: bool = False,
+) -> SpeedupMeasurement:
+    """Time ``network.infer`` under ``policy`` and under the full model, interleaved.
+
+    Each repeat serves all of ``x`` in batches of ``batch_size`` both ways, alternating
+    which goes first (so that a drift in the machine's load falls on both alike); the
+    medians over repeats are compared. With a ``profile`` (:func:`profile_latency`) the
+    predicted speed-up of the same exits is given beside it, with ``flops`` (a
+    :class:`~exitguard.nn.FlopsTable`) the FLOPs speed-up: three views of one saving.
+    """
+    check_int(batch_size, "batch_size")
+    check_int(repeats, "repeats")
+    check_int(warmup, "warmup", minimum=0)
+    batches = list(torch.split(x, batch_size))
+    exits = [network.infer(b, policy, allow_unbound=allow_unbound).exits.cpu() for b in batches]
+
+    def early() -> None:
+        for batch in batches:
+            network.infer(batch, policy, allow_unbound=allow_unbound)
+
+    def full() -> None:
+        for batch in batches:
+            network.infer(batch, math.inf)
+
+    for _ in range(warmup):
+        full()
+        early()
+    times: dict[str, list[float]] = {"full": [], "early": []}
+    for repeat in range(repeats):
+        order = (("full", full), ("early", early))
+        for name, run in order if repeat % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            run()
+            times[name].append(1000.0 * (time.perf_counter() - start) / len(x))
+    full_ms, early_ms = statistics.median(times["full"]), statistics.median(times["early"])
+    taken = torch.cat(exits).numpy()  # (n,)
+    predicted = None
+    if profile is not None:
+        served = sum(profile.batch_ms(e.numpy()) for e in exits)
+        whole = sum(profile.full_ms(len(b)) * len(b) for b in batches)
+        predicted = whole / served
+    flops_speedup = None
+    if flops is not None and math.isinf(network.check_policy(policy, allow_unbound=True)):
+        flops_speedup = 1.0  # never exits early: no intermediate head runs
+    elif flops is not None:
+        flops_speedup = float(flops.full) * len(taken) / float(np.sum(flops.to_exit[taken]))
+    return SpeedupMeasurement(
+        batch_size=batch_size,
+        n=len(x),
+        full_ms=full_ms,
+        early_ms=early_ms,
+        measured_speedup=full_ms / early_ms,
+        predicted_speedup=predicted,
+        flops_speedup=flops_speedup,
+        mean_exit=float(taken.mean()),
+        repeats=repeats,
+        threads=torch.get_num_threads(),
     )

@@ -106,6 +106,12 @@ class EarlyExitNetwork(nn.Module):
     input_shape : tuple of int or None, optional
         Per-sample input shape (without the batch axis) that ``forward``, ``infer`` and
         ``simulate`` check; ``None`` entries accept any size, ``None`` checks nothing.
+    resize : nn.Module, optional
+        Applied to an exit's logits to give the network's output, e.g. bilinear upsampling of
+        dense logits to the input resolution. The exit decision is taken before it, on the
+        head's own (low-resolution) output, so :meth:`infer` resizes only the samples that
+        leave at each exit; every method computes the confidence the same way. The heads'
+        own outputs must then share one shape too.
 
     Examples
     --------
@@ -126,6 +132,7 @@ class EarlyExitNetwork(nn.Module):
         *,
         confidence: str | ConfidenceFn = "max_softmax",
         input_shape: Sequence[int | None] | None = None,
+        resize: nn.Module | None = None,
     ) -> None:
         super().__init__()
         stages, heads = list(stages), list(heads)
@@ -144,8 +151,11 @@ class EarlyExitNetwork(nn.Module):
                 f"`heads` must have one module per stage ({len(stages)}), or one fewer when "
                 f"the last stage ends in the backbone's head; got {len(heads)}."
             )
+        if resize is not None and not isinstance(resize, nn.Module):
+            raise TypeError(f"`resize` must be an nn.Module or None; got {type(resize).__name__}.")
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
+        self.resize = resize
         self.confidence = confidence
         self.input_shape = input_shape
 
@@ -355,16 +365,36 @@ class EarlyExitNetwork(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Every exit's logits in one pass: (B, ...) -> (B, L, C) or (B, L, C, *S)."""
+        return self.exit_logits(x)[1]
+
+    def _resized(self, logits: Tensor) -> Tensor:
+        return logits if self.resize is None else self.resize(logits)
+
+    def exit_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Every exit's logits in one pass, as the exit decision sees them and as output.
+
+        Returns
+        -------
+        decision : Tensor of shape (B, L, C, ...)
+            The heads' own logits, from which confidences are computed.
+        outputs : Tensor of shape (B, L, C, ...)
+            The network's outputs: ``resize`` applied to ``decision`` (the same tensor
+            without ``resize``).
+        """
         self.check_input(x)
-        outputs, h = [], x
+        decision, h = [], x
         for index, head in enumerate(self.heads):
             h = self._run_stage(index, h)
-            outputs.append(head(h))  # (B, C, ...)
-        shapes = {tuple(o.shape) for o in outputs}
+            decision.append(head(h))  # (B, C, ...)
+        shapes = {tuple(o.shape) for o in decision}
         if len(shapes) > 1:
-            listed = ", ".join(str(tuple(o.shape)) for o in outputs)
+            listed = ", ".join(str(tuple(o.shape)) for o in decision)
             raise ValueError(f"every exit must give logits of the same shape; got {listed}.")
-        return torch.stack(outputs, dim=1)  # (B, L, C, ...)
+        stacked = torch.stack(decision, dim=1)  # (B, L, C, ...)
+        if self.resize is None:
+            return stacked, stacked
+        outputs = [self.resize(o) for o in decision]  # (B, C, *S_out) each
+        return stacked, torch.stack(outputs, dim=1)  # (B, L, C, *S_out)
 
     def _confidence_of(self, probs: Tensor) -> Tensor:
         """(B, l, C, ...) probabilities -> (B, l) float64 confidences."""
@@ -480,21 +510,25 @@ class EarlyExitNetwork(nn.Module):
                     continue
                 if n_fire == rows.shape[0]:
                     fire = None
+            pick = slice(None) if fire is None else fire
+            out_logits, out_probs = logits[pick], probs[pick]  # (F, C, ...) leaving now
+            if self.resize is not None:  # resized only for the samples that leave
+                out_logits = self.resize(out_logits)  # (F, C, *S_out)
+                out_probs = out_logits.softmax(dim=1)  # (F, C, *S_out)
             if fire is None and not outputs:
                 # The whole batch leaves together (always so at batch 1): no copies needed.
                 exits = torch.full((n_samples,), index, dtype=torch.long, device=x.device)
-                return self._result(logits, probs, exits, conf, threshold)
+                return self._result(out_logits, out_probs, exits, conf, threshold)
             if not outputs:
                 outputs = {
-                    "logits": logits.new_empty((n_samples, *logits.shape[1:])),
-                    "probs": probs.new_empty((n_samples, *probs.shape[1:])),
+                    "logits": out_logits.new_empty((n_samples, *out_logits.shape[1:])),
+                    "probs": out_probs.new_empty((n_samples, *out_probs.shape[1:])),
                     "exits": torch.empty(n_samples, dtype=torch.long, device=x.device),
                     "confidence": conf.new_empty(n_samples),
                 }
             done = rows if fire is None else rows[fire]  # (F,) batch rows leaving now
-            pick = slice(None) if fire is None else fire
-            outputs["logits"][done] = logits[pick]
-            outputs["probs"][done] = probs[pick]
+            outputs["logits"][done] = out_logits
+            outputs["probs"][done] = out_probs
             outputs["exits"][done] = index
             outputs["confidence"][done] = conf[pick]
             if fire is None:
@@ -537,8 +571,8 @@ class EarlyExitNetwork(nn.Module):
         logits : Tensor of shape (B, L, C, ...)
         confidences : Tensor of shape (B, L), float64
         """
-        logits = self(x)  # (B, L, C, ...)
-        return logits, self._confidence_of(logits.softmax(dim=2))
+        decision, logits = self.exit_logits(x)  # (B, L, C, ...) twice
+        return logits, self._confidence_of(decision.softmax(dim=2))
 
     @torch.inference_mode()
     def simulate(

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from exitguard.nn._data import batch_count, iter_batches, model_device
 from exitguard.nn.network import EarlyExitNetwork
+from exitguard.risk._validation import check_int
 
 Mode = Literal["heads", "joint"]
 
@@ -40,12 +41,6 @@ def _number(value: Any, name: str, *, low: float, low_open: bool = False) -> flo
         bound = f"> {low:g}" if low_open else f">= {low:g}"
         raise ValueError(f"`{name}` must be {bound}; got {value!r}.")
     return float(value)
-
-
-def _integer(value: Any, name: str, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +85,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("heads", "joint"):
             raise ValueError(f"`mode` must be 'heads' or 'joint'; got {self.mode!r}.")
-        _integer(self.epochs, "epochs", low=1)
-        _integer(self.batch_size, "batch_size", low=1)
+        check_int(self.epochs, "epochs", minimum=1)
+        check_int(self.batch_size, "batch_size", minimum=1)
         _number(self.lr, "lr", low=0.0, low_open=True)
         _number(self.weight_decay, "weight_decay", low=0.0)
         _number(self.distill, "distill", low=0.0)
         _number(self.temperature, "temperature", low=0.0, low_open=True)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"`ignore_index` must be an integer; got {self.ignore_index!r}.")
-        _integer(self.seed, "seed", low=0)
+        check_int(self.seed, "seed", minimum=0)
         if self.loss_weights is not None:
             weights = tuple(_number(w, "loss_weights[]", low=0.0) for w in self.loss_weights)
             if not weights or sum(weights) == 0:

@@ -84,12 +84,36 @@ def check_positive(value: Any, name: str) -> float:
     return number
 
 
-def check_int(value: Any, name: str, *, minimum: int) -> int:
+def check_int(value: Any, name: str, *, minimum: int = 1, allow_none: bool = False) -> Any:
+    """``value`` as an int if it is an integer >= ``minimum`` (or None when allowed).
+
+    Booleans and floats are refused, even integral ones: a count given as ``True`` or 2.0 is
+    a mistake upstream. A wrong type is a TypeError, a wrong value a ValueError.
+
+    >>> check_int(3, "epochs")
+    3
+    >>> check_int(0, "epochs")
+    Traceback (most recent call last):
+    ...
+    ValueError: `epochs` must be a positive integer; got 0.
+    """
+    if value is None and allow_none:
+        return None
+    what = {1: "a positive integer", 0: "a non-negative integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
+    what += " or None" if allow_none else ""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an integer >= {minimum}; got {_describe(value)}.")
+        raise TypeError(f"`{name}` must be {what}; got {_describe(value)}.")
     if int(value) < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {int(value)}.")
+        raise ValueError(f"`{name}` must be {what}; got {int(value)}.")
     return int(value)
+
+
+def check_ints(owner: Any, names: Iterable[str], *, minimum: int = 1) -> None:
+    """:func:`check_int` on the attributes ``names`` of ``owner`` (a settings dataclass)."""
+    for name in names:
+        check_int(getattr(owner, name), name, minimum=minimum)
 
 
 def check_choice(value: Any, name: str, allowed: Iterable[str]) -> str:

@@ -39,11 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-    return value
+from exitguard.risk._validation import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +100,7 @@ class DenoiserConfig:
             "steps",
             "reference_steps",
         ):
-            _positive_int(getattr(self, name), name)
+            check_int(getattr(self, name), name)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"`patch_size` must divide `image_size` ({self.image_size}); got {self.patch_size}."

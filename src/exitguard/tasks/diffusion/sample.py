@@ -29,6 +29,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
+from exitguard.risk._validation import check_int
 from exitguard.risk.exits import check_thresholds, first_exit
 from exitguard.tasks.diffusion.model import Denoiser
 
@@ -46,8 +47,7 @@ def linear_betas(
     keep ``sqrt(abar_T) = 0.6`` of the signal, and sampling from pure noise would start off
     the training distribution. With ``steps == reference_steps`` this is exactly DDPM's.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be a positive integer; got {steps!r}.")
+    check_int(steps, "steps")
     scale = reference_steps / steps
     start, end = beta_start * scale, beta_end * scale
     if not 0.0 < start < end < 1.0:
@@ -354,8 +354,7 @@ def generate(
 ) -> SampleResult:
     """:func:`sample` the given sample indices of a seed, ``batch_size`` at a time."""
     ids = np.asarray(indices)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    check_int(batch_size, "batch_size")
     parts = []
     for start in range(0, ids.size, batch_size):  # a loop over batches: bounded memory
         noise = sample_noise(

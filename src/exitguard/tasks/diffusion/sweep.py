@@ -39,6 +39,7 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
 from exitguard._files import atomic_write
+from exitguard.risk._validation import check_int
 from exitguard.tasks.common import progress_bar
 from exitguard.tasks.diffusion.losses import LOSSES, ssim_loss
 from exitguard.tasks.diffusion.model import Denoiser, exit_flops
@@ -524,10 +525,8 @@ def sweep(
 
     grid = as_threshold_grid(thresholds)  # (K,)
     earliest_exit = model.check_earliest_exit(earliest_exit)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`n` must be a positive integer; got {n!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    check_int(n, "n")
+    check_int(batch_size, "batch_size")
     groups = threshold_groups(grid.size, thresholds_per_batch)
     loss_fns = check_loss_fns(losses)
     config = model.config

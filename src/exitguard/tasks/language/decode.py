@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from exitguard.policy import ExitPolicy
+from exitguard.risk._validation import check_int
 from exitguard.risk.exits import check_thresholds
 from exitguard.tasks.language.binding import CONFIDENCES, KV_FILLS, LMBinding
 from exitguard.tasks.language.cache_fill import CacheFill, make_cache_fill
@@ -161,8 +162,7 @@ class DecodingSettings:
         if self.kv_fill not in KV_FILLS:
             raise ValueError(f"`kv_fill` must be one of {KV_FILLS}; got {self.kv_fill!r}.")
         tokens = self.max_new_tokens
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be a positive integer; got {tokens!r}.")
+        check_int(tokens, "max_new_tokens")
         decay = self.decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)):
             raise ValueError(f"`decay` must be a finite float >= 0; got {decay!r}.")

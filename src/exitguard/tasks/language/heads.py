@@ -35,6 +35,7 @@ from exitguard._files import (
     load_json,
     read_regular_file,
 )
+from exitguard.risk._validation import check_int, check_ints
 
 _FORMAT = "exitguard.LMExitHeads"
 _FORMAT_VERSION = 1
@@ -80,13 +81,8 @@ class ExitHeadsConfig:
                 "`exit_layers` must be a non-empty, strictly increasing tuple of 0-based layer "
                 f"indices; got {self.exit_layers!r}."
             )
-        for name in ("hidden_size", "confidence_width"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(
-                    f"`{name}` must be a positive integer; got {getattr(self, name)!r}."
-                )
-        if int(self.rank) < 0:
-            raise ValueError(f"`rank` must be a non-negative integer; got {self.rank!r}.")
+        check_ints(self, ("hidden_size", "confidence_width"))
+        check_int(self.rank, "rank", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

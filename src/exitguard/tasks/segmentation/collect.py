@@ -84,9 +84,12 @@ def collect_segmentation(
         images = torch.from_numpy(scenes.images[start : start + batch_size])  # (B, 1, H, W)
         masks = torch.from_numpy(scenes.labels[start : start + batch_size])  # (B, H, W)
         uniform = torch.from_numpy(rng.random(masks.shape))  # (B, H, W) float64
-        probs = network(images).softmax(dim=2)  # (B, L, C, H, W)
+        decision, logits = network.exit_logits(images)  # (B, L, C, h, w), (B, L, C, H, W)
+        probs = logits.softmax(dim=2)  # (B, L, C, H, W)
         predictions = probs.max(dim=2).indices  # (B, L, H, W)
-        batch = {f"conf:{measure.__name__}": measure(probs.double()) for measure in measures}
+        # Confidences as infer computes them: on the heads' own (low-resolution) outputs.
+        low = decision.softmax(dim=2).double()  # (B, L, C, h, w)
+        batch = {f"conf:{measure.__name__}": measure(low) for measure in measures}
         batch.update(per_exit_losses(probs, masks, uniform, num_classes=scenes.num_classes))
         batch["pixel_accuracy"] = (predictions == masks.unsqueeze(1)).flatten(2).double().mean(-1)
         batch["miou"] = mean_iou(predictions, masks, num_classes=scenes.num_classes)

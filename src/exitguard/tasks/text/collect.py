@@ -22,6 +22,7 @@ from torch import Tensor
 
 from exitguard.calibration import build_table
 from exitguard.nn import EarlyExitNetwork, ExitOutputs, collect
+from exitguard.risk._validation import check_int
 from exitguard.tasks.text.model import flops_by_length, length_batches, plain_logits, token_lengths
 
 
@@ -183,8 +184,7 @@ def interleaved_seconds(runs: dict[str, Callable[[], Any]], *, repeats: int) -> 
 
     Taking turns spreads any change of the machine's load over all runs alike.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"`repeats` must be a positive integer; got {repeats!r}.")
+    check_int(repeats, "repeats")
     for run in runs.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}

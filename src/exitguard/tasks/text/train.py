@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from exitguard.nn import EarlyExitNetwork, TrainConfig, exit_losses, train_exits
+from exitguard.risk._validation import check_ints
 from exitguard.tasks.common import cached_model, model_description, progress_bar
 from exitguard.tasks.text.data import TextDataset
 from exitguard.tasks.text.model import (
@@ -81,10 +82,7 @@ class TextTrainSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("heads", "joint"):
             raise ValueError(f"`mode` must be 'heads' or 'joint'; got {self.mode!r}.")
-        for name in ("head_epochs", "head_batch_size", "joint_epochs", "joint_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+        check_ints(self, ("head_epochs", "head_batch_size", "joint_epochs", "joint_batch_size"))
         for name in ("head_lr", "joint_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
