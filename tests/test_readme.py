@@ -80,15 +80,33 @@ def _your_model() -> dict:
     backbone.add_module("fc", nn.Linear(16, 10))
     backbone.eval()
     generator = torch.Generator().manual_seed(1)
-    images = torch.rand(200, 3, 32, 32, generator=generator)
-    labels = torch.randint(0, 10, (200,), generator=generator)
+    images = torch.rand(400, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (400,), generator=generator)
     return {
         "backbone": backbone,
         "train_images": images[:48],
         "train_labels": labels[:48],
-        "calibration_images": images[48:184],
-        "calibration_labels": labels[48:184],
-        "images": images[184:],
+        "calibration_images": images[48:320],
+        "calibration_labels": labels[48:320],
+        "images": images[320:],
+    }
+
+
+def _your_network() -> dict:
+    """Your model with its exits attached (as the example before builds it), and test data."""
+    import exitguard
+    from exitguard.nn import attach_exits, collect
+
+    names = _your_model()
+    network = attach_exits(
+        names.pop("backbone"), at=["layer1", "layer2", "layer3"], input_shape=(3, 32, 32)
+    )
+    return {
+        "exitguard": exitguard,
+        "collect": collect,
+        "network": network.eval(),
+        "test_images": names.pop("images"),
+        **names,
     }
 
 

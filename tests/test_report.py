@@ -382,6 +382,7 @@ def test_summary_separates_the_mean_over_splits_from_the_one_run():
     assert slower.startswith("At batch 1 this policy is 1.01× slower than the full model")
     page = render_html(results)
     assert '<li class="slower">At batch 1' in page
+    assert page.count('<li class="slower">') == 1  # that line only, not the one-run line
     assert "mean exit (0-based), mean over 20 splits" in page
 
 

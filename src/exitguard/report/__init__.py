@@ -241,7 +241,8 @@ def _promises(results: DemoResults) -> str:
 def _summary(results: DemoResults) -> str:
     items = []
     for line in results.summary:
-        css = ' class="slower"' if " slower than " in line else ""
+        slower = line.startswith("At batch ") and " slower than " in line  # its own line
+        css = ' class="slower"' if slower else ""
         items.append(f"<li{css}>{_text(line)}</li>")
     return "".join(items)
 

@@ -35,7 +35,7 @@ from exitguard._files import (
     load_json,
     read_regular_file,
 )
-from exitguard.evaluation import evaluate
+from exitguard.evaluation import Evaluation, evaluate, split_indices
 from exitguard.nn import EarlyExitNetwork, TrainConfig, train_exits
 from exitguard.nn.io import assign_tensors, stored_tensors
 from exitguard.policy import ExitPolicy
@@ -577,24 +577,67 @@ def evaluate_risk(
 ) -> RiskResult:
     """Repeated-split evaluation of one loss table, as the report reads it.
 
-    ``cost`` (K, N) is the compute (FLOPs) and ``exits`` (K, N) the 0-based exit taken (the
-    mean exit is 0-based too); both use the same splits (same seed), so the FLOPs saving
-    and the mean exit describe the same selections.
+    ``cost`` (K, N) is the compute (FLOPs) and ``exits`` (K, N) the 0-based exit taken. One
+    evaluation selects a row per split and procedure; the mean exit is then read off the
+    same selections on the same test splits (:func:`exit_evaluation`), so the FLOPs saving
+    and the mean exit describe the very same policies.
     """
-    common: dict[str, Any] = dict(
+    n_total = np.shape(losses)[1]
+    splits = split_indices(n_total, n_cal, trials, np.random.default_rng(seed))  # (T, n_cal)
+    by_flops = evaluate(
+        losses,
+        cost=cost,
         procedures=tuple(procedures),
         target_risks=tuple(target_risks),
         delta=delta,
-        n_cal=n_cal,
-        trials=trials,
+        splits=splits,
         loss_bound=loss_bound,
         seed=seed,
+        return_selections=True,
     )
-    by_flops = evaluate(losses, cost=cost, **common)
-    by_exit = evaluate(losses, cost=np.asarray(exits, dtype=np.float64), **common)
+    by_exit = exit_evaluation(by_flops, exits, splits=splits)
+    plain = {"selections": None, "order_seeds": None}  # the page keeps the summaries only
     return RiskResult(
-        title=title, loss_bound=loss_bound, evaluation=by_flops, evaluation_exits=by_exit, note=note
+        title=title,
+        loss_bound=loss_bound,
+        evaluation=dataclasses.replace(by_flops, **plain),
+        evaluation_exits=dataclasses.replace(by_exit, **plain),
+        note=note,
     )
+
+
+def exit_evaluation(
+    evaluation: Evaluation, exits: np.ndarray, *, splits: np.ndarray
+) -> Evaluation:
+    """``evaluation`` with the mean exit as its cost: the same selections on the same splits.
+
+    ``exits`` (K, N) is the 0-based exit of every sample under every row and ``splits``
+    (T, n_cal) the calibration indices ``evaluation`` ran on (with ``return_selections``).
+    Equals ``evaluate(losses, cost=exits, splits=splits, seed=...)`` with the evaluation's
+    own seed, without selecting again.
+    """
+    table = np.asarray(exits, dtype=np.float64)  # (K, N)
+    trials, n_cal = splits.shape
+    n_test = table.shape[1] - n_cal
+    total = table.sum(axis=1)  # (K,)
+    full_exit = float(table[0].mean())
+    rows = []
+    seen: dict[str, int] = {}  # rows come per procedure, in the order of the target risks
+    for row in evaluation.rows:  # a loop over the (procedure, target risk) rows
+        e = seen[row.procedure] = seen.get(row.procedure, -1) + 1
+        chosen = evaluation.selected_rows(row.procedure)[:, e]  # (T,)
+        calibration = table[chosen[:, None], splits].sum(axis=1)  # (T,)
+        test = (total[chosen] - calibration) / n_test  # (T,) mean exit on each test split
+        mean = float(test.mean())
+        rows.append(
+            dataclasses.replace(
+                row,
+                mean_cost=mean,
+                sd_cost=float(test.std(ddof=1)) if trials > 1 else 0.0,
+                relative_saving=1.0 - mean / full_exit if full_exit else None,
+            )
+        )
+    return dataclasses.replace(evaluation, rows=tuple(rows), full_cost=full_exit)
 
 
 def loss_bound(risk: str) -> float:

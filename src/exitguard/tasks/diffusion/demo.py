@@ -11,6 +11,7 @@ the report (:func:`exitguard.report.write_report`) with the loss tables beside i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -62,16 +63,76 @@ if TYPE_CHECKING:
     from exitguard.distributed.options import RaySettings
 
 # Bounded image losses between samples from the same noise are small: on 8 x 8 digits even
-# the most aggressive policy changes (1 - SSIM) / 2 by 0.002 on average, and with n = 500 no
-# procedure can certify a risk below about B / n = 0.002. The grid is dense where the
-# certified policies change.
-TARGET_RISKS = (0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1)
-TABLE_TARGET_RISKS = (0.003, 0.005, 0.01, 0.02, 0.05, 0.1)
-FIGURE_TARGET_RISKS = (0.005, 0.006, 0.05)
+# the most aggressive policy changes (1 - SSIM) / 2 by about 0.002 on average, while with n
+# calibration samples no procedure certifies a risk below about B / n (0.002 at n = 500, 0.01
+# at n = 100). Every procedure then returns the full model or lets every step leave at the
+# earliest exit, and nothing in between. The 0-1 loss CHANGED (a sample whose image is not
+# practically the full model's) spans its whole range over the grid, so the trade-off between
+# risk and compute shows; the target risks cover both scales.
+TARGET_RISKS = (
+    0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+)  # fmt: skip
+TABLE_TARGET_RISKS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+FIGURE_TARGET_RISKS = (0.05, 0.2, 0.5)
+CHANGED = "ssim_changed"
+"""The 0-1 loss derived from the SSIM loss: 1 when (1 - SSIM) / 2 exceeds ``changed_above``."""
+CHANGED_ABOVE = 0.001
+"""(1 - SSIM) / 2 above which a sample counts as changed (SSIM below 0.998)."""
+GRID_SMALLEST_SHARE = 0.02
+"""Share of pilot steps that leave early at the safest finite threshold (and stay at the most
+aggressive one before 0): the grid's thresholds spread over the range where policies differ."""
 LOSS_TITLES = {
     "ssim": "(1 - SSIM) / 2 against the full model's image",
     "features": "1 - cosine of classifier features against the full model's image",
 }
+
+
+def loss_title(name: str, *, changed_above: float = CHANGED_ABOVE) -> str:
+    """A loss of the demo in words."""
+    if name == CHANGED:
+        return (
+            f"share of samples changed: (1 - SSIM) / 2 above {changed_above:g} (SSIM below "
+            f"{1 - 2 * changed_above:g}) against the full model's image"
+        )
+    return LOSS_TITLES[name]
+
+
+def loss_scale_lines(sweep: DiffusionSweep, config: DemoConfig, *, n_cal: int) -> list[str]:
+    """The summary's words on the scale of the losses against what ``n_cal`` samples certify.
+
+    With n calibration samples no procedure certifies a risk much below B / n (B = 1): a loss
+    whose most aggressive policy stays below that can only give the full model or that policy.
+    """
+    lines = []
+    floor = 1.0 / n_cal
+    for name in config.losses:  # a loop over the few losses
+        most = float(sweep.table(name)[-1].mean())
+        if most < floor:
+            lines.append(
+                f"{loss_title(name)}: even the most aggressive policy (every step at exit "
+                f"{config.earliest_exit}) changes it by only {most:.4f} on average, below what "
+                f"n = {n_cal} calibration samples can certify (about 1/n = {floor:.3g}); on this "
+                "loss every procedure returns the full model or that policy, nothing between."
+            )
+    if CHANGED in sweep.losses:
+        share = sweep.table(CHANGED).mean(axis=1)  # (K,)
+        lines.append(
+            f"The share of samples changed ((1 - SSIM) / 2 above {config.changed_above:g}) "
+            f"grows from {share.min():.0%} to {share.max():.0%} over the threshold grid, so on "
+            "that loss the procedures pick different policies at different ε: the trade-off "
+            "between risk and compute shows there."
+        )
+    return lines
+
+
+def with_changed(sweep: DiffusionSweep, *, changed_above: float) -> DiffusionSweep:
+    """The sweep with the 0-1 loss :data:`CHANGED`: 1 where (1 - SSIM) / 2 > ``changed_above``.
+
+    It is a function of each sample's own SSIM loss, so it is a loss table like the others
+    (row 0 is 0, values in {0, 1}); it needs the ``ssim`` loss.
+    """
+    changed = (sweep.table("ssim") > changed_above).astype(np.float64)  # (K, N)
+    return dataclasses.replace(sweep, losses={**sweep.losses, CHANGED: changed})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,7 +150,9 @@ class DemoConfig(ImageOptions, PolicyOptions):
     n_samples: int | None = None
     target_risks: tuple[float, ...] = TARGET_RISKS
     losses: tuple[str, ...] = LOSSES
-    policy_loss: str = "ssim"
+    changed_above: float = CHANGED_ABOVE
+    policy_loss: str = CHANGED
+    policy_target_risk: float = 0.2
     figure_target_risks: tuple[float, ...] = FIGURE_TARGET_RISKS
     earliest_exit: int = 1
     n_thresholds: int = 20
@@ -105,10 +168,18 @@ class DemoConfig(ImageOptions, PolicyOptions):
         unknown = sorted(set(self.losses) - set(LOSSES))
         if unknown or not self.losses:
             raise ValueError(f"`losses` must name some of {LOSSES}; got {self.losses!r}.")
-        if self.policy_loss not in self.losses:
+        if self.policy_loss not in self.risk_names:
             raise ValueError(
-                f"`policy_loss` must be one of `losses` {self.losses}; got {self.policy_loss!r}."
+                f"`policy_loss` must be one of `losses` {self.losses} (or {CHANGED!r}, which "
+                f"needs 'ssim'); got {self.policy_loss!r}."
             )
+        if not 0.0 <= self.changed_above < 1.0:
+            raise ValueError(f"`changed_above` must lie in [0, 1); got {self.changed_above!r}.")
+
+    @property
+    def risk_names(self) -> tuple[str, ...]:
+        """The losses evaluated: ``losses``, and :data:`CHANGED` when ``ssim`` is one."""
+        return (*self.losses, CHANGED) if "ssim" in self.losses else tuple(self.losses)
 
 
 # ------------------------------------------------------------------------- settings
@@ -226,6 +297,7 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
         n=config.pilot_samples,
         count=count,
         earliest_exit=config.earliest_exit,
+        smallest_share=GRID_SMALLEST_SHARE,
     )
     loss_fns: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
     for name in config.losses:  # a loop over the few losses
@@ -276,6 +348,8 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
             **config.ray.run_options(),
         )
     log(f"sweep: {thresholds.size} thresholds x {n_samples} samples in {table.seconds:.0f} s")
+    if "ssim" in config.losses:
+        table = with_changed(table, changed_above=config.changed_above)
     return Prepared(data, train, trained, model_config, settings, thresholds, table, n_cal, trials)
 
 
@@ -368,6 +442,7 @@ def figures(
     *,
     heat_samples: np.ndarray,
     earliest_exit: int,
+    changed_above: float = CHANGED_ABOVE,
 ) -> list[PictureGrid]:
     """The picture grids of the report: samples beside early-exit samples, and exit maps.
 
@@ -403,7 +478,8 @@ def figures(
         caption=(
             f"Each row starts from the same noise (test seeds); columns: the full model, then "
             f"the {first.procedure} policy calibrated at each ε (δ = {first.delta:g}, n = "
-            f"{first.n}) on the {first.risk} loss.{full_note}"
+            f"{first.n}) on the loss {loss_title(first.risk, changed_above=changed_above)}."
+            f"{full_note}"
         ),
         columns=("full model", *labels.values()),
         rows=tuple(rows),
@@ -472,13 +548,13 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
 
     log("calibrating every loss over repeated splits")
     risks = evaluate_risks(
-        config.losses,
+        config.risk_names,
         lambda loss: {"losses": table.table(loss), "cost": table.cost, "exits": table.mean_exit},
         options=config,
         n_cal=n_cal,
         trials=trials,
         loss_bound=lambda loss: 1.0,
-        title=LOSS_TITLES.__getitem__,
+        title=functools.partial(loss_title, changed_above=config.changed_above),
     )
     cal, test = (np.sort(part) for part in calibration_split(n_samples, n_cal, seed=config.seed))
 
@@ -561,7 +637,10 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         table_target_risks=TABLE_TARGET_RISKS,
         confidence="uem",
         extra={
-            "losses": {name: LOSS_TITLES[name] for name in config.losses},
+            "losses": {
+                name: loss_title(name, changed_above=config.changed_above)
+                for name in config.risk_names
+            },
             "earliest_exit": config.earliest_exit,
             "thresholds": [
                 "never" if math.isinf(v) else float(v) for v in table.thresholds.tolist()
@@ -578,6 +657,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
             f"generated samples tabulated under {table.thresholds.size} thresholds."
         ),
         *summary_lines(risks, settings, record),
+        *loss_scale_lines(table, config, n_cal=n_cal),
     )
     rng = np.random.default_rng(config.seed + 2)
     shown = np.sort(rng.choice(test, size=min(6, test.size), replace=False))
@@ -624,6 +704,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
                 shown,
                 heat_samples=heat_samples,
                 earliest_exit=config.earliest_exit,
+                changed_above=config.changed_above,
             )
         ),
         extra={"seconds": time.perf_counter() - started},
@@ -631,7 +712,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     files: dict[str, Any] = {
         f"table_{loss}.npz": lambda handle, loss=loss: table_npz(table, handle, loss=loss)
-        for loss in config.losses
+        for loss in config.risk_names
     }
     write_demo_report(results, config, policy=policy, files=files, log=log)
     return results

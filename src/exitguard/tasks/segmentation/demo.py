@@ -48,6 +48,7 @@ from exitguard.tasks.common import (
     demo_settings,
     evaluate_risk,
     image_dataset_info,
+    progress_bar,
     results_header,
     table_writer,
     time_policy,
@@ -236,6 +237,7 @@ def table_one(
     n_cal: int = 400,
     trials: int = 100,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, dict[str, Evaluation]]:
     """The paper's Table 1: one procedure on one risk for every confidence x aggregation.
 
@@ -246,7 +248,7 @@ def table_one(
     """
     found = {}
     names = [m.__name__ for m in prepared.measures] if measures is None else list(measures)
-    for name in names:  # a loop over the few confidence measures
+    for name in progress_bar(names, enabled=progress, desc="confidence measures"):
         tables = prepared.tables(risk, name)
         evaluated = evaluate_risk(
             tables["losses"],
@@ -353,7 +355,7 @@ def savings_tables(
         for eps in table_eps
         for what in ("layers saved", "FLOPs saved", "test risk")
     ]
-    per_measure = table_one(prepared, target_risks=table_eps, **common)
+    per_measure = table_one(prepared, target_risks=table_eps, progress=config.progress, **common)
     measure_rows = [
         [name]
         + [
