@@ -155,25 +155,6 @@ def _deployment() -> dict:
     }
 
 
-def _your_network() -> dict:
-    """The network of "With your own PyTorch model" (exits attached), with its data."""
-    import exitguard
-    from exitguard.nn import attach_exits, collect
-
-    names = _your_model()
-    network = attach_exits(
-        names["backbone"], at=["layer1", "layer2", "layer3"], input_shape=(3, 32, 32)
-    )
-    return {
-        "exitguard": exitguard,
-        "collect": collect,
-        "network": network,
-        "calibration_images": names["calibration_images"],
-        "calibration_labels": names["calibration_labels"].numpy(),
-        "test_images": names["images"],
-    }
-
-
 SETUPS = {
     "your-model": _your_model,
     "your-network": _your_network,
