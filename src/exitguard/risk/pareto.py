@@ -89,7 +89,7 @@ from exitguard.risk.configurations import (
     configuration_costs,
 )
 from exitguard.risk.exits import NEVER
-from exitguard.risk.procedures import in_order, reading_order
+from exitguard.risk.procedures import reading_order
 
 Array = NDArray[np.float64]
 
@@ -342,6 +342,49 @@ def _evaluate(
     return risks, cost
 
 
+def coordinate_curve(
+    conf: Array,
+    relative: Array,
+    exit_cost: Array,
+    head_cost: Array | None,
+    vector: Array,
+    exit_: int,
+    options: Array,
+) -> tuple[Array, Array]:
+    """Mean risks (R, G) and cost (G,) when one exit's threshold takes each of ``options``.
+
+    The other thresholds of ``vector`` (L-1,) stay fixed. Equal to evaluating the G vectors
+    one by one (:func:`exitguard.risk.configurations.evaluate_vectors`), but computed from
+    one sort of the samples that reach the exit: with the exit disabled, every sample has a
+    base exit; a threshold ``v`` moves the samples that reach the exit with confidence
+    ``>= v`` there, so every risk and the cost are cumulative sums along the confidences.
+    """
+    n = conf.shape[0]
+    base_vector = vector.copy()
+    base_vector[exit_] = NEVER
+    base_exits = _vector_exits(conf, base_vector[None, :])[0]  # (n,)
+    base_loss = relative[:, np.arange(n), base_exits]  # (R, n)
+    base_cost = configuration_costs(base_exits[None], base_vector[None], exit_cost, head_cost)[0]
+    reach = np.flatnonzero(base_exits > exit_)  # samples that pass the exit
+    order = reach[np.argsort(-conf[reach, exit_], kind="stable")]  # (u,) confidence descending
+    head = 0.0 if head_cost is None else float(head_cost[exit_])
+    disabled = 0.0
+    if head_cost is not None:
+        disabled = float(head_cost[:exit_][np.isinf(vector[:exit_])].sum())
+    here = float(exit_cost[exit_]) - disabled  # cost of leaving at the exit
+    moved_loss = relative[:, order, exit_] - base_loss[:, order]  # (R, u)
+    moved_cost = here - (base_cost[order] + head)  # (u,)
+    cumulative_loss = np.concatenate(
+        [np.zeros((len(relative), 1)), np.cumsum(moved_loss, axis=1)], axis=1
+    )  # (R, u+1)
+    cumulative_cost = np.concatenate([[0.0], np.cumsum(moved_cost)])  # (u+1,)
+    count = np.searchsorted(-conf[order, exit_], -options, side="right")  # (G,) conf >= v
+    enabled = np.isfinite(options)  # (G,) an enabled exit's head runs for every passing sample
+    risks = (base_loss.sum(axis=1)[:, None] + cumulative_loss[:, count]) / n  # (R, G)
+    costs = (base_cost.sum() + enabled * head * len(reach) + cumulative_cost[count]) / n  # (G,)
+    return risks, costs
+
+
 def _greedy_path(
     conf: Array,
     relative: Array,
@@ -387,7 +430,13 @@ def _greedy_path(
         candidates = np.repeat(vector[None, :], len(moves), axis=0)  # (C, L-1)
         # C small lookups, one per move.
         candidates[np.arange(len(moves)), moves[:, 0]] = [levels[e][t] for e, t in moves]
-        risks, costs = _evaluate(conf, relative, candidates, exit_cost, head_cost)
+        risks = np.empty((len(eps), len(moves)))
+        costs = np.empty(len(moves))
+        for exit_ in np.unique(moves[:, 0]):  # one curve per exit (the few exits)
+            rows = np.flatnonzero(moves[:, 0] == exit_)
+            risks[:, rows], costs[rows] = coordinate_curve(
+                conf, relative, exit_cost, head_cost, vector, int(exit_), candidates[rows, exit_]
+            )
         saved = cost - costs  # (C,)
         added = (((risks - risk[:, None]) / eps[:, None]) * weights[:, None]).max(axis=0)
         useful = saved > 1e-12 * max(1.0, abs(cost))
@@ -433,13 +482,14 @@ def _descend(
         changed = False
         for exit_ in range(len(levels)):
             options = np.append(levels[exit_], vector[exit_])  # (G+1,) the current one last
-            candidates = np.repeat(vector[None, :], len(options), axis=0)  # (G+1, L-1)
-            candidates[:, exit_] = options
-            risks, costs = _evaluate(conf, read, candidates, exit_cost, head_cost)
+            risks, costs = coordinate_curve(
+                conf, read, exit_cost, head_cost, vector, exit_, options
+            )
             objective = costs / full_cost + penalty @ risks  # (G+1,)
             best = int(np.argmin(objective))  # ties: the highest threshold (levels descend)
             if objective[best] < objective[-1] - 1e-12:
-                vector = candidates[best].copy()
+                vector = vector.copy()
+                vector[exit_] = options[best]
                 visited.append(vector)
                 changed = True
         if not changed:
@@ -1186,7 +1236,7 @@ def pareto_test_table(
     if order == "natural":
         read = reading_order(table.reshape(n_risks * n_rows, n), np.random.default_rng(used_seed))
         rows = np.arange(n_rows)
-        test_losses = in_order(table, read)  # (R, K, n)
+        test_losses = table[:, :, read]  # (R, K, n) in the random reading order
         estimate = per_sample.mean(axis=-1)
         tested = _test_front(
             test_losses, estimate, eps=eps, loss_bounds=bounds_, bound=chosen_bound, delta=level
