@@ -121,6 +121,8 @@ class VectorSearch:
         Number of risk multipliers of the coordinate descents (geometric from 0.01 to 100).
     sweeps : int
         Most sweeps over the exits per coordinate descent.
+    greedy : bool
+        Whether the greedy paths join the candidates.
     steps : tuple of int
         How many levels one move may lower an exit's threshold by; every exit and step is a
         candidate move, all evaluated at once.
@@ -149,6 +151,7 @@ class VectorSearch:
     restarts: int = 2
     multipliers: int = 24
     sweeps: int = 3
+    greedy: bool = True
     steps: tuple[int, ...] = (1, 2, 4, 8, 16)
     noise: float = 0.3
     max_risk_ratio: float = 2.0
@@ -417,25 +420,24 @@ def _greedy_path(
     # A loop over moves: each move depends on the previous one (a path), but evaluates
     # every candidate move at once.
     for _ in range(int(top.sum())):
-        exits_, targets = [], []
-        for exit_ in range(n_thresholds):  # the few exits and step sizes
-            for step in steps:
-                target = min(position[exit_] + step, top[exit_])
-                if target > position[exit_]:
-                    exits_.append(exit_)
-                    targets.append(target)
-        if not exits_:
+        moves = sorted(
+            {
+                (exit_, min(int(position[exit_]) + step, int(top[exit_])))
+                for exit_ in range(n_thresholds)  # the few exits and step sizes
+                for step in steps
+                if position[exit_] < top[exit_]
+            }
+        )
+        if not moves:
             break
-        moves = np.unique(np.array([exits_, targets]).T, axis=0)  # (C, 2)
-        candidates = np.repeat(vector[None, :], len(moves), axis=0)  # (C, L-1)
-        # C small lookups, one per move.
-        candidates[np.arange(len(moves)), moves[:, 0]] = [levels[e][t] for e, t in moves]
+        move_exits = np.array([e for e, _ in moves])  # (C,)
+        options = np.array([levels[e][t] for e, t in moves])  # (C,) C small lookups
         risks = np.empty((len(eps), len(moves)))
         costs = np.empty(len(moves))
-        for exit_ in np.unique(moves[:, 0]):  # one curve per exit (the few exits)
-            rows = np.flatnonzero(moves[:, 0] == exit_)
+        for exit_ in np.unique(move_exits):  # one curve per exit (the few exits)
+            rows = np.flatnonzero(move_exits == exit_)
             risks[:, rows], costs[rows] = coordinate_curve(
-                conf, relative, exit_cost, head_cost, vector, int(exit_), candidates[rows, exit_]
+                conf, relative, exit_cost, head_cost, vector, int(exit_), options[rows]
             )
         saved = cost - costs  # (C,)
         added = (((risks - risk[:, None]) / eps[:, None]) * weights[:, None]).max(axis=0)
@@ -447,9 +449,10 @@ def _greedy_path(
             score = score + noise * rng.standard_normal(len(score))
         score = np.where(useful, score, -np.inf)
         best = int(np.argmax(score))
-        exit_, target = int(moves[best, 0]), int(moves[best, 1])
+        exit_, target = moves[best]
         position[exit_] = target
-        vector = candidates[best].copy()
+        vector = vector.copy()
+        vector[exit_] = options[best]
         risk, cost = risks[:, best], float(costs[best])
         visited.append(vector)
         if np.max(risk / eps) > max_risk_ratio:
@@ -532,7 +535,8 @@ def search_vectors(
       family configuration for that objective and from the previous multiplier's solution;
       with equal weights ``w``, then ``settings.restarts`` times with random weights
       (log-normal, ``settings.noise``) and a jittered start;
-    * the vectors visited by ``1 + settings.restarts`` greedy paths from the full model,
+    * unless ``settings.greedy`` is False, the vectors visited by ``1 + settings.restarts``
+      greedy paths from the full model,
       each move lowering one exit's threshold by one of ``settings.steps`` levels, choosing
       the most cost saved per unit of weighted, epsilon-normalised risk added (the restarts
       with random weights and noisy scores).
@@ -594,6 +598,8 @@ def search_vectors(
                 found.append(path)
                 if len(path):
                     previous = path[-1]
+        if not search.greedy:
+            continue
         found.append(
             _greedy_path(
                 confidences,
