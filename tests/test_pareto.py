@@ -232,27 +232,27 @@ def test_repr_and_guarantee_are_readable(two_risk_selection):
     assert "R[gap] <= 0.05 and R[consistency] <= 0.08" in guarantee and "0.9" in guarantee
 
 
-def test_the_selection_depends_only_on_the_set_of_samples(population_draw):
+def test_a_seed_repeats_the_calibration_and_the_split_is_a_permutation(population_draw):
     data = population_draw
     losses = np.stack([data["gap"], data["consistency"]])[:, :300]
     conf = data["conf"][:300]
-    shuffle = np.random.default_rng(1).permutation(300)
-    first = pareto_test(
-        conf, losses, target_risks=[0.05, 0.08], exit_cost=EXIT_COST, search=LIGHT, seed=5
-    )
-    again = pareto_test(
-        conf[shuffle],
-        losses[:, shuffle],
-        target_risks=[0.05, 0.08],
-        exit_cost=EXIT_COST,
-        search=LIGHT,
-        seed=5,
-    )
-    assert first == again
-    other = pareto_test(
-        conf, losses, target_risks=[0.05, 0.08], exit_cost=EXIT_COST, search=LIGHT, seed=6
-    )
+    arguments = {"target_risks": [0.05, 0.08], "exit_cost": EXIT_COST, "search": LIGHT}
+    first = pareto_test(conf, losses, seed=5, **arguments)
+    assert pareto_test(conf, losses, seed=5, **arguments) == first
+    other = pareto_test(conf, losses, seed=6, **arguments)
     assert other.seed == 6 and other.front != first.front  # another split
+    fresh = pareto_test(conf, losses, **arguments)
+    assert fresh.seed != 5 and fresh.n_opt == first.n_opt == 150
+    # The testing part is the second half of the seeded permutation of the samples as given.
+    test = np.random.default_rng(5).permutation(300)[150:]
+    table = evaluate_vectors(conf[test], losses[:, test], np.array(first.front))
+    np.testing.assert_allclose(
+        np.array(first.front_p_values).T,
+        [
+            bounds.wsr_p_value(table.losses[r], eps, delta=0.1, loss_bound=1.0)
+            for r, eps in enumerate((0.05, 0.08))
+        ],
+    )
 
 
 def test_nothing_certified_is_the_full_model_flagged(population_draw):

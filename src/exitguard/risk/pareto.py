@@ -7,17 +7,30 @@ rows growing more aggressive) along which fixed-sequence testing runs; a space o
 every vector would need a multiplicity correction that leaves nothing certified. Pareto
 Testing learns the order on one part of the calibration data and tests along it on the other:
 
-1. **Split.** The ``n`` calibration samples are split uniformly at random (seeded) into an
-   optimisation part of ``round(opt_fraction * n)`` samples and a testing part of the rest.
-   The permutation is drawn after a canonical ordering of the samples (as
-   :func:`exitguard.risk.procedures.reading_order` does), so with a given seed the result
-   depends only on the set of samples, not on the order of the file.
+1. **Split.** A seeded uniformly random permutation of the ``n`` calibration samples (of
+   their order as given) puts the first ``round(opt_fraction * n)`` into an optimisation
+   part and the rest, in that random order, into a testing part. With ``seed=None`` (the
+   default) the permutation comes from fresh entropy and the split is uniformly random
+   whatever the order of the arrays. A fixed seed repeats a calibration exactly; it keeps
+   the guarantee when the order of the arrays is itself exchangeable (e.g. as collected),
+   not when they are sorted by something related to the losses. (A canonical sort of the
+   samples before the permutation, which would make the result depend on the set of samples
+   only, is deliberately not done: with a fixed seed it turns the split into a fixed
+   function of the sample values, which is not a random split; with ``seed=0`` on the
+   population of ``tests/validity/test_order.py`` the same happens to the WSR reading order
+   of :func:`exitguard.risk.procedures.reading_order`, at 12% violations for delta = 0.1.)
 2. **Search** (optimisation part only). A real search over threshold vectors
-   (:func:`search_vectors`): greedy paths from the full model that lower one exit's threshold
-   at a time by the best cost saved per unit of risk added (many candidate moves evaluated at
-   once), repeated with perturbed risk weights and noisy scores, plus the threshold families
-   (the scalar threshold among them). The candidates' empirical risks and mean cost give the
-   **Pareto front** of (risk_1, ..., risk_R, cost).
+   (:func:`search_vectors`), every candidate move evaluated at once: coordinate descents on
+   ``cost + mu * sum_r risk_r / epsilon_r`` over a sweep of multipliers ``mu`` (each step
+   tries every level of one exit's threshold, from one sort of the samples:
+   :func:`coordinate_curve`), greedy paths from the full model that lower one exit's
+   threshold at a time by the most cost saved per unit of risk added, restarts with
+   perturbed risk weights, jittered starts and noisy scores, and the threshold families
+   (the scalar threshold among them). The search reads *smoothed* losses (each sample's loss
+   at an exit averaged with its confidence neighbours, :func:`smooth_losses`), so that a
+   small optimisation part, which sees no loss at all for many configurations, still ranks
+   them. The candidates' risks and mean cost give the **Pareto front** of
+   (risk_1, ..., risk_R, cost).
 3. **Order** (optimisation part only). The front is sorted from the safest configuration, as
    the paper does, by the p-values of "risk_r >= epsilon_r" on the optimisation part (the
    largest over risks), here in the normal approximation: by the largest margin
@@ -50,12 +63,20 @@ among them by cost -- on any data, the testing part included -- keeps the guaran
 is assumed about the network (no monotonicity) or the search (any search, any front).
 
 **What the split costs.** The p-values see only the testing part (``n - n_opt`` samples), so a
-configuration needs a lower empirical risk to pass than with all ``n`` samples; the
-optimisation part, not the testing part, decides the order. With a natural order (a scalar
-grid or a threshold family) no split is needed: ``pareto_test_table(..., order="natural")``
-tests along the given rows on all ``n`` samples (multi-risk Learn-then-Test), which for one
-risk is exactly :func:`exitguard.calibrate_table` with ``procedure="ltt"`` (HB) or, up to
-``p == delta``, ``"ucb-wsr"``.
+configuration needs a lower empirical risk to pass than with all ``n`` samples, and the order
+comes from only ``n_opt`` samples. Two ways around it, both valid:
+
+* an **external optimisation set** (``opt_confidences``, ``opt_per_exit_losses``): any data
+  independent of the calibration and test data -- e.g. further *unlabeled* samples scored
+  with a label-free risk (consistency needs no labels), or the training set -- orders the
+  configurations, and all ``n`` calibration samples test. It need not follow the test
+  distribution: a biased set only makes the order less efficient, never the guarantee
+  wrong, since the order is still independent of the testing data.
+* a **natural order** (a scalar grid or a threshold family): no split is needed;
+  ``pareto_test_table(..., order="natural")`` tests along the given rows on all ``n``
+  samples (multi-risk Learn-then-Test), which for one risk is exactly
+  :func:`exitguard.calibrate_table` with ``procedure="ltt"`` (HB) or, up to
+  ``p == delta``, ``"ucb-wsr"``.
 """
 
 from __future__ import annotations
@@ -1004,9 +1025,8 @@ def pareto_test(
         raise TypeError(f"`search` must be a VectorSearch; got {type(settings).__name__}.")
     used_seed = _fresh_seed(seed)
     relative = per_exit - per_exit[:, :, -1:]  # (R, n, L)
-    # 1. Split: a canonical order of the samples, then a seeded uniform permutation.
-    features = np.concatenate([conf.T, per_exit.transpose(0, 2, 1).reshape(-1, n)])  # (D, n)
-    order = reading_order(features, np.random.default_rng(used_seed))  # (n,)
+    # 1. Split: a seeded uniform permutation of the samples as given (see the module notes).
+    order = np.random.default_rng(used_seed).permutation(n)  # (n,)
     if opt_confidences is None and opt_per_exit_losses is None:
         n_opt = _split_sizes(n, opt_fraction)
         opt, test = order[:n_opt], order[n_opt:]  # test kept in the random reading order
@@ -1185,7 +1205,11 @@ def pareto_test_table(
         ``"pareto"``: split, front and order on the optimisation part, test on the testing
         part. ``"natural"``: the rows are already ordered from the safest (a scalar grid, a
         threshold family): no split, fixed-sequence testing of rows ``1 .. K-1`` in the
-        given order on all ``n`` samples (multi-risk Learn-then-Test).
+        given order on all ``n`` samples (multi-risk Learn-then-Test). The samples are read
+        in the order of :func:`exitguard.risk.procedures.reading_order` seeded by ``seed``,
+        exactly as :func:`exitguard.calibrate_table` reads them, so that with one risk the
+        selection is the same (``bound="hb"``: ``procedure="ltt"``; ``"wsr"``: ``"ucb-wsr"``
+        up to ``p == delta``).
     thresholds : array of shape (K, L - 1) or (K,), optional
         The configuration of each row, recorded in the result.
 
@@ -1237,7 +1261,6 @@ def pareto_test_table(
     check_choice(cost_estimate, "cost_estimate", COST_ESTIMATES)
     names = _risk_names(risk_names, n_risks)
     used_seed = _fresh_seed(seed)
-    stacked = np.concatenate([table.reshape(n_risks * n_rows, n), per_sample])  # (D, n)
 
     if order == "natural":
         read = reading_order(table.reshape(n_risks * n_rows, n), np.random.default_rng(used_seed))
@@ -1250,7 +1273,7 @@ def pareto_test_table(
         front_risks, front_cost, n_opt, n_test, fraction = tested.risks, estimate, 0, n, 0.0
     else:
         n_opt = _split_sizes(n, opt_fraction)
-        split = reading_order(stacked, np.random.default_rng(used_seed))  # (n,)
+        split = np.random.default_rng(used_seed).permutation(n)  # (n,)
         opt, test = split[:n_opt], split[n_opt:]
         opt_risks = table[:, 1:, opt].mean(axis=-1)  # (R, K-1)
         opt_cost = per_sample[1:, opt].mean(axis=-1)  # (K-1,)
