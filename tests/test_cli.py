@@ -16,7 +16,7 @@ def calm_file(calm, tmp_path):
     return str(path)
 
 
-def test_calibrate_json(calm_file, capsys):
+def test_calibrate_json(calm, calm_file, capsys):
     code = main(
         [
             "calibrate",
@@ -27,25 +27,38 @@ def test_calibrate_json(calm_file, capsys):
             "0.1",
             "--procedure",
             "ucb-wsr",
+            "--order-seed",
+            "4",
             "--json",
         ]
     )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    for key in (
-        "index",
-        "certified",
-        "threshold",
-        "procedure",
-        "target_risk",
-        "delta",
-        "n",
-        "empirical_risk",
-        "expected_cost",
-    ):
-        assert key in out
-    assert out["certified"] is True and out["procedure"] == "ucb-wsr" and out["n"] == 2000
-    assert out["empirical_risk"] <= 0.05 and out["expected_cost"] < 14.88
+    warnings_seen = out.pop("warnings")
+    from exitguard import ExitPolicy, calibrate_table
+
+    expected = calibrate_table(
+        calm["losses"],
+        target_risk=0.05,
+        delta=0.1,
+        procedure="ucb-wsr",
+        cost=calm["cost"],
+        thresholds=calm["thresholds"],
+        seed=4,
+    )
+    assert ExitPolicy.from_dict(out) == expected  # the same policy, field by field
+    assert out["certified"] is True and out["n"] == 2000 and warnings_seen == []
+
+
+def test_calibrate_draws_a_fresh_reading_order_and_records_it(calm_file, capsys):
+    seeds = []
+    for _ in range(2):
+        args = ["calibrate", calm_file, "--target-risk", "0.05", "--procedure", "ucb-wsr"]
+        assert main([*args, "--json"]) == 0
+        seeds.append(json.loads(capsys.readouterr().out)["order_seed"])
+    assert seeds[0] != seeds[1]  # fresh entropy each time, as the guarantee needs
+    assert main([*args, "--order-seed", str(seeds[0])]) == 0
+    assert f"seed {seeds[0]}" in capsys.readouterr().out  # printed, so it can be repeated
 
 
 def test_calibrate_writes_a_policy(calm_file, tmp_path, capsys):
@@ -70,7 +83,7 @@ def test_calibrate_writes_a_policy(calm_file, tmp_path, capsys):
     assert json.loads(target.read_text())["procedure"] == "crc"
 
 
-def test_evaluate_json_fields(calm_file, capsys):
+def test_evaluate_json_equals_the_library(calm, calm_file, capsys):
     args = [
         "evaluate",
         calm_file,
@@ -89,18 +102,24 @@ def test_evaluate_json_fields(calm_file, capsys):
         "--json",
     ]
     assert main(args) == 0
-    rows = json.loads(capsys.readouterr().out)["results"]
-    assert len(rows) == 8
-    for row in rows:
-        for key in (
-            "procedure",
-            "target_risk",
-            "mean_test_risk",
-            "sd_test_risk",
-            "violation_rate",
-            "mean_cost",
-        ):
-            assert key in row
+    out = json.loads(capsys.readouterr().out)
+    from exitguard import evaluate
+
+    expected = evaluate(
+        calm["losses"],
+        procedures=["naive", "crc", "ucb-wsr", "ltt"],
+        target_risks=[0.03, 0.1],
+        n_cal=100,
+        trials=20,
+        cost=calm["cost"],
+        seed=0,
+    )
+    assert out["results"] == [row.to_dict() for row in expected.rows]
+    assert (out["n_cal"], out["trials"], out["data_fingerprint"]) == (
+        100,
+        20,
+        expected.data_fingerprint,
+    )
 
 
 def test_evaluate_table(calm_file, capsys):

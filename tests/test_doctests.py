@@ -26,6 +26,7 @@ LM_MODULES = [
     "exitguard.tasks.language.heads",
     "exitguard.tasks.language.decode",
     "exitguard.tasks.language.sweep",
+    "exitguard.tasks.text.model",
 ]
 
 

@@ -84,3 +84,19 @@ def test_bad_confidences():
         exit_indices(np.zeros(4))
     with pytest.raises(ValueError, match="`confidences` must be finite; got 1 NaN"):
         exit_indices([[0.1, np.nan]])
+
+
+def test_one_rule_for_arrays_and_tensors(rng):
+    """first_exit is the rule everywhere: numpy here, torch in real skipping and samplers."""
+    from exitguard.risk.exits import check_thresholds, first_exit
+
+    fires = rng.random((50, 4)) < 0.3  # (n, L-1)
+    loop = [next((e for e in range(4) if row[e]), 4) for row in fires]
+    np.testing.assert_array_equal(first_exit(fires), loop)
+    torch = pytest.importorskip("torch")
+    np.testing.assert_array_equal(first_exit(torch.from_numpy(fires)).numpy(), loop)
+    for bad in (1.5, -0.1, float("nan"), -float("inf")):
+        with pytest.raises(ValueError, match=r"must be a float in \[0, 1\] or inf"):
+            check_thresholds([0.5, bad])
+    with pytest.raises(TypeError, match="must be a float in"):
+        check_thresholds(True)

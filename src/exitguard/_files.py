@@ -75,33 +75,15 @@ def atomic_write(
     argument: str = "path",
 ) -> Path:
     """Write a file atomically (see the module docstring); ``writer`` gets a binary handle."""
-    target = check_write_target(path, argument=argument)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
+
+    def fill(name: str) -> None:
+        with open(name, "wb") as handle:
             if isinstance(writer, bytes):
                 handle.write(writer)
             else:
                 writer(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, _umask_mode())
-        os.replace(temporary, target)
-    except BaseException as error:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        if isinstance(error, OSError) and not isinstance(error, FileSafetyError):
-            raise OSError(
-                error.errno,
-                f"{argument}: could not write {target} ({error.strerror or error}); "
-                "any previous file is unchanged",
-            ) from error
-        raise
-    return target
+
+    return atomic_save(path, fill, argument=argument)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, argument: str = "path") -> Path:
@@ -118,8 +100,9 @@ def atomic_save(
     """Atomic write through a library that takes a file name (safetensors, matplotlib).
 
     ``save`` receives the name of a fresh temporary file (created with ``O_EXCL`` in the
-    target's folder, so no planted link can redirect it) and writes it; the file then
-    replaces the target as in :func:`atomic_write`.
+    target's folder, so no planted link can redirect it) and writes it; the file is flushed
+    to disk and then replaces the target. Any failure removes the temporary file and leaves
+    the target as it was.
     """
     target = check_write_target(path, argument=argument)
     descriptor, temporary = tempfile.mkstemp(

@@ -7,6 +7,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -314,9 +315,11 @@ def calibrate_table(
         order of the columns, valid only when that order is itself random (e.g. to compare
         with other code). Procedures that depend only on row means ignore it.
     seed : int, optional
-        Seed of the permutation; default: fresh entropy. The seed used is recorded in the
-        policy (``order_seed``), so the calibration can be repeated exactly. With a given seed
-        the selection depends only on the set of samples, not on their order in the file.
+        Seed of the permutation; default: fresh entropy, which is what the guarantee for any
+        file order needs (the permutation must be drawn independently of the data). The seed
+        used is recorded in the policy (``order_seed``), so the calibration can be repeated
+        exactly. A fixed seed chosen in advance is valid when the file order is itself random;
+        a seed chosen after looking at outcomes voids the guarantee.
 
     Returns
     -------
@@ -559,21 +562,34 @@ def calibrate_predictions(
         n_classes=n_classes,
         clip=clip,
     )
-    policy = calibrate_table(
-        tables["losses"],
+    return _calibrate_built(
+        tables,
+        chosen,
+        confidence,
+        n_exits=int(np.shape(confidences)[1]),
         target_risk=target_risk,
         delta=delta,
         procedure=procedure,
-        loss_bound=chosen.loss_bound,
-        cost=tables["cost"],
-        thresholds=tables["thresholds"],
         bet_cap=bet_cap,
-        risk=chosen.name,
-        confidence=confidence,
         order=order,
         seed=seed,
     )
-    return policy.with_model(n_exits=int(np.shape(confidences)[1]), confidence=confidence)
+
+
+def _calibrate_built(
+    tables: dict[str, Array], risk: Risk, confidence: str, *, n_exits: int, **settings: Any
+) -> ExitPolicy:
+    """:func:`calibrate_table` on tables built from outputs, recording risk, measure, exits."""
+    policy = calibrate_table(
+        tables["losses"],
+        loss_bound=risk.loss_bound,
+        cost=tables["cost"],
+        thresholds=tables["thresholds"],
+        risk=risk.name,
+        confidence=confidence,
+        **settings,
+    )
+    return policy.with_model(n_exits=n_exits, confidence=confidence)
 
 
 def calibrate(
@@ -645,21 +661,18 @@ def calibrate(
         from_logits=from_logits,
         clip=clip,
     )
-    policy = calibrate_table(
-        tables["losses"],
+    return _calibrate_built(
+        tables,
+        chosen,
+        confidence_label,
+        n_exits=int(np.shape(exit_probs)[1]),
         target_risk=target_risk,
         delta=delta,
         procedure=procedure,
-        loss_bound=chosen.loss_bound,
-        cost=tables["cost"],
-        thresholds=tables["thresholds"],
         bet_cap=bet_cap,
-        risk=chosen.name,
-        confidence=confidence_label,
         order=order,
         seed=seed,
     )
-    return policy.with_model(n_exits=int(np.shape(exit_probs)[1]), confidence=confidence_label)
 
 
 def confidence_label_of(confidence: str | ConfidenceFn, name: str | None) -> str:

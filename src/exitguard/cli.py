@@ -31,8 +31,6 @@ from exitguard.risk.exits import default_thresholds
 from exitguard.risk.losses import RISKS, get_risk
 from exitguard.risk.procedures import ALIASES, PROCEDURES
 
-CALM_TARGET_RISKS = tuple(round(0.01 * k, 2) for k in range(1, 20))
-
 
 class CommandError(Exception):
     """A problem with the command's input, reported as one line on stderr (exit status 2)."""
@@ -241,15 +239,23 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=0,
-        help="seed of the random reading order of order-dependent bounds (ucb-wsr) and of "
-        "labels sampled for distribution_consistency; evaluate: also of the splits",
+        help="seed of labels sampled for distribution_consistency; evaluate: of the splits "
+        "and, through them, of each split's reading order",
     )
     parser.add_argument(
         "--order",
         choices=ORDERS,
         default="random",
-        help="read the samples in a seeded random permutation (valid in any file order) or "
-        "in the file's order (valid only if that order is random)",
+        help="read the samples in a random permutation (valid in any file order) or in the "
+        "file's order (valid only if that order is random)",
+    )
+    parser.add_argument(
+        "--order-seed",
+        type=int,
+        default=None,
+        help="calibrate: seed of the random reading order of order-dependent bounds (ucb-wsr); "
+        "default: fresh, printed and recorded in the policy. A fixed seed is valid only for a "
+        "file in random order",
     )
     parser.add_argument(
         "--bet-cap", type=float, default=None, help="cap on the WSR bets (default 1/B)"
@@ -274,7 +280,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             risk=tables["risk"],
             confidence=tables["confidence"],
             order=args.order,
-            seed=args.seed,
+            seed=args.order_seed,
         )
     if tables.get("model_fields"):  # a table from `exitguard lm sweep` names its model
         policy = policy.with_model(**tables["model_fields"])
@@ -307,6 +313,10 @@ def describe_policy(policy: ExitPolicy, *, unit: str = "in the units of `cost`")
         f"guarantee       {policy.guarantee}",
         f"calibration     n = {policy.n}, empirical risk {policy.empirical_risk:.4f}",
     ]
+    if policy.order_seed is not None:
+        lines.append(f"reading order   random, seed {policy.order_seed} (--order-seed repeats it)")
+    elif policy.sample_order == "given":
+        lines.append("reading order   as in the file (valid only if the file is in random order)")
     if policy.upper_bound is not None:
         lines.append(f"upper bound     {policy.upper_bound:.4f}")
     if policy.p_value is not None:
@@ -500,12 +510,13 @@ def _apply_to_file(
     )
 
 
-DEMO_TASKS = ("classification", "segmentation", "diffusion", "drift", "calm")
+DEMO_TASKS = ("classification", "segmentation", "diffusion", "drift", "text", "calm")
 DEFAULT_N_CAL = {
     "classification": 100,
     "segmentation": 400,
     "diffusion": 500,
     "drift": 400,
+    "text": 500,
     "calm": 100,
 }
 RAY_TASKS = ("classification", "diffusion")  # the demos whose collection or sweep runs on Ray
@@ -527,10 +538,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"the {args.task} demo needs PyTorch and the data extras ({error}); install "
             'them with: pip install torch==2.13.0 && pip install "exitguard[torch,plot,data]"'
         ) from error
+    data = {"dataset": args.dataset, "dataset_path": args.data_path}
+    if args.task == "text":  # one corpus: King James verses (scripts/install-text.sh)
+        if args.dataset != "digits" or args.data_path:
+            raise CommandError("--dataset and --data-path apply to the image tasks, not to text.")
+        data = {}
     config = module.DemoConfig(
         **({"ray": ray} if ray is not None else {}),
-        dataset=args.dataset,
-        dataset_path=args.data_path,
+        **data,
         out=args.out or f"exitguard-report/{args.task}",
         seed=args.seed,
         n_cal=args.n_cal,
@@ -759,10 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DEMO_TASKS,
         default="classification",
         help="classification, segmentation, diffusion: train (or load) a multi-exit network on "
-        "real images, calibrate, time it and write a report; drift: serve a certified policy "
-        "on a stream of images that degrade, with audits, the risk monitor, fallback and "
-        "recalibration; calm: the paper's language-modelling experiment on its released loss "
-        "table",
+        "real images, calibrate, time it and write a report; text: the same for MiniLM on King "
+        "James verses (scripts/install-text.sh); drift: serve a certified policy on a stream "
+        "of images that degrade, with audits, the risk monitor, fallback and recalibration; "
+        "calm: the paper's language-modelling experiment on its released loss table",
     )
     demo.add_argument(
         "--dataset",
@@ -817,6 +832,30 @@ INPUT_ERRORS = (CommandError, ValueError, TypeError, OSError, MemoryError, Modul
 """What a command reports as one line (exit status 2): bad input, files, memory, installs."""
 
 
+def _raised_by_exitguard(error: BaseException) -> bool:
+    """Whether ``error`` was raised by exitguard's own code (its checks), not deep in a library.
+
+    exitguard validates its input and raises ValueError/TypeError naming the argument; the
+    same types raised inside numpy, torch or the standard library mean that a check is missing
+    or something is wrong in exitguard itself, and are reported as internal errors.
+    """
+    if isinstance(error, (CommandError, OSError, MemoryError, ModuleNotFoundError)):
+        return True
+    frame = error.__traceback__
+    last = None
+    while frame is not None:
+        last = frame
+        frame = frame.tb_next
+    if last is None:
+        return True
+    package = Path(__file__).resolve().parent
+    try:
+        Path(last.tb_frame.f_code.co_filename).resolve().relative_to(package)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -829,6 +868,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
+        if not _raised_by_exitguard(error):
+            print(
+                f"exitguard {args.command}: internal error: {type(error).__name__}: {message} "
+                "(this is a bug in exitguard, not in your input; --traceback shows where)",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"exitguard {args.command}: error: {message} (--traceback shows where)",
             file=sys.stderr,

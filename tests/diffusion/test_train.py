@@ -117,6 +117,22 @@ def test_training_is_seeded_and_cached(tmp_path):
         first.module.state_dict().values(), second.module.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+    # Seeded: training again from scratch (another cache folder) gives the same weights.
+    again = load_or_train(
+        images,
+        dataset="digits",
+        data_fingerprint="test",
+        config=config,
+        settings=settings,
+        cache_dir=tmp_path / "other",
+        progress=False,
+        log=logs.append,
+    )
+    assert not again.from_cache
+    for a, b in zip(
+        first.module.state_dict().values(), again.module.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
     assert first.metadata["description"]["model"]["depth"] == 5
     assert len(first.metadata["history"]["uncertainty"]) == 3
     with pytest.raises(ValueError, match=r"`images` must have shape \(N, 1, 8, 8\)"):

@@ -89,7 +89,7 @@ def test_audited_inference_scores_the_policy_against_the_full_model(trained):
     # Oracle: the exit rule on a full pass, and disagreement with the last exit.
     every = collect(network, images[torch.from_numpy(np.flatnonzero(audited.audited))])
     exits = exit_index(every.confidences, policy.threshold)
-    np.testing.assert_array_equal(audited.exits, exits)
+    np.testing.assert_array_equal(audited.audited_exits, exits)
     predictions = every.probs.argmax(-1)
     expected = (predictions[np.arange(len(exits)), exits] != predictions[:, -1]).astype(float)
     np.testing.assert_array_equal(audited.losses, expected)
@@ -115,7 +115,7 @@ def test_audited_inference_scores_the_policy_against_the_full_model(trained):
     losses = labelled.losses_with_labels(labels)
     truth = every.labels if every.labels is not None else labels
     wrong = (predictions != labels[:, None]).astype(float)
-    exits_gap = labelled.exits
+    exits_gap = labelled.audited_exits
     np.testing.assert_array_equal(
         losses, wrong[np.arange(len(exits_gap)), exits_gap] - wrong[:, -1]
     )
@@ -202,3 +202,31 @@ def test_drift_demo_end_to_end(cache, tmp_path):
     assert saved["task"] == "drift" and saved["days"] == results["days"]
     page = (tmp_path / "report" / "index.html").read_text()
     assert all(line in page for line in results["summary"])
+
+
+def test_infer_with_an_audit_share_and_labels_that_arrive_later(trained):
+    network = trained.network
+    images = torch.from_numpy(trained.heldout.images[:200])
+    policy = network.bind_policy(
+        calibrate(
+            trained.outputs.probs[200:],
+            trained.heldout.labels[200:],
+            target_risk=0.2,
+            procedure="crc",
+        )
+    )
+    ids = np.arange(1000, 1200)  # e.g. request ids
+    audited = network.infer(images, policy, audit=0.4, rng=7, sample_ids=ids)
+    plain = network.infer(images, policy)
+    assert torch.equal(audited.exits, plain.exits)  # served outputs pass through
+    assert torch.equal(audited.predictions, plain.predictions)
+    np.testing.assert_array_equal(audited.sample_ids, ids[audited.audited])
+    labels = dict(zip(ids.tolist(), trained.heldout.labels[:200].tolist(), strict=True))
+    late = dict(reversed(list(labels.items())))  # labels arrive in another order
+    by_id = audited.losses_with_labels(late)
+    in_order = audited.losses_with_labels(trained.heldout.labels[:200][audited.audited])
+    np.testing.assert_array_equal(by_id, in_order)
+    with pytest.raises(ValueError, match="has no label for 1 audited sample"):
+        audited.losses_with_labels({k: v for k, v in labels.items() if k != audited.sample_ids[0]})
+    with pytest.raises(ValueError, match=r"`sample_ids` must have shape \(200,\)"):
+        network.infer(images, policy, audit=0.4, rng=7, sample_ids=ids[:5])

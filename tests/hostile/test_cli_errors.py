@@ -173,3 +173,17 @@ def test_quick_respects_an_explicit_trial_count(tmp_path, capsys):
 def test_traceback_flag_shows_the_error(table_file):
     with pytest.raises(ValueError, match="target_risk"):
         main(["--traceback", "calibrate", table_file, "--target-risk", "2"])
+
+
+def test_a_bug_is_not_disguised_as_an_input_error(table_file, capsys, monkeypatch):
+    """A ValueError raised deep in a library (not by exitguard's checks) is an internal error."""
+    import numpy as np
+
+    def broken(*args, **kwargs):
+        return np.zeros(3).reshape(2, 2)  # raises ValueError inside numpy
+
+    monkeypatch.setattr("exitguard.cli.calibrate_table", broken)
+    assert main(["calibrate", table_file, "--target-risk", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("exitguard calibrate: internal error: ValueError: cannot reshape")
+    assert "this is a bug in exitguard" in err and err.count("\n") == 1

@@ -175,11 +175,19 @@ def test_propagation_routine_matches_projection(tiny_llama, tiny_heads):
 
 
 def test_propagate_differs_from_recompute_only_after_an_early_exit(tiny_llama, tiny_heads):
+    """The cache modes agree until a token runs a layer that an earlier token skipped."""
     lm = EarlyExitLM(tiny_llama, tiny_heads)
-    prompt = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(5))
-    a = lm.generate(prompt, max_new_tokens=8, threshold=0.0, kv_fill="propagate")
-    b = lm.generate(prompt, max_new_tokens=8, threshold=0.0, kv_fill="recompute")
-    assert a.tokens[0, 0] == b.tokens[0, 0] and a.tokens[0, 1] == b.tokens[0, 1]
+    prompt = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    common = dict(max_new_tokens=10, threshold=0.65, confidence="learned", return_logits=True)
+    a = lm.generate(prompt, kv_fill="propagate", **common)
+    b = lm.generate(prompt, kv_fill="recompute", **common)
+    exits = a.exits[0].tolist()
+    # The first token that goes deeper than an earlier generated token did: it reads the
+    # cache entries that the two modes fill differently.
+    first = next(t for t in range(2, len(exits)) if exits[t] > min(exits[1:t]))
+    assert torch.equal(a.exits[0, :first], b.exits[0, :first])
+    torch.testing.assert_close(a.logits[:, :first], b.logits[:, :first])
+    assert (a.logits[0, first] - b.logits[0, first]).abs().max() > 1e-3
     assert (b.cost > a.cost).all()  # recomputing the cache costs the skipped layers
 
 
@@ -267,3 +275,33 @@ def test_a_calibrated_policy_stands_for_its_threshold(tiny_llama, tiny_heads):
     by_value = lm.generate(prompt, max_new_tokens=6, threshold=policy.threshold)
     assert torch.equal(by_policy.tokens, by_value.tokens)
     assert torch.equal(by_policy.exits, by_value.exits)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan")])
+def test_thresholds_outside_the_unit_interval_are_refused(tiny_llama, tiny_heads, bad):
+    """The decoder shares the core's threshold check (it used to accept 1.5)."""
+    lm = EarlyExitLM(tiny_llama, tiny_heads)
+    prompt = torch.randint(3, 97, (1, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"`threshold` must be a float in \[0, 1\] or inf"):
+        lm.generate(prompt, max_new_tokens=2, threshold=bad)
+    with pytest.raises(ValueError, match=r"`threshold` must be a float in \[0, 1\] or inf"):
+        lm.generate(prompt, max_new_tokens=2, threshold=[0.5, bad])
+
+
+def test_settings_object_and_keywords_agree(tiny_llama, tiny_heads):
+    from exitguard.tasks.language.decode import DecodingSettings
+
+    lm = EarlyExitLM(tiny_llama, tiny_heads)
+    prompt = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    settings = DecodingSettings(max_new_tokens=6, confidence="softmax", kv_fill="defer")
+    a = lm.generate(prompt, threshold=0.3, settings=settings)
+    b = lm.generate(prompt, threshold=0.3, max_new_tokens=6, confidence="softmax", kv_fill="defer")
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exits, b.exits)
+    c = lm.generate(prompt, threshold=0.3, settings=settings, kv_fill="recompute")  # override
+    assert torch.equal(a.tokens, c.tokens)  # defer and recompute: the same exact cache
+    with pytest.raises(ValueError, match="`kv_fill` must be one of"):
+        DecodingSettings(kv_fill="lazy")
+    with pytest.raises(ValueError, match="`max_new_tokens` must be a positive integer"):
+        lm.generate(prompt, max_new_tokens=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        lm.generate(prompt, max_tokens=3)

@@ -163,7 +163,7 @@ def test_input_skip_and_tuple_outputs_are_explained():
         def forward(self, x):
             return self.a(x), x
 
-    with pytest.raises(ValueError, match=r"its forward must return one tensor; it returns tuple"):
+    with pytest.raises(ValueError, match=r"must return one tensor \(or a mapping with a `logits`"):
         attach_exits(Pair(), at=["a"], input_shape=(4,))
 
 
@@ -193,6 +193,94 @@ def test_tensor_constants_in_forward_survive_the_cut():
             return self.b(self.a(x) * self.scale)
 
     model = WithConstant()
+    network = attach_exits(model, at=["a"], input_shape=(4,))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x)[:, -1], model(x))
+
+
+def test_a_mapping_output_gives_its_logits():
+    """Hugging Face models return a ModelOutput (a mapping); its `logits` is the last exit."""
+
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            hidden = self.a(x)
+            return {"hidden": hidden, "logits": self.b(torch.relu(hidden))}
+
+    model = Dict()
+    network = attach_exits(model, at=["a"], input_shape=(4,))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x)[:, -1], model(x)["logits"])
+
+    class NoLogits(Dict):
+        def forward(self, x):
+            return {"out": self.b(self.a(x))}
+
+    with pytest.raises(ValueError, match=r"one tensor \(or a mapping with a `logits` tensor\)"):
+        attach_exits(NoLogits(), at=["a"], input_shape=(4,))
+
+
+class _TupleLayer(nn.Module):
+    """A layer that returns (hidden, extra), as transformers 4.x layers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x)), x.sum()
+
+
+def test_a_layer_returning_a_tuple_is_cut_after_its_first_element():
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([_TupleLayer() for _ in range(3)])
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)[0]
+            return self.head(x)
+
+    model = Stack()
+    network = attach_exits(model, at=["layers.0", "layers.1"], input_shape=(4,))
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x)[:, -1], model(x))
+        torch.testing.assert_close(network.forward_intermediates(x)[0], model.layers[0](x)[0])
+    assert network.infer(x, 0.0).exits.tolist() == [0] * 6
+
+    class UsesBoth(Stack):
+        def forward(self, x):
+            hidden, extra = self.layers[0](x)
+            return self.head(self.layers[1](hidden)[0] + extra)
+
+    with pytest.raises(ValueError, match=r"module 'layers.0' returns tuple; an exit can only"):
+        attach_exits(UsesBoth(), at=["layers.0"], input_shape=(4,))
+
+
+def test_a_forward_may_branch_on_the_input_and_weight_dtypes():
+    """As Hugging Face ViT does: `if pixel_values.dtype != weight.dtype: convert`."""
+
+    class Checks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.dtype != self.a.weight.dtype:
+                x = x.to(self.a.weight.dtype)
+            if x.ndim != 2:
+                raise ValueError("needs (B, 4)")
+            return self.b(self.a(x))
+
+    model = Checks()
     network = attach_exits(model, at=["a"], input_shape=(4,))
     x = torch.randn(3, 4)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Exit heads: shapes, pooling, reset, factory arguments, errors."""
+"""Exit heads: their computation written out, pooling, reset, factory arguments, errors."""
 
 from __future__ import annotations
 
@@ -20,9 +20,37 @@ from exitguard.nn import ClassifierHead, DenseHead  # noqa: E402
         ("NC", None, (4, 8)),
     ],
 )
-def test_classifier_head_shapes(input_format, pool, shape):
-    head = ClassifierHead(8, 3, input_format=input_format, pool=pool, hidden_features=6)
-    assert head(torch.randn(shape)).shape == (4, 3)
+def test_classifier_head_computes_pool_norm_hidden_linear(input_format, pool, shape):
+    """The head's output against the computation written out: pool, layer norm, GELU layer, fc."""
+    head = ClassifierHead(8, 3, input_format=input_format, pool=pool, hidden_features=6).eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if input_format == "NCHW":
+        pooled = x.mean(dim=(2, 3)) if pool == "avg" else x.amax(dim=(2, 3))
+    elif input_format == "NLC":
+        pooled = {"avg": x.mean(dim=1), "max": x.amax(dim=1), "cls": x[:, 0]}[pool]
+    else:
+        pooled = x
+    normed = torch.nn.functional.layer_norm(
+        pooled, (8,), head.norm.weight, head.norm.bias, head.norm.eps
+    )
+    hidden = torch.nn.functional.gelu(normed @ head.hidden[0].weight.T + head.hidden[0].bias)
+    expected = hidden @ head.fc.weight.T + head.fc.bias  # (4, 3)
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_head_computes_per_pixel_then_upsamples():
+    head = DenseHead(4, 3, hidden_channels=5, out_size=(6, 6)).eval()
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    hidden = torch.relu(
+        torch.einsum("bchw,kc->bkhw", x, head.hidden[0].weight[:, :, 0, 0])
+        + head.hidden[0].bias[None, :, None, None]
+    )  # (2, 5, 3, 3)
+    low = torch.einsum("bchw,kc->bkhw", hidden, head.fc.weight[:, :, 0, 0])
+    low = low + head.fc.bias[None, :, None, None]  # (2, 3, 3, 3)
+    expected = torch.nn.functional.interpolate(
+        low, size=(6, 6), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_cls_pooling_reads_the_first_token():

@@ -235,8 +235,8 @@ def test_infer_accepts_a_policy_and_checks_it_fits(cnn_network, images, make_pol
 @pytest.mark.parametrize(
     ("policy", "error", "message"),
     [
-        (-0.1, ValueError, r"threshold in \[0, 1\] or math.inf .*; got -0.1\."),
-        (1.5, ValueError, r"threshold in \[0, 1\] or math.inf .*; got 1.5\."),
+        (-0.1, ValueError, r"`policy` must be a float in \[0, 1\] or inf .*; got -0.1\."),
+        (1.5, ValueError, r"`policy` must be a float in \[0, 1\] or inf .*; got 1.5\."),
         (math.nan, ValueError, r"got nan\."),
         ("0.5", TypeError, r"must be an ExitPolicy or a float threshold .*; got str\."),
         (True, TypeError, r"got bool\."),

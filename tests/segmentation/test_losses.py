@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from exitguard.tasks.segmentation import (
+    GRID_STEP,
     LOSS_BOUNDS,
     SEGMENTATION_RISKS,
     SegmentationOutputs,
-    default_grid,
     mean_iou,
     mean_pixel_brier,
     miscoverage,
@@ -121,7 +121,10 @@ def test_tables_row_zero_is_loss_free_and_charged_the_backbone():
         absolute["distribution_gap"][i, exit_] - absolute["distribution_gap"][i, -1]
     )
     assert tables["cost"][k, i] == flops[exit_]
-    assert np.all(np.diff(default_grid()[1:]) < 0)
+    # The grid is the core's default grid at the segmentation step (checked there).
+    from exitguard.risk.exits import default_thresholds
+
+    np.testing.assert_array_equal(tables["thresholds"], default_thresholds(GRID_STEP))
     with pytest.raises(ValueError, match="`risk` must be one of"):
         segmentation_tables(outputs, risk="x", measure="m", exit_flops=flops, full_flops=4.0)
     with pytest.raises(ValueError, match="`measure` must be one of"):

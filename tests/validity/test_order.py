@@ -12,7 +12,9 @@ With the samples read in the file's order, the Waudby-Smith-Ramdas bound certifi
 whose true risk exceeds epsilon in nearly every draw of an easy-to-hard file (its bets grow
 while only zero losses have been seen, and its wealth keeps its running maximum):
 :func:`test_the_sorted_file_breaks_the_bound_read_in_file_order` shows it. Read in a seeded
-random permutation (the default), every procedure keeps its guarantee in every order.
+random permutation drawn from a fresh seed (the default), every procedure keeps its guarantee
+in every order. A seed fixed in advance is a fixed permutation: valid for files in random order
+(:func:`test_a_fixed_seed_is_valid_for_files_in_random_order`), not for sorted ones.
 """
 
 from __future__ import annotations
@@ -47,9 +49,14 @@ def draw_files(order: str, n: int, draws: int, rng: np.random.Generator) -> np.n
 
 
 def chosen_risks(procedure, order, *, n, draws, seed, read="random"):
+    """``read``: "random" (a fresh seed per draw), "given" (file order) or "fixed" (one seed)."""
     rng = np.random.default_rng(seed)
     files = draw_files(order, n, draws, rng)
-    order_seeds = rng.integers(0, 2**53, size=draws) if read == "random" else None
+    order_seeds = {
+        "random": rng.integers(0, 2**53, size=draws),
+        "fixed": np.full(draws, 12345),
+        "given": None,
+    }[read]
     index, _ = selections(
         files,
         np.array([EPS]),
@@ -87,6 +94,11 @@ def test_the_sorted_file_breaks_the_bound_read_in_file_order():
         check("ucb-wsr", "easy-first", n=200, draws=300, seed=5, read="given")
     # The same files read in a random permutation: back to a rate consistent with delta.
     assert check("ucb-wsr", "easy-first", n=200, draws=300, seed=5) < 0.2
+
+
+def test_a_fixed_seed_is_valid_for_files_in_random_order():
+    """The same seed in every draw (a fixed permutation) keeps the guarantee for i.i.d. files."""
+    check("ucb-wsr", "as-drawn", n=200, draws=1000, seed=7, read="fixed")
 
 
 def test_order_free_procedures_do_not_depend_on_the_order(rng):

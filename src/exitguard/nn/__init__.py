@@ -32,6 +32,7 @@ from exitguard.nn.confidence import (
 from exitguard.nn.flops import FlopsTable, count_flops, flop_counter
 from exitguard.nn.heads import ClassifierHead, DenseHead
 from exitguard.nn.io import load_policy, load_weights, save_policy, save_weights
+from exitguard.nn.latency import LatencyProfile, profile_latency
 from exitguard.nn.network import EarlyExitNetwork, InferenceResult, NonFiniteOutputWarning
 from exitguard.nn.train import TrainConfig, TrainHistory, exit_losses, train_exits
 
@@ -43,6 +44,7 @@ __all__ = [
     "ExitOutputs",
     "FlopsTable",
     "InferenceResult",
+    "LatencyProfile",
     "NonFiniteOutputWarning",
     "TrainConfig",
     "TrainHistory",
@@ -59,6 +61,7 @@ __all__ = [
     "margin",
     "max_softmax",
     "patience",
+    "profile_latency",
     "save_policy",
     "save_weights",
     "train_exits",

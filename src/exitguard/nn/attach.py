@@ -9,6 +9,7 @@ that crosses it. Each head's input shape comes from one dry run.
 from __future__ import annotations
 
 import difflib
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,12 +35,51 @@ class _Root(nn.Module):
         return self.model(x)
 
 
+_STATIC_FACTS = ("dtype", "ndim")
+"""Tensor attributes the tracer answers with real values (see :class:`_FactProxy`)."""
+
+
+class _FactProxy(torch.fx.Proxy):
+    """A proxy that knows the dtype and number of dimensions of the tensor it stands for.
+
+    They are known for the model's input (from the dry-run batch) and for its parameters
+    and buffers, and fixed for the network's lifetime, so a forward may branch on them
+    (``if pixel_values.dtype != weight.dtype``, as Hugging Face models do) and still trace.
+    The device and the shape are never answered: they may change after the cut.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        facts = getattr(self.tracer, "facts", {})
+        if name in _STATIC_FACTS and self.node in facts:
+            return getattr(facts[self.node], name)
+        return super().__getattr__(name)
+
+
 class _CutTracer(torch.fx.Tracer):
     """Traces only into the modules that contain a cut; every other module stays one call."""
 
-    def __init__(self, containers: set[str]) -> None:
+    def __init__(self, containers: set[str], *, example_input: Tensor | None = None) -> None:
         super().__init__()
         self.containers = containers
+        self.example_input = example_input
+        self.facts: dict[torch.fx.Node, Tensor] = {}
+        self.tensors: dict[str, Tensor] = {}
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+        # Looked up before tracing: attribute access on modules is patched while it runs.
+        self.tensors = {**dict(root.named_parameters()), **dict(root.named_buffers())}
+        return super().trace(root, concrete_args)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _FactProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Proxy:
+        proxy = super().create_proxy(kind, target, *args, **kwargs)
+        if kind == "placeholder" and self.example_input is not None:
+            self.facts[proxy.node] = self.example_input
+        elif kind == "get_attr" and target in self.tensors:
+            self.facts[proxy.node] = self.tensors[target]
+        return proxy
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name not in self.containers
@@ -68,6 +108,34 @@ class _CutTracer(torch.fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+def _model_output(value: Any) -> Any:
+    """The logits of a model's output: the tensor itself, or the ``logits`` entry of a mapping.
+
+    Hugging Face models return a ``ModelOutput`` (a mapping) whose ``logits`` entry is the
+    prediction; anything else (a tuple, a mapping without ``logits``) is returned unchanged.
+    """
+    if isinstance(value, Mapping) and "logits" in value:
+        return value["logits"]
+    return value
+
+
+def _passed_on(node: torch.fx.Node) -> torch.fx.Node:
+    """The value a cut after ``node`` passes on: ``node[0]`` when only that element is used.
+
+    A module that returns a tuple (as the layers of Hugging Face transformers 4.x do) can be
+    cut when its successors read only the first element; the cut then follows that read.
+    """
+    users = list(node.users)
+    if (
+        len(users) == 1
+        and users[0].op == "call_function"
+        and users[0].target is operator.getitem
+        and users[0].args[1:] == (0,)
+    ):
+        return users[0]
+    return node
+
+
 def _describe(node: torch.fx.Node) -> str:
     if node.op == "placeholder":
         return "the model's input"
@@ -77,12 +145,16 @@ def _describe(node: torch.fx.Node) -> str:
     return f"the value {node.name!r} (from {target})"
 
 
-def cut_into_stages(model: nn.Module, at: Sequence[str]) -> list[torch.fx.GraphModule]:
+def cut_into_stages(
+    model: nn.Module, at: Sequence[str], *, example_input: Tensor | None = None
+) -> list[torch.fx.GraphModule]:
     """Split ``model`` after each module named in ``at``: ``len(at) + 1`` stages.
 
     The stages share the model's modules and parameters (nothing is copied). Raises
     ValueError with the reason when a name is unknown, out of execution order, or when the
-    model cannot be cut there.
+    model cannot be cut there. ``example_input`` (a batch) tells the tracer the input's dtype
+    and number of dimensions, so that a forward may branch on them; the cut is then
+    specialised to them (as it is to the parameters' dtypes).
     """
     modules = dict(model.named_modules())
     names = list(at)
@@ -108,7 +180,7 @@ def cut_into_stages(model: nn.Module, at: Sequence[str]) -> list[torch.fx.GraphM
         containers.update(".".join(parts[:i]) for i in range(1, len(parts)))
     root = _Root(model)  # also holds any tensor constants the tracer lifts out of forward
     try:
-        graph = _CutTracer(containers).trace(root)
+        graph = _CutTracer(containers, example_input=example_input).trace(root)
     except Exception as error:
         raise ValueError(
             f"{type(model).__name__} cannot be cut: torch.fx could not trace its forward "
@@ -136,12 +208,15 @@ def cut_into_stages(model: nn.Module, at: Sequence[str]) -> list[torch.fx.GraphM
             f"runs them as {order!r}."
         )
     output = nodes[-1]
-    if not isinstance(output.args[0], torch.fx.Node):
+    result = _model_output(output.args[0])
+    if not isinstance(result, torch.fx.Node):
         raise ValueError(
-            f"{type(model).__name__} cannot be cut: its forward must return one tensor; it "
-            f"returns {type(output.args[0]).__name__}."
+            f"{type(model).__name__} cannot be cut: its forward must return one tensor (or a "
+            f"mapping with a `logits` tensor); it returns {type(result).__name__}."
         )
-    if output.args[0] is nodes[position[names[-1]]]:
+    index_of = {node: i for i, node in enumerate(nodes)}
+    position = {name: index_of[_passed_on(nodes[i])] for name, i in position.items()}
+    if result is nodes[position[names[-1]]]:
         raise ValueError(
             f"`at`: nothing runs after {names[-1]!r}; the backbone's own output already is "
             "the last exit, so cut earlier."
@@ -177,7 +252,7 @@ def cut_into_stages(model: nn.Module, at: Sequence[str]) -> list[torch.fx.GraphM
                     "build the network from explicit stages."
                 )
             if node.op == "output":
-                stage_graph.output(env[node.args[0]])
+                stage_graph.output(env[result])
             else:
                 env[node] = stage_graph.node_copy(node, env.__getitem__)
         if index < len(names):
@@ -241,11 +316,17 @@ def attach_exits(
     ----------
     model : nn.Module
         The backbone; its forward takes one tensor and returns one tensor of logits,
-        (B, C) or (B, C, *S). Works for CNNs (feature maps (B, C, H, W)) and transformer
-        encoders (tokens (B, T, D)).
+        (B, C) or (B, C, *S), or a mapping with such a ``logits`` entry (a Hugging Face
+        ``ModelOutput``). Works for CNNs (feature maps (B, C, H, W)) and transformer
+        encoders (tokens (B, T, D)), e.g. timm's ResNet, ConvNeXt and ViT, and Hugging Face
+        BERT and ViT classifiers called on one tensor (token ids without padding, or pixels).
+        The forward may branch on the dtype and number of dimensions of its input and
+        parameters; the cut is specialised to those seen here.
     at : sequence of str
         Names from ``model.named_modules()``, in execution order: an exit follows each.
-        Each must run once and its output must be the only value its successors use.
+        Each must run once and its output must be the only value its successors use; a
+        module returning a tuple of which only the first element is used (as the layers of
+        transformers 4.x do) is cut after that element.
     num_classes : int, optional
         Number of classes; by default that of the model's output. Checked against it.
     input_shape : sequence of int, optional
@@ -316,12 +397,12 @@ def attach_exits(
         raise ValueError(f"`num_classes` must be a positive integer or None; got {num_classes!r}.")
     options = dict(head_options or {})
 
-    stages = cut_into_stages(model, at)
+    stages = cut_into_stages(model, at, example_input=example_input)
     modes = {module: module.training for module in model.modules()}
     model.eval()  # a dry run must not touch BatchNorm statistics
     try:
         with torch.no_grad():
-            expected = model(example_input)
+            expected = _model_output(model(example_input))
             features, h = [], example_input
             for index, stage in enumerate(stages):
                 h = stage(h)

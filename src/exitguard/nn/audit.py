@@ -13,6 +13,7 @@ require.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ class AuditedResult:
         Which samples were audited.
     exit_probs : float64 array (A, L, C)
         Every exit's probabilities for the audited samples, in batch order (a calibration set).
-    exits : int array (A,)
+    audited_exits : int array (A,)
         The exit each audited sample took under the policy.
     losses : float64 array (A,) or None
         The policy's loss against the full model on the audited samples, for consistency
@@ -51,11 +52,18 @@ class AuditedResult:
     result: InferenceResult
     audited: NDArray[np.bool_]
     exit_probs: NDArray[np.float64]
-    exits: NDArray[np.int64]
+    audited_exits: NDArray[np.int64]
     losses: NDArray[np.float64] | None
     audit_flops: float
     served_flops: float
     risk: str | None
+    sample_ids: NDArray[Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # The served outputs (predictions, exits, probs, ...) pass through, as from infer.
+        if name.startswith("_") or name == "result":
+            raise AttributeError(name)
+        return getattr(self.result, name)
 
     @property
     def overhead(self) -> float:
@@ -65,12 +73,30 @@ class AuditedResult:
     def losses_with_labels(
         self, labels: Any, *, rng: np.random.Generator | int | None = None
     ) -> NDArray[np.float64]:
-        """The policy's loss on the audited samples once their labels (A,) are known."""
+        """The policy's loss on the audited samples once their labels are known.
+
+        ``labels`` is either an array (A,) in the order of the audits, or a mapping from
+        sample id (``sample_ids``, by default the position in the batch) to label, for
+        labels that arrive later and out of order; every audited sample must have one.
+        """
         if self.risk not in RISKS:
             raise ValueError(f"the policy's risk {self.risk!r} is not one exitguard can score.")
+        if isinstance(labels, Mapping):
+            ids = (
+                self.sample_ids
+                if self.sample_ids is not None
+                else np.arange(len(self.audited_exits))
+            )
+            missing = [i for i in ids.tolist() if i not in labels]
+            if missing:
+                raise ValueError(
+                    f"`labels` has no label for {len(missing)} audited sample(s), e.g. id "
+                    f"{missing[0]!r}."
+                )
+            labels = np.array([labels[i] for i in ids.tolist()])
         per_exit = per_exit_losses(self.exit_probs, labels, get_risk(self.risk, rng=rng))
-        rows = np.arange(len(self.exits))
-        return per_exit[rows, self.exits] - per_exit[:, -1]
+        rows = np.arange(len(self.audited_exits))
+        return per_exit[rows, self.audited_exits] - per_exit[:, -1]
 
     def __repr__(self) -> str:
         return (
@@ -88,6 +114,7 @@ def audited_infer(
     rng: np.random.Generator | int | None,
     exit_flops: NDArray[np.float64] | None = None,
     allow_unbound: bool = False,
+    sample_ids: Any = None,
 ) -> AuditedResult:
     """Early-exit inference on ``x`` with a random share ``audit`` also run to the last exit.
 
@@ -103,6 +130,9 @@ def audited_infer(
         FLOPs of a sample leaving at each exit, heads on the way included (its last entry is
         the audit's full pass with every head); default: counted with
         :func:`exitguard.nn.count_flops` on the first sample.
+    sample_ids : array (B,), optional
+        Names of the samples (default: their positions in the batch); the audited ones are
+        kept in ``AuditedResult.sample_ids`` to match labels that arrive later.
     """
     if isinstance(audit, bool) or not isinstance(audit, (int, float)) or not (0.0 <= audit <= 1.0):
         raise ValueError(f"`audit` must be a probability in [0, 1]; got {audit!r}.")
@@ -111,8 +141,7 @@ def audited_infer(
     generator = np.random.default_rng(rng)
     batch = x.shape[0]
     audited = generator.random(batch) < audit  # (B,) decided before anything is computed
-    infer_kwargs = {"allow_unbound": True} if allow_unbound else {}
-    result = network.infer(x, policy, **infer_kwargs)  # (B,) what is served
+    result = network.infer(x, policy, allow_unbound=allow_unbound)  # (B,) what is served
     if exit_flops is None:
         from exitguard.nn.flops import count_flops
 
@@ -141,13 +170,17 @@ def audited_infer(
         losses = per_exit_loss[rows, exits] - per_exit_loss[:, -1]  # (A,)
     elif policy.risk in RISKS and not get_risk(policy.risk).needs_labels:
         losses = np.zeros(0)
+    ids = np.arange(batch) if sample_ids is None else np.asarray(sample_ids)
+    if ids.shape != (batch,):
+        raise ValueError(f"`sample_ids` must have shape ({batch},); got {ids.shape}.")
     return AuditedResult(
         result=result,
         audited=audited,
         exit_probs=probs,
-        exits=exits,
+        audited_exits=exits,
         losses=losses,
         audit_flops=all_heads * int(audited.sum()),
         served_flops=served,
         risk=policy.risk,
+        sample_ids=ids[audited],
     )

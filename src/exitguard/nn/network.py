@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from exitguard.nn.confidence import CONFIDENCES, ConfidenceFn, is_pointwise, resolve_measure
 from exitguard.policy import ExitPolicy
+from exitguard.risk.exits import check_threshold, first_exit
 
 Policy = ExitPolicy | float
 
@@ -284,13 +285,7 @@ class EarlyExitNetwork(nn.Module):
                 "`policy` must be an ExitPolicy or a float threshold in [0, 1] (math.inf: never "
                 f"exit early); got {type(policy).__name__}."
             )
-        threshold = float(policy)
-        if not (0.0 <= threshold <= 1.0 or threshold == math.inf):
-            raise ValueError(
-                "`policy` must be a threshold in [0, 1] or math.inf (never exit early); "
-                f"got {threshold!r}."
-            )
-        return threshold
+        return check_threshold(policy, name="policy")
 
     def bind_policy(self, policy: ExitPolicy) -> ExitPolicy:
         """A copy of ``policy`` that records this network (exits, fingerprint, measure)."""
@@ -389,7 +384,16 @@ class EarlyExitNetwork(nn.Module):
         return scores.double().clamp(0.0, 1.0)
 
     @torch.inference_mode()
-    def infer(self, x: Tensor, policy: Policy, *, allow_unbound: bool = False) -> InferenceResult:
+    def infer(
+        self,
+        x: Tensor,
+        policy: Policy,
+        *,
+        allow_unbound: bool = False,
+        audit: float | None = None,
+        rng: Any = None,
+        sample_ids: Any = None,
+    ) -> Any:
         """Early-exit inference that really skips the stages a sample does not need.
 
         After each stage, the samples whose exit fires are written to the output and removed
@@ -406,13 +410,20 @@ class EarlyExitNetwork(nn.Module):
             fit) or a threshold in [0, 1]; ``math.inf`` never exits early.
         allow_unbound : bool, default False
             Accept a policy that records no network (see :meth:`check_policy`).
+        audit : float in [0, 1], optional
+            Audited inference: each sample is also run to the last exit with this
+            probability (independent coin flips from ``rng``, required), giving the policy's
+            loss against the full model for a :class:`exitguard.monitor.RiskMonitor` (see
+            :func:`exitguard.nn.audit.audited_infer`). ``sample_ids`` (B,) name the samples
+            so that labels arriving later can be matched to the audits.
 
         Returns
         -------
-        InferenceResult
+        InferenceResult, or AuditedResult with ``audit``
             Predictions, probabilities, logits, exit and confidence of every sample, in the
             order of ``x``. The exits equal those of :meth:`simulate`; confidences are
             computed in float64 from the head's probabilities, as in the numpy reference.
+            An ``AuditedResult`` also carries the audit and passes these attributes through.
 
         Notes
         -----
@@ -426,6 +437,18 @@ class EarlyExitNetwork(nn.Module):
         TypeError, ValueError
             For an input of the wrong type or shape, or a policy that does not fit.
         """
+        if audit is not None:
+            from exitguard.nn.audit import audited_infer
+
+            return audited_infer(
+                self,
+                x,
+                policy,
+                audit=audit,
+                rng=rng,
+                allow_unbound=allow_unbound,
+                sample_ids=sample_ids,
+            )
         threshold = self.check_policy(policy, allow_unbound=allow_unbound)
         self.check_input(x)
         never = math.isinf(threshold)
@@ -529,11 +552,7 @@ class EarlyExitNetwork(nn.Module):
         threshold = self.check_policy(policy, allow_unbound=allow_unbound)
         logits, conf = self.exit_confidences(x)  # (B, L, C, ...), (B, L)
         probs = logits.softmax(dim=2)  # (B, L, C, ...)
-        last = self.n_exits - 1
-        exit_ids = torch.arange(last + 1, device=x.device)  # (L,)
-        fires = conf >= threshold  # (B, L) compared in float64, like the numpy rule
-        fires[:, last] = True  # the last exit always takes whoever reaches it
-        exits = torch.where(fires, exit_ids, last).amin(dim=1)  # (B,) first exit that fires
+        exits = first_exit(conf[:, :-1] >= threshold)  # (B,) the core's rule, in float64
         at = exits.view(-1, 1, *([1] * (logits.ndim - 2)))  # (B, 1, 1, ...)
         at = at.expand(-1, 1, *logits.shape[2:])  # (B, 1, C, ...)
         chosen_logits = logits.gather(1, at).squeeze(1)  # (B, C, ...)

@@ -160,6 +160,7 @@ def _render_html(results: Mapping[str, Any]) -> str:
     flops_label = "FLOPs to reach and decide" + (
         f" ({model['flops_unit']})" if model.get("flops_unit") else ""
     )
+    unit = html.escape(str(dataset.get("unit", "images")))
     timing_rows = [[k.replace("_", " "), v] for k, v in timing.items() if not isinstance(v, dict)]
     pictures = "".join(
         f"<h3>{_text(spec.get('title', ''))}</h3>"
@@ -204,7 +205,7 @@ test split's own noise); the binomial p-value tests "population violation rate â
 {_table(["exit", flops_label, accuracy_label], exit_rows)}
 <p class="note">Dataset: {_text(dataset.get("name"))}
 ({_text(dataset.get("source", ""))}); {_cell(dataset.get("n_train"))} training and
-{_cell(dataset.get("n_heldout"))} held-out images. Created {_text(results.get("created", ""))}
+{_cell(dataset.get("n_heldout"))} held-out {unit}. Created {_text(results.get("created", ""))}
 with exitguard {_text(results.get("exitguard_version", ""))}.</p>
 </body></html>
 """

@@ -10,6 +10,7 @@ confidences are, and the rows that follow grow more aggressive (decreasing thres
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -18,6 +19,50 @@ from exitguard.risk._validation import as_float_array, check_int
 
 NEVER = math.inf
 """The threshold of the full model: no confidence reaches it."""
+
+
+_THRESHOLD_RULE = "a float in [0, 1] or inf (never exit early)"
+
+
+def check_thresholds(value: Any, *, name: str = "threshold") -> NDArray[np.float64]:
+    """Thresholds of any shape as float64, each in [0, 1] or ``+inf`` (the full model).
+
+    The one validation of a threshold in exitguard: NaN, ``-inf``, values outside [0, 1],
+    booleans and non-numbers are refused with one message naming ``name``.
+    """
+    if isinstance(value, bool) or (isinstance(value, np.ndarray) and value.dtype == bool):
+        raise TypeError(f"`{name}` must be {_THRESHOLD_RULE}; got {value!r}.")
+    try:
+        raw = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"`{name}` must be {_THRESHOLD_RULE}; got {value!r}.") from error
+    if raw.dtype.kind not in "iuf":
+        raise TypeError(f"`{name}` must be {_THRESHOLD_RULE}; got {value!r}.")
+    values = raw.astype(np.float64)
+    bad = ~(((values >= 0.0) & (values <= 1.0)) | (values == math.inf))
+    if bad.any():
+        raise ValueError(f"`{name}` must be {_THRESHOLD_RULE}; got {float(values[bad].flat[0])!r}.")
+    return values
+
+
+def check_threshold(value: Any, *, name: str = "threshold") -> float:
+    """One threshold, checked as in :func:`check_thresholds`."""
+    values = check_thresholds(value, name=name)
+    if values.shape != ():
+        raise ValueError(f"`{name}` must be one number; got shape {values.shape}.")
+    return float(values)
+
+
+def first_exit(fires: Any) -> Any:
+    """The exit rule on decisions: (..., L - 1) "confidence >= threshold" -> (...,) exits.
+
+    ``fires[..., l]`` says whether exit ``l`` (of the exits before the last) is confident
+    enough; the result is the first exit that fires, or ``L - 1`` (the last exit, the full
+    model) when none does: the number of leading exits that do not fire. Works on numpy
+    arrays and torch tensors alike, so every implementation of early exit (the risk core,
+    real skipping, samplers, decoders) applies the same rule.
+    """
+    return (~fires).cumprod(-1).sum(-1)
 
 
 def default_thresholds(step: float = 0.01) -> NDArray[np.float64]:
@@ -89,16 +134,11 @@ def exit_indices(confidences: ArrayLike, thresholds: ArrayLike | None = None) ->
     grid = as_threshold_grid(thresholds)  # (K,)
     # Only exits before the last can fire early; the last exit is the fallback.
     fires = conf[None, :, : n_exits - 1] >= grid[:, None, None]  # (K, n, L-1)
-    first = np.argmax(fires, axis=-1)  # (K, n), 0 where nothing fires
-    return np.where(fires.any(axis=-1), first, n_exits - 1).astype(np.int64)
+    return first_exit(fires).astype(np.int64)  # (K, n)
 
 
 def exit_index(confidences: ArrayLike, threshold: float) -> NDArray[np.int64]:
     """Exit of every sample under one threshold; shape (n,)."""
     conf = as_float_array(confidences, "confidences", ndim=2)  # (n, L)
-    if math.isnan(threshold):
-        raise ValueError("`threshold` must be a float in [0, 1] or inf; got nan.")
-    fires = conf[:, :-1] >= threshold  # (n, L-1)
-    return np.where(fires.any(axis=-1), np.argmax(fires, axis=-1), conf.shape[1] - 1).astype(
-        np.int64
-    )
+    limit = check_threshold(threshold)
+    return first_exit(conf[:, :-1] >= limit).astype(np.int64)  # (n,)

@@ -1,4 +1,4 @@
-"""Tasks: build loss and cost tables for classification, segmentation, language, diffusion."""
+"""Tasks: build loss and cost tables for classification, segmentation, language, diffusion, text."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
+from exitguard.risk.exits import check_thresholds, first_exit
 from exitguard.tasks.diffusion.model import Denoiser
 
 # ----------------------------------------------------------------------------- schedule
@@ -173,34 +174,16 @@ def sample_noise(
 
 
 def check_threshold(threshold: Any, n: int) -> Tensor:
-    """Thresholds as a float64 tensor (n,); each must be in [0, 1] or ``math.inf``."""
-    if isinstance(threshold, bool):
-        raise TypeError(
-            "`threshold` must be a float in [0, 1] or math.inf (never exit early), or one such "
-            f"value per sample; got {threshold!r}."
-        )
-    if isinstance(threshold, (int, float, np.floating, np.integer)):
-        values = torch.full((n,), float(threshold), dtype=torch.float64)
-    else:
-        try:
-            values = torch.as_tensor(np.asarray(threshold, dtype=np.float64))
-        except (TypeError, ValueError) as error:
-            raise TypeError(
-                "`threshold` must be a float in [0, 1] or math.inf (never exit early), or one "
-                f"such value per sample; got {type(threshold).__name__}."
-            ) from error
-        if values.ndim == 0:
-            values = values.expand(n).clone()
-        if values.shape != (n,):
-            raise ValueError(
-                f"`threshold` must be a scalar or have one value per sample ({n}); got shape "
-                f"{tuple(values.shape)}."
-            )
-    bad = ~(((values >= 0.0) & (values <= 1.0)) | torch.isposinf(values))
-    if bool(bad.any()):
+    """Thresholds as a float64 tensor (n,); each in [0, 1] or ``math.inf`` (the core's check)."""
+    if isinstance(threshold, Tensor):
+        threshold = threshold.detach().cpu().numpy()
+    values = torch.from_numpy(np.array(check_thresholds(threshold), dtype=np.float64))
+    if values.ndim == 0:
+        values = values.expand(n).clone()
+    if values.shape != (n,):
         raise ValueError(
-            "`threshold` must be a float in [0, 1] or math.inf (never exit early); got "
-            f"{float(values[bad][0])!r}."
+            f"`threshold` must be a scalar or have one value per sample ({n}); got shape "
+            f"{tuple(values.shape)}."
         )
     return values
 
@@ -319,11 +302,9 @@ def exit_rule(confidence: Tensor, threshold: Tensor, *, earliest_exit: int) -> T
     The first exit ``l >= earliest_exit`` with ``confidence[:, l] >= threshold``; else
     ``L - 1``.
     """
-    n_exits = confidence.shape[1] + 1
     fires = confidence >= threshold[:, None]  # (B, L-1)
     fires[:, :earliest_exit] = False
-    first = fires.double().argmax(dim=1)  # (B,) 0 where nothing fires
-    return torch.where(fires.any(dim=1), first, torch.full_like(first, n_exits - 1))
+    return first_exit(fires)  # (B,) the core's rule
 
 
 @torch.inference_mode()

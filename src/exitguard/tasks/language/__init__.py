@@ -20,6 +20,7 @@ from __future__ import annotations
 from exitguard.tasks import lazy_exports
 
 _EXPORTS = {
+    "DecodingSettings": "decode",
     "EarlyExitLM": "decode",
     "Generation": "decode",
     "decayed_threshold": "decode",

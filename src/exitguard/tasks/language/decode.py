@@ -38,7 +38,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from exitguard.policy import ExitPolicy
+from exitguard.risk.exits import check_thresholds
 from exitguard.tasks.language.binding import CONFIDENCES, KV_FILLS, LMBinding
+from exitguard.tasks.language.cache_fill import CacheFill, make_cache_fill
 from exitguard.tasks.language.heads import ExitHeads, heads_fingerprint
 from exitguard.tasks.language.model import model_fingerprint
 
@@ -114,6 +116,62 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding; x (n, heads, S, D), cos/sin (n, 1, S, D)."""
     return x * cos + _rotate_half(x) * sin
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingSettings:
+    """How :meth:`EarlyExitLM.generate` decodes; checked when constructed.
+
+    Attributes
+    ----------
+    max_new_tokens : int
+        Tokens to generate per sequence (fewer when it ends).
+    confidence : {"learned", "state", "softmax", "margin"}
+        Confidence measure (see the module docstring).
+    decay : float
+        CALM's threshold decay rate over token position (0: constant threshold).
+    kv_fill : {"propagate", "recompute", "defer"}
+        How the cache of skipped layers is filled (see
+        :mod:`exitguard.tasks.language.cache_fill`); "recompute" and "defer" give the same
+        tokens, "defer" with less compute.
+    do_sample, temperature, top_k, seed
+        Sampling instead of greedy decoding; ``seed`` seeds a private generator.
+    eos_token_id, pad_token_id : int, optional
+        End of sequence, and the token written after it (defaults to ``eos_token_id``).
+    return_logits, return_cache : bool
+        Keep the logits each token was chosen from; keep the key/value cache.
+    """
+
+    max_new_tokens: int = 32
+    confidence: str = "learned"
+    decay: float = 0.0
+    kv_fill: str = "propagate"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    return_logits: bool = False
+    return_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"`confidence` must be one of {CONFIDENCES}; got {self.confidence!r}.")
+        if self.kv_fill not in KV_FILLS:
+            raise ValueError(f"`kv_fill` must be one of {KV_FILLS}; got {self.kv_fill!r}.")
+        tokens = self.max_new_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be a positive integer; got {tokens!r}.")
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+            raise ValueError(f"`decay` must be a finite float >= 0; got {decay!r}.")
+        if not math.isfinite(decay) or decay < 0:
+            raise ValueError(f"`decay` must be a finite float >= 0; got {decay!r}.")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0; got {self.temperature!r}.")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ValueError(f"`top_k` must be a positive integer or None; got {self.top_k!r}.")
 
 
 class EarlyExitLM:
@@ -485,20 +543,10 @@ class EarlyExitLM:
         input_ids: torch.Tensor,
         *,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
         threshold: float | torch.Tensor | ExitPolicy = math.inf,
-        confidence: str = "learned",
-        decay: float = 0.0,
-        kv_fill: str = "propagate",
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        return_logits: bool = False,
-        return_cache: bool = False,
+        settings: DecodingSettings | None = None,
         allow_unbound: bool = False,
+        **overrides: Any,
     ) -> Generation:
         """Generate with token-level early exits.
 
@@ -517,19 +565,10 @@ class EarlyExitLM:
             A grid of R thresholds decodes every prompt under each of them in one batch of
             R * B rows (row ``r * B + b``: prompt ``b`` under ``threshold[r]``), sharing the
             prompts' prefill.
-        confidence : {"learned", "state", "softmax", "margin"}
-            Confidence measure (see the module docstring).
-        decay : float
-            CALM's threshold decay rate over token position (0: constant threshold).
-        kv_fill : {"propagate", "recompute", "defer"}
-            How the cache of skipped layers is filled (see the module docstring); "recompute"
-            and "defer" give the same tokens, "defer" with less compute.
-        do_sample, temperature, top_k, seed
-            Sampling instead of greedy decoding; ``seed`` seeds a private generator.
-        eos_token_id, pad_token_id : int, optional
-            End of sequence, and the token written after it (defaults to ``eos_token_id``).
-        return_logits, return_cache : bool
-            Keep the logits each token was chosen from; keep the key/value cache.
+        settings : DecodingSettings, optional
+            How to decode (length, confidence, threshold decay, cache fill, sampling, what
+            to return); see :class:`DecodingSettings`. Its fields may also be given as
+            keyword arguments (``max_new_tokens=8, kv_fill="defer"``), which override it.
         allow_unbound : bool
             Accept a policy that records no model (see :meth:`check_policy`).
 
@@ -542,14 +581,9 @@ class EarlyExitLM:
                 "`input_ids` must have shape (batch, prompt_length >= 1); "
                 f"got {tuple(input_ids.shape)}."
             )
-        if confidence not in CONFIDENCES:
-            raise ValueError(f"`confidence` must be one of {CONFIDENCES}; got {confidence!r}.")
-        if kv_fill not in KV_FILLS:
-            raise ValueError(f"`kv_fill` must be one of {KV_FILLS}; got {kv_fill!r}.")
-        if isinstance(max_new_tokens, bool) or int(max_new_tokens) < 1:
-            raise ValueError(
-                f"`max_new_tokens` must be a positive integer; got {max_new_tokens!r}."
-            )
+        settings = dataclasses.replace(settings or DecodingSettings(), **overrides)
+        max_new_tokens, confidence = settings.max_new_tokens, settings.confidence
+        decay, kv_fill = settings.decay, settings.kv_fill
         if isinstance(threshold, ExitPolicy):
             threshold = self.check_policy(
                 threshold,
@@ -558,25 +592,21 @@ class EarlyExitLM:
                 kv_fill=kv_fill,
                 allow_unbound=allow_unbound,
             )
-        grid = torch.as_tensor(threshold, dtype=torch.float64).reshape(-1).cpu()  # (R,)
-        if grid.numel() == 0 or bool(torch.isnan(grid).any()) or bool((grid < 0).any()):
-            raise ValueError(
-                "`threshold` must be a float in [0, 1] or inf, or a 1-D grid of them; "
-                f"got {threshold!r}."
-            )
-        if decay < 0 or not math.isfinite(decay):
-            raise ValueError(f"`decay` must be a finite float >= 0; got {decay!r}.")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"`temperature` must be > 0; got {temperature!r}.")
+        if isinstance(threshold, torch.Tensor):
+            threshold = threshold.detach().cpu().numpy()
+        grid = torch.from_numpy(check_thresholds(threshold).reshape(-1))  # (R,), the core's check
+        if grid.numel() == 0:
+            raise ValueError("`threshold` must hold at least one threshold; got an empty grid.")
         early_exits = bool(torch.isfinite(grid).any()) and self.n_exits > 1
         if bool(torch.isfinite(grid).any()) and self.heads is None:
             raise ValueError("a finite `threshold` needs exit heads; pass `heads=` (train-exits).")
-        pad = pad_token_id if pad_token_id is not None else eos_token_id
+        eos = settings.eos_token_id
+        pad = settings.pad_token_id if settings.pad_token_id is not None else eos
         pad = 0 if pad is None else pad
         generator = None
-        if do_sample:
+        if settings.do_sample:
             generator = torch.Generator(device=input_ids.device)
-            generator.manual_seed(0 if seed is None else int(seed))
+            generator.manual_seed(0 if settings.seed is None else int(settings.seed))
 
         start_time = time.perf_counter()
         device = input_ids.device
@@ -599,15 +629,15 @@ class EarlyExitLM:
             cost=torch.zeros(batch, dtype=torch.float64, device=device),
             logits=(
                 torch.zeros(batch, max_new_tokens, self.vocab_size, device=device)
-                if return_logits
+                if settings.return_logits
                 else None
             ),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
             lengths=torch.zeros(batch, dtype=torch.long, device=device),
-            eos_token_id=eos_token_id,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
+            eos_token_id=eos,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
             generator=generator,
         )
 
@@ -633,11 +663,10 @@ class EarlyExitLM:
             torch.full((batch,), self.n_layers + self.cost_lm_head, dtype=torch.float64),
             books,
         )
-        deferred = (
-            _Deferred.allocate(batch, total, self.hidden_size, prompt_len, self.n_layers, h)
-            if kv_fill == "defer"
-            else None
-        )
+        fill = make_cache_fill(
+            kv_fill, batch=batch, total=total, width=self.hidden_size, n_layers=self.n_layers,
+            like=h,
+        )  # fmt: skip
 
         for step in range(1, max_new_tokens):
             if bool(books.finished.all()):
@@ -654,10 +683,8 @@ class EarlyExitLM:
                 if early_exits
                 else None
             )  # (B,) or None
-            self._decode_step(
-                step, slot, rows, fed, pos, valid, (cache_k, cache_v), thr, confidence, kv_fill,
-                books, deferred,
-            )  # fmt: skip
+            inputs = _StepInputs(slot, rows, fed, pos, valid, (cache_k, cache_v), thr)
+            self._decode_step(step, inputs, fill, confidence, books)
 
         return Generation(
             tokens=books.tokens,
@@ -667,39 +694,28 @@ class EarlyExitLM:
             cost=books.cost / books.lengths.clamp(min=1),
             seconds=time.perf_counter() - start_time,
             logits=books.logits,
-            cache=(cache_k, cache_v) if return_cache else None,
+            cache=(cache_k, cache_v) if settings.return_cache else None,
         )
 
     def _decode_step(
-        self,
-        step: int,
-        slot: int,
-        rows: torch.Tensor,
-        fed: torch.Tensor,
-        pos: torch.Tensor,
-        valid: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        threshold: torch.Tensor | None,
-        confidence: str,
-        kv_fill: str,
-        books: _Books,
-        deferred: _Deferred | None,
+        self, step: int, inputs: _StepInputs, fill: CacheFill, confidence: str, books: _Books
     ) -> None:
-        """One new token for every row in ``rows``, each leaving at its own exit.
+        """One new token for every row in ``inputs.rows``, each leaving at its own exit.
 
         The work of a layer is a list of *items*: the new token of every row still climbing
-        and, with ``kv_fill="defer"``, earlier tokens of those rows whose deeper layers were
-        skipped and are now caught up (their keys/values are needed by the new token).
+        and, for a cache fill that catches skipped layers up later (``Defer``), earlier tokens
+        of those rows whose deeper layers were skipped and are now needed by the new token.
         """
-        cache_k, cache_v = cache
+        slot, rows, valid, threshold = inputs.slot, inputs.rows, inputs.valid, inputs.threshold
+        cache_k, cache_v = inputs.cache
         batch = valid.shape[0]
         device = valid.device
         item_rows = rows  # (n,) batch row of each item
         item_slots: torch.Tensor | None = None  # (n,) cache slot of each item; None: all `slot`
         current = torch.ones(rows.numel(), dtype=torch.bool, device=device)  # (n,) new tokens
         subset: torch.Tensor | None = None if rows.numel() == batch else rows
-        h = self.embed(fed)[:, None]  # (n, 1, H)
-        cos, sin = self._rope_tables(h, pos[:, None])  # (n, 1, 1, D)
+        h = self.embed(inputs.fed)[:, None]  # (n, 1, H)
+        cos, sin = self._rope_tables(h, inputs.pos[:, None])  # (n, 1, 1, D)
         mask = valid[rows, None, None, : slot + 1]  # (n, 1, 1, T)
         cost = torch.zeros(batch, dtype=torch.float64, device=device)  # this step's compute
         done = torch.zeros(batch, dtype=torch.bool, device=device)  # row's token decided
@@ -707,32 +723,23 @@ class EarlyExitLM:
         may_exit = (
             torch.isfinite(threshold) if threshold is not None else done
         )  # (B,) rows whose threshold is finite (the full model's rows decide nothing)
-        if deferred is not None:
-            deferred.position[rows, slot] = pos
+        fill.begin_step(rows, slot, inputs.pos)
         for index in range(self.n_layers):
-            if deferred is not None and deferred.count:
-                # Deferred tokens whose next missing layer is this one join the items.
-                joining = deferred.join(index, item_rows[current & ~done[item_rows]], slot)
-                if joining is not None:
-                    j_rows, j_slots = joining
-                    j_h = deferred.state[j_rows, j_slots][:, None]  # (j, 1, H)
-                    j_cos, j_sin = self._rope_tables(
-                        j_h, deferred.position[j_rows, j_slots][:, None]
-                    )
-                    causal = torch.arange(slot + 1, device=device)[None, :] <= j_slots[:, None]
-                    j_mask = (valid[j_rows, : slot + 1] & causal)[:, None, None]  # (j, 1, 1, T)
-                    if item_slots is None:
-                        item_slots = torch.full_like(item_rows, slot)
-                    item_rows = torch.cat([item_rows, j_rows])
-                    item_slots = torch.cat([item_slots, j_slots])
-                    current = torch.cat([current, torch.zeros_like(j_rows, dtype=torch.bool)])
-                    h, cos, sin = (
-                        torch.cat([h, j_h]),
-                        torch.cat([cos, j_cos]),
-                        torch.cat([sin, j_sin]),
-                    )
-                    mask = torch.cat([mask, j_mask])
-                    subset = item_rows
+            joining = fill.joining(index, item_rows[current & ~done[item_rows]], slot)
+            if joining is not None:  # earlier tokens whose next missing layer is this one
+                j_rows, j_slots, j_state, j_pos = joining
+                j_h = j_state[:, None]  # (j, 1, H)
+                j_cos, j_sin = self._rope_tables(j_h, j_pos[:, None])
+                causal = torch.arange(slot + 1, device=device)[None, :] <= j_slots[:, None]
+                j_mask = (valid[j_rows, : slot + 1] & causal)[:, None, None]  # (j, 1, 1, T)
+                if item_slots is None:
+                    item_slots = torch.full_like(item_rows, slot)
+                item_rows = torch.cat([item_rows, j_rows])
+                item_slots = torch.cat([item_slots, j_slots])
+                current = torch.cat([current, torch.zeros_like(j_rows, dtype=torch.bool)])
+                h, cos, sin = torch.cat([h, j_h]), torch.cat([cos, j_cos]), torch.cat([sin, j_sin])
+                mask = torch.cat([mask, j_mask])
+                subset = item_rows
             previous = h
             h = self._layer(
                 index, h, cos, sin, mask, (cache_k[index], cache_v[index]), subset, slot,
@@ -763,7 +770,7 @@ class EarlyExitLM:
                 top = probs.topk(2, dim=-1).values  # (c, 2)
                 score = top[:, 0] if confidence == "softmax" else top[:, 0] - top[:, 1]
                 cost[candidates] += self.cost_lm_head + self.cost_adapter
-            fire = score >= threshold[candidates]  # (c,)
+            fire = score >= threshold[candidates]  # (c,) the exit rule at this exit
             if not bool(fire.any()):
                 continue
             leaving = candidates[fire]  # (m,)
@@ -777,27 +784,20 @@ class EarlyExitLM:
                 logits = logits[fire]
             decided.append((leaving, logits, exit_))
             done[leaving] = True
-            if kv_fill == "recompute":
+            if fill.keeps_climbing:
                 continue  # the leaving rows keep climbing, to fill the cache exactly
-            if kv_fill == "propagate":
-                # State propagation: the skipped layers' keys/values from the exited state.
-                fired = undecided.nonzero().squeeze(-1)[fire]  # (m,) item indices
-                self._propagate(
-                    index + 1, state[fire], cos[fired], sin[fired], cache_k, cache_v, leaving,
-                    slot,
-                )  # fmt: skip
-                cost[leaving] += self.cost_propagate * (self.n_layers - 1 - index)
+            fired = undecided.nonzero().squeeze(-1)[fire]  # (m,) item indices
+            fill.exited(
+                self, index, state[fire], cos[fired], sin[fired], (cache_k, cache_v), leaving,
+                slot, cost,
+            )  # fmt: skip
             stop = done[item_rows]  # (n,) every item of a row whose token is decided stops
-            if deferred is not None:
-                # Park the stopped items: layers index+1.. of their slots are caught up later.
-                deferred.park(
-                    item_rows[stop],
-                    item_slots[stop] if item_slots is not None else torch.full_like(
-                        item_rows[stop], slot
-                    ),
-                    h[stop, 0],
-                    index + 1,
-                )  # fmt: skip
+            stop_slots = (
+                item_slots[stop]
+                if item_slots is not None
+                else torch.full_like(item_rows[stop], slot)
+            )
+            fill.stopped(item_rows[stop], stop_slots, h[stop, 0], index + 1)
             keep = ~stop
             item_rows, current = item_rows[keep], current[keep]
             item_slots = item_slots[keep] if item_slots is not None else None
@@ -805,11 +805,9 @@ class EarlyExitLM:
             subset = item_rows
             if item_rows.numel() == 0:
                 break
-        if deferred is not None and item_slots is not None:
+        if item_slots is not None:
             finished_items = ~current  # caught-up tokens that reached the last layer
-            deferred.park(
-                item_rows[finished_items], item_slots[finished_items], None, self.n_layers
-            )
+            fill.stopped(item_rows[finished_items], item_slots[finished_items], None, self.n_layers)
         last = current & ~done[item_rows]  # new tokens that reached the last layer undecided
         if bool(last.any()):
             logits = self._exit_logits(self.n_exits - 1, h[last, 0])  # (r, V)
@@ -866,52 +864,14 @@ class _Books:
     generator: torch.Generator | None
 
 
-@dataclasses.dataclass
-class _Deferred:
-    """Tokens whose deeper layers were skipped, to be caught up when a later token needs them.
+@dataclasses.dataclass(frozen=True)
+class _StepInputs:
+    """What one decoding step reads (internal): the tokens fed in and where they go."""
 
-    ``depth[b, s]`` counts the layers whose keys/values exist for cache slot ``s`` of row ``b``;
-    ``state[b, s]`` is that slot's hidden state after layer ``depth - 1``. Depth never grows
-    along a row (a token can only have caught up as far as a later token climbed), so the
-    slots missing layer ``l`` always form a run at the end of the row.
-    """
-
-    depth: torch.Tensor  # (B, T) long
-    state: torch.Tensor  # (B, T, H)
-    position: torch.Tensor  # (B, T) long
-    n_layers: int
-    count: int = 0  # slots with missing layers, all rows
-
-    @classmethod
-    def allocate(
-        cls, batch: int, total: int, width: int, prompt_len: int, n_layers: int, like: torch.Tensor
-    ) -> _Deferred:
-        depth = torch.full((batch, total), n_layers, dtype=torch.long, device=like.device)
-        state = torch.zeros(batch, total, width, dtype=like.dtype, device=like.device)
-        position = torch.zeros(batch, total, dtype=torch.long, device=like.device)
-        return cls(depth=depth, state=state, position=position, n_layers=n_layers)
-
-    def join(
-        self, layer: int, rows: torch.Tensor, slot: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Slots of ``rows`` (before ``slot``) whose next missing layer is ``layer``."""
-        if rows.numel() == 0:
-            return None
-        missing = self.depth[rows, :slot] == layer  # (n, slot)
-        if not bool(missing.any()):
-            return None
-        which, slots = missing.nonzero(as_tuple=True)
-        self.count -= int(which.numel())
-        self.depth[rows[which], slots] = -1  # in flight
-        return rows[which], slots
-
-    def park(
-        self, rows: torch.Tensor, slots: torch.Tensor, state: torch.Tensor | None, depth: int
-    ) -> None:
-        """Record items that stopped climbing with ``depth`` layers done."""
-        if rows.numel() == 0:
-            return
-        self.depth[rows, slots] = depth
-        if depth < self.n_layers and state is not None:
-            self.state[rows, slots] = state
-            self.count += int(rows.numel())
+    slot: int  # cache slot of the tokens fed in
+    rows: torch.Tensor  # (n,) batch rows still generating
+    fed: torch.Tensor  # (n,) the tokens fed in
+    pos: torch.Tensor  # (n,) their positions
+    valid: torch.Tensor  # (B, T) cache slots that hold a token
+    cache: tuple[torch.Tensor, torch.Tensor]  # (L, B, K, T, D) keys and values
+    threshold: torch.Tensor | None  # (B,) each row's threshold at this step, None: never exit

@@ -32,13 +32,14 @@ _PICKLED_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt
 
 
 def cache_dir() -> Path:
-    """The user cache folder: ``$EXITGUARD_CACHE``, else ``~/.cache/exitguard``."""
-    root = os.environ.get("EXITGUARD_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "exitguard"
+    """The user cache folder (the one every task uses; see ``tasks.common.default_cache_dir``)."""
+    from exitguard.tasks.common import default_cache_dir
+
+    return default_cache_dir()
 
 
-def _offline() -> None:
-    # Nothing may reach a model hub at run time.
+def hub_offline() -> None:
+    """Make sure nothing reaches a model hub at run time (Hugging Face's offline switches)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -202,7 +203,7 @@ def load_model(
     model, tokenizer
         The model in eval mode; the tokenizer is None when the folder has none.
     """
-    _offline()
+    hub_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if str(name_or_path) == SMOLLM2:

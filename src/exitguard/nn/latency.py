@@ -1,0 +1,239 @@
+"""Latency as a cost: measured time of every stage and exit head, per batch size.
+
+Users pay in milliseconds, not FLOPs: early high-resolution stages are often memory-bound and
+take a larger share of the time than of the FLOPs, and an exit head that looks cheap in FLOPs
+may not be. :func:`profile_latency` measures, on the user's machine, each stage and each exit
+head at several batch sizes (warm-up, repeats, median and spread; threads and versions
+recorded); a :class:`LatencyProfile` then
+
+* predicts the wall time of serving a batch under a policy (:meth:`LatencyProfile.batch_ms`):
+  stage ``l`` runs on the samples that reach it, so its time is read at that many samples;
+* gives a per-sample cost table in milliseconds for the risk core
+  (:meth:`LatencyProfile.cost_table`): at a stated batch size ``B``, a sample that leaves at
+  exit ``e`` is charged its share ``t_l(B) / B`` of every stage and head up to ``e`` plus the
+  compaction of the batch at each exit where samples leave, so that calibration and reports
+  can optimise and show time, not only FLOPs.
+
+Profiles are small JSON documents saved beside a policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+from torch import Tensor
+
+from exitguard._files import atomic_write_text, load_json
+from exitguard.nn.network import EarlyExitNetwork
+
+_SCHEMA = "exitguard.LatencyProfile"
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyProfile:
+    """Measured milliseconds per call of every stage and exit head, at several batch sizes.
+
+    Attributes
+    ----------
+    batch_sizes : tuple of int (S,)
+    stage_ms, head_ms : tuple of tuples (S, L)
+        Median milliseconds of one call of stage/head ``l`` on a batch of that size.
+    stage_spread_ms, head_spread_ms : tuple of tuples (S, L)
+        Interquartile range of the same measurements.
+    compaction_ms : tuple of float (S,)
+        Median milliseconds of compacting a batch of that size (selecting the samples that
+        go on, as ``infer`` does after an exit fires).
+    threads : int
+        ``torch.get_num_threads()`` while measuring.
+    torch_version, machine : str
+    repeats, warmup : int
+    """
+
+    batch_sizes: tuple[int, ...]
+    stage_ms: tuple[tuple[float, ...], ...]
+    head_ms: tuple[tuple[float, ...], ...]
+    stage_spread_ms: tuple[tuple[float, ...], ...]
+    head_spread_ms: tuple[tuple[float, ...], ...]
+    compaction_ms: tuple[float, ...]
+    threads: int
+    torch_version: str
+    machine: str
+    repeats: int
+    warmup: int
+
+    @property
+    def n_exits(self) -> int:
+        return len(self.stage_ms[0])
+
+    def _at(self, table: Sequence[Sequence[float]] | Sequence[float], n: ArrayLike) -> Any:
+        """Milliseconds at batch size ``n`` by linear interpolation in the batch size (0 at 0)."""
+        sizes = np.concatenate([[0.0], np.asarray(self.batch_sizes, dtype=np.float64)])
+        values = np.asarray(table, dtype=np.float64)
+        values = np.concatenate([np.zeros((1, *values.shape[1:])), values], axis=0)
+        n = np.asarray(n, dtype=np.float64)
+        if values.ndim == 1:
+            return np.interp(n, sizes, values)
+        columns = [np.interp(n, sizes, values[:, e]) for e in range(values.shape[1])]
+        return np.stack(columns, -1)
+
+    def exit_ms(self, batch_size: int) -> NDArray[np.float64]:
+        """(L,) per-sample share of a batch of ``batch_size`` for leaving at each exit.
+
+        Stages and heads ``0..e`` (the last exit's head is part of the full model), plus one
+        compaction at each earlier exit (the batch is compacted where samples leave).
+        """
+        per_sample = self._at(self.stage_ms, batch_size) + self._at(self.head_ms, batch_size)
+        per_sample = per_sample / batch_size  # (L,)
+        compaction = float(self._at(self.compaction_ms, batch_size)) / batch_size
+        cumulative = np.cumsum(per_sample)
+        return cumulative + compaction * np.arange(self.n_exits)
+
+    def cost_table(self, exits: ArrayLike, *, batch_size: int) -> NDArray[np.float64]:
+        """Milliseconds each sample spends, for exits (..., n): the risk core's ``cost``."""
+        return self.exit_ms(batch_size)[np.asarray(exits, dtype=np.int64)]
+
+    def full_ms(self, batch_size: int) -> float:
+        """Per-sample milliseconds of the full model (no intermediate head runs)."""
+        stages = self._at(self.stage_ms, batch_size).sum()
+        head = self._at(self.head_ms, batch_size)[-1]
+        return float(stages + head) / batch_size
+
+    def batch_ms(self, exits: ArrayLike) -> float:
+        """Predicted milliseconds of serving one batch whose samples leave at ``exits`` (B,).
+
+        Stage ``l`` and its head run on the samples that reach it (``n_l``), read from the
+        profile at that batch size; a compaction runs after each exit where some leave.
+        """
+        taken = np.asarray(exits, dtype=np.int64)
+        counts = np.bincount(taken, minlength=self.n_exits)  # (L,) leaving at each exit
+        reaching = len(taken) - np.concatenate([[0], np.cumsum(counts)[:-1]])  # (L,)
+        stage = self._at(self.stage_ms, reaching)  # (L, L): row l read at n_l
+        head = self._at(self.head_ms, reaching)
+        diagonal = np.arange(self.n_exits)
+        total = stage[diagonal, diagonal].sum() + head[diagonal, diagonal].sum()
+        leaving_early = (counts[:-1] > 0) & (reaching[1:] > 0)
+        total += float(np.sum(self._at(self.compaction_ms, reaching[:-1])[leaving_early]))
+        return float(total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": _SCHEMA, "schema_version": 1, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyProfile:
+        if data.get("schema") != _SCHEMA:
+            raise ValueError(f"not an exitguard latency profile (schema {_SCHEMA!r}).")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        for key in ("stage_ms", "head_ms", "stage_spread_ms", "head_spread_ms"):
+            values[key] = tuple(tuple(float(x) for x in row) for row in values[key])
+        values["batch_sizes"] = tuple(int(b) for b in values["batch_sizes"])
+        values["compaction_ms"] = tuple(float(x) for x in values["compaction_ms"])
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the profile as JSON, atomically."""
+        return atomic_write_text(
+            path, json.dumps(self.to_dict(), indent=2) + "\n", argument="profile"
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LatencyProfile:
+        return cls.from_dict(load_json(path, max_bytes=1 << 20, max_depth=4, argument="profile"))
+
+
+def _time_ms(fn: Any, *, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median and interquartile range of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1000.0 * (time.perf_counter() - start))
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), quartiles[2] - quartiles[0]
+
+
+@torch.inference_mode()
+def profile_latency(
+    network: EarlyExitNetwork,
+    example: Tensor,
+    *,
+    batch_sizes: Sequence[int] = (1, 16, 64, 256),
+    repeats: int = 15,
+    warmup: int = 3,
+) -> LatencyProfile:
+    """Measure every stage and exit head of ``network`` at each batch size.
+
+    ``example`` (N, ...) provides the inputs (repeated when a batch size exceeds N). Each
+    stage is timed on its real input (the previous stage's output at that batch size), in
+    eval mode, one call at a time. Run it on an otherwise idle machine with the thread count
+    you deploy with; both are recorded in the profile.
+    """
+    if not isinstance(network, EarlyExitNetwork):
+        raise TypeError(f"`network` must be an EarlyExitNetwork; got {type(network).__name__}.")
+    sizes = tuple(sorted({int(b) for b in batch_sizes}))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"`batch_sizes` must be positive integers; got {tuple(batch_sizes)}.")
+    modes = {module: module.training for module in network.modules()}
+    network.eval()
+    stage_ms, head_ms, stage_iqr, head_iqr, compaction = [], [], [], [], []
+    try:
+        for size in sizes:
+            reps = -(-size // example.shape[0])
+            x = example.repeat(reps, *([1] * (example.ndim - 1)))[:size]  # (size, ...)
+            stages, heads, s_iqr, h_iqr = [], [], [], []
+            h = x
+            for index, head in enumerate(network.heads):
+                inputs = h
+                median, iqr = _time_ms(
+                    lambda index=index, inputs=inputs: network._run_stage(index, inputs),
+                    repeats=repeats,
+                    warmup=warmup,
+                )
+                stages.append(median)
+                s_iqr.append(iqr)
+                h = network._run_stage(index, inputs)
+                median, iqr = _time_ms(
+                    lambda head=head, h=h: head(h), repeats=repeats, warmup=warmup
+                )
+                heads.append(median)
+                h_iqr.append(iqr)
+            keep = torch.ones(size, dtype=torch.bool)
+            keep[::2] = False  # compact half of the batch, as after an exit
+            features = network._run_stage(0, x)
+            median, _ = _time_ms(
+                lambda features=features, keep=keep: features[keep], repeats=repeats, warmup=warmup
+            )
+            stage_ms.append(tuple(stages))
+            head_ms.append(tuple(heads))
+            stage_iqr.append(tuple(s_iqr))
+            head_iqr.append(tuple(h_iqr))
+            compaction.append(median)
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+    return LatencyProfile(
+        batch_sizes=sizes,
+        stage_ms=tuple(stage_ms),
+        head_ms=tuple(head_ms),
+        stage_spread_ms=tuple(stage_iqr),
+        head_spread_ms=tuple(head_iqr),
+        compaction_ms=tuple(compaction),
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        repeats=repeats,
+        warmup=warmup,
+    )
