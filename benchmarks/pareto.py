@@ -6,7 +6,7 @@ task's held-out per-exit outputs (>= 100 splits):
 * ``single UCB-WSR``: the certified scalar threshold of ``calibrate_table`` (the default);
 * ``single LTT-HB``: the same grid with Hoeffding-Bentkus fixed-sequence testing;
 * ``pareto WSR`` / ``pareto HB``: Pareto Testing over threshold vectors (half the calibration
-  samples search and order, half test), with that bound;
+  samples search and order, half test), with that procedure's p-values;
 * ``pareto HB +ext``: Pareto Testing whose order comes from ``n`` further *unlabeled*
   held-out samples (an external optimisation set, valid for a label-free risk), so all ``n``
   calibration samples test. Not at equal data: it uses ``n`` unlabeled samples more.
@@ -147,19 +147,19 @@ def run_case(
         seed = int(seeds[t])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # nothing certified, certified above the target
-            for name, bound in (("single UCB-WSR", "wsr"), ("single LTT-HB", "hb")):
+            for name, procedure in (("single UCB-WSR", "ucb-wsr"), ("single LTT-HB", "ltt")):
                 selection = pareto_test_table(
                     losses[:, :, cal],
                     target_risks=eps,
                     cost=cost[:, cal],
                     loss_bounds=bounds,
-                    bound=bound,
+                    procedure=procedure,
                     order="natural",
                     seed=seed,
                 )
                 row = selection.row
                 record(outcomes[name], exits[row], losses[:, row], cost[row], selection.certified)
-            for name, bound in (("pareto WSR", "wsr"), ("pareto HB", "hb")):
+            for name, procedure in (("pareto WSR", "ucb-wsr"), ("pareto HB", "ltt")):
                 selection = pareto_test(
                     task.confidences[cal],
                     per_exit[:, cal],
@@ -167,7 +167,7 @@ def run_case(
                     loss_bounds=bounds,
                     exit_cost=task.exit_cost,
                     head_cost=task.head_cost,
-                    bound=bound,
+                    procedure=procedure,
                     search=SEARCH,
                     seed=seed,
                 )
@@ -182,7 +182,7 @@ def run_case(
                     loss_bounds=bounds,
                     exit_cost=task.exit_cost,
                     head_cost=task.head_cost,
-                    bound="hb",
+                    procedure="ltt",
                     search=SEARCH,
                     opt_confidences=task.confidences[extra],
                     opt_per_exit_losses=per_exit[:, extra],

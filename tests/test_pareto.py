@@ -119,7 +119,7 @@ def test_natural_order_p_values_are_the_bounds(rng):
     losses[0, 1:] = rng.random((3, n)) < np.array([0.01, 0.03, 0.08])[:, None]
     losses[1, 1:] = rng.random((3, n)) < np.array([0.0, 0.02, 0.02])[:, None]
     selection = pareto_test_table(
-        losses, target_risks=[0.06, 0.05], cost=[4, 3, 2, 1], order="natural", bound="hb"
+        losses, target_risks=[0.06, 0.05], cost=[4, 3, 2, 1], order="natural", procedure="ltt"
     )
     expected = [
         [hb_by_hand(losses[r, k], eps) for r, eps in enumerate((0.06, 0.05))] for k in range(4)
@@ -148,8 +148,8 @@ def nested_table(rng: np.random.Generator, n: int) -> np.ndarray:
     return (rng.random(n)[None, :] < risks[:, None]).astype(float)
 
 
-@pytest.mark.parametrize(("bound", "procedure"), [("hb", "ltt"), ("wsr", "ucb-wsr")])
-def test_one_risk_in_natural_order_is_calibrate_table(rng, bound, procedure):
+@pytest.mark.parametrize("procedure", ["ltt", "ucb-wsr", "ucb-hb", "ucb-binomial"])
+def test_one_risk_in_natural_order_is_calibrate_table(rng, procedure):
     for trial in range(20):
         table = nested_table(rng, 300)
         with warnings.catch_warnings():
@@ -160,7 +160,7 @@ def test_one_risk_in_natural_order_is_calibrate_table(rng, bound, procedure):
                 target_risks=0.08,
                 cost=np.arange(len(table), 0, -1.0),
                 order="natural",
-                bound=bound,
+                procedure=procedure,
                 seed=trial,
             )
         assert selection.row == policy.index
@@ -299,7 +299,7 @@ def test_the_table_api_tests_rows_of_the_table(rng):
     risks = rng.permutation(np.linspace(0.0, 0.2, 30))  # no natural order
     losses = np.concatenate([np.zeros((1, n)), rng.random((30, n)) < risks[:, None]])
     cost = np.concatenate([[1.0], 1.0 - risks])  # riskier rows are cheaper
-    selection = pareto_test_table(losses, target_risks=0.1, cost=cost, bound="hb", seed=4)
+    selection = pareto_test_table(losses, target_risks=0.1, cost=cost, procedure="ltt", seed=4)
     assert selection.front_rows[0] == 0 and selection.opt_source == "split"
     assert selection.row == selection.front_rows[selection.index]
     assert selection.thresholds is None and selection.front is None
@@ -332,7 +332,8 @@ def test_the_search_beats_every_scalar_threshold():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"bound": "bonferroni"}, "bound"),
+        ({"procedure": "ltt-bonferroni"}, "fixed-sequence p-value procedure"),
+        ({"procedure": "crc"}, "fixed-sequence p-value procedure"),
         ({"opt_fraction": 0.999}, "empty part"),
         ({"opt_fraction": 0.0}, "opt_fraction"),
         ({"target_risks": [0.1, 0.1]}, "one epsilon or one per risk"),
@@ -361,7 +362,7 @@ def test_bad_tables_are_refused():
     with pytest.raises(ValueError, match="order"):
         pareto_test_table(losses, target_risks=0.1, cost=[3, 2, 1], order="given")
     with pytest.raises(ValueError, match="0-1 losses"):
-        pareto_test_table(0.5 * losses, target_risks=0.1, cost=[3, 2, 1], bound="binomial")
+        pareto_test_table(0.5 * losses, target_risks=0.1, cost=[3, 2, 1], procedure="ucb-binomial")
 
 
 def test_search_settings_validate_and_round_trip():

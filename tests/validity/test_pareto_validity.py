@@ -64,7 +64,7 @@ def per_exit(data: dict[str, np.ndarray], risk: str) -> np.ndarray:
     return data[risk]
 
 
-def simulate(risks, targets, *, n, draws, seed, bound="wsr"):
+def simulate(risks, targets, *, n, draws, seed, procedure="ucb-wsr"):
     """True risks (draws, R) of Pareto Testing's choice and of the naive choice."""
     rng = np.random.default_rng(seed)
     eps = np.array(targets)
@@ -79,7 +79,7 @@ def simulate(risks, targets, *, n, draws, seed, bound="wsr"):
                 losses,
                 target_risks=eps,
                 exit_cost=EXIT_COST,
-                bound=bound,
+                procedure=procedure,
                 search=LIGHT,
                 seed=int(rng.integers(2**53)),
             )
@@ -128,7 +128,7 @@ def test_pareto_testing_two_risks():
 def test_pareto_testing_exceedance_alone_and_beside_the_mean():
     targets = [0.05, 0.15]
     chosen, _ = simulate(
-        ["continuous", "exceedance"], targets, n=300, draws=120, seed=33, bound="hb"
+        ["continuous", "exceedance"], targets, n=300, draws=120, seed=33, procedure="ltt"
     )
     check(violations(chosen, targets), len(chosen), "mean and exceedance")
     alone, naive = simulate(["exceedance"], [0.15], n=300, draws=120, seed=34)
@@ -163,7 +163,7 @@ def table_draw(risks: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarra
 
 
 def table_violations(
-    order: str, *, draws: int, seed: int, bound: str = "hb", fixed_seed: int | None = None
+    order: str, *, draws: int, seed: int, procedure: str = "ltt", fixed_seed: int | None = None
 ) -> int:
     rng = np.random.default_rng(seed)
     risks, cost = shuffled_population(np.random.default_rng(0))
@@ -180,7 +180,7 @@ def table_violations(
                 target_risks=targets,
                 cost=np.concatenate([[2.0], cost]),
                 order=order,
-                bound=bound,
+                procedure=procedure,
                 seed=int(rng.integers(2**53)) if fixed_seed is None else fixed_seed,
             )
         if selection.row > 0:
@@ -196,7 +196,9 @@ def test_table_api(order):
 @pytest.mark.parametrize("fixed_seed", [0, 1])
 def test_a_fixed_seed_keeps_the_guarantee_on_exchangeable_files(fixed_seed):
     """The same seed in every draw: the split is a fixed permutation of i.i.d. files."""
-    count = table_violations("pareto", draws=300, seed=38, bound="wsr", fixed_seed=fixed_seed)
+    count = table_violations(
+        "pareto", draws=300, seed=38, procedure="ucb-wsr", fixed_seed=fixed_seed
+    )
     check(count, 300, f"table, seed {fixed_seed} in every draw")
 
 

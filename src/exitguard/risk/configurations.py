@@ -45,7 +45,7 @@ from exitguard.risk._validation import (
     check_positive,
     check_unit_scores,
 )
-from exitguard.risk.exits import NEVER, as_threshold_grid
+from exitguard.risk.exits import NEVER, as_threshold_grid, check_thresholds, first_exit
 
 Array = NDArray[np.float64]
 
@@ -58,27 +58,17 @@ _CHUNK_ELEMENTS = 4_000_000  # comparisons (candidates x samples x exits) held a
 def check_threshold_vectors(thresholds: ArrayLike, n_exits: int) -> Array:
     """Validate threshold vectors: shape (M, L - 1) (or one vector (L - 1,)), in [0, 1] or inf.
 
-    Returns a float64 array of shape (M, L - 1).
+    Each value is checked by :func:`exitguard.risk.exits.check_thresholds`. Returns a float64
+    array of shape (M, L - 1).
     """
     check_int(n_exits, "n_exits", minimum=1)
-    vectors = as_float_array(thresholds, "thresholds", ndim=(1, 2), finite=False)
+    vectors = check_thresholds(thresholds, name="thresholds")
     if vectors.ndim == 1:
         vectors = vectors[None, :]
-    if vectors.shape[1] != n_exits - 1:
+    if vectors.ndim != 2 or vectors.shape[1] != n_exits - 1:
         raise ValueError(
             f"`thresholds` must hold one threshold per exit but the last: shape (M, {n_exits - 1})"
             f" for {n_exits} exits; got {vectors.shape}."
-        )
-    if np.isnan(vectors).any():
-        raise ValueError("`thresholds` must not contain NaN (use inf to disable an exit).")
-    finite = vectors[np.isfinite(vectors)]
-    bad = (vectors == -math.inf).any() or (finite.size and (finite.min() < 0 or finite.max() > 1))
-    if bad:
-        low = float(vectors.min())
-        high = float(finite.max()) if finite.size else math.inf
-        raise ValueError(
-            "`thresholds` must lie in [0, 1], or be inf to disable an exit; got values in "
-            f"[{low:g}, {high:g}]."
         )
     return vectors
 
@@ -140,9 +130,7 @@ def _vector_exits(conf: Array, vectors: Array) -> NDArray[np.int64]:
     # A loop over chunks of candidates only to bound memory; each chunk is fully vectorised.
     for start in range(0, m, rows):
         part = vectors[start : start + rows]  # (c, L-1)
-        fires = conf[None, :, : n_exits - 1] >= part[:, None, :]  # (c, n, L-1)
-        first = np.argmax(fires, axis=-1)  # (c, n), 0 where nothing fires
-        out[start : start + rows] = np.where(fires.any(axis=-1), first, n_exits - 1)
+        out[start : start + rows] = first_exit(conf[None, :, : n_exits - 1], part[:, None, :])
     return out
 
 

@@ -39,10 +39,13 @@ Testing learns the order on one part of the calibration data and tests along it 
    and never underflows; ties are broken by the higher cost. The full model is row 0 of
    the front, the fallback, never tested.
 4. **Test** (testing part only). Fixed-sequence testing along that order with one p-value per
-   risk (``bound``: Hoeffding-Bentkus, Waudby-Smith-Ramdas betting read in the seeded random
-   order of the split, Hoeffding, or exact binomial for 0-1 losses). A configuration passes
-   when *every* risk passes, i.e. when the largest of its p-values is ``<= delta``; the
-   certified set is the unbroken run of passing configurations from the start.
+   risk, from a fixed-sequence procedure of the registry
+   (:func:`exitguard.risk.procedures.get_procedure`): ``"ltt"`` (Hoeffding-Bentkus),
+   ``"ucb-wsr"`` (Waudby-Smith-Ramdas betting, read in the seeded random order of the split),
+   ``"ucb-hb"``, ``"ucb-hoeffding"``, or ``"ucb-binomial"`` (exact, 0-1 losses). A
+   configuration passes when *every* risk passes the procedure's test, i.e. when the largest
+   of its p-values passes (``<= delta`` for LTT, ``< delta`` for a UCB); the certified set is
+   the unbroken run of passing configurations from the start.
 5. **Choose** the cheapest certified configuration, its cost estimated on all calibration
    data (``cost_estimate="all"``, the default: the lowest variance) or on the testing part.
    Nothing certified: the full model, with ``certified=False``.
@@ -75,8 +78,7 @@ comes from only ``n_opt`` samples. Two ways around it, both valid:
 * a **natural order** (a scalar grid or a threshold family): no split is needed;
   ``pareto_test_table(..., order="natural")`` tests along the given rows on all ``n``
   samples (multi-risk Learn-then-Test), which for one risk is exactly
-  :func:`exitguard.calibrate_table` with ``procedure="ltt"`` (HB) or, up to
-  ``p == delta``, ``"ucb-wsr"``.
+  :func:`exitguard.calibrate_table` with the same procedure.
 """
 
 from __future__ import annotations
@@ -91,7 +93,6 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from exitguard.risk import bounds
 from exitguard.risk._validation import (
     as_float_array,
     check_choice,
@@ -110,11 +111,14 @@ from exitguard.risk.configurations import (
     configuration_costs,
 )
 from exitguard.risk.exits import NEVER
-from exitguard.risk.procedures import reading_order
+from exitguard.risk.procedures import REGISTRY, Procedure, get_procedure, reading_order
 
 Array = NDArray[np.float64]
 
-PARETO_BOUNDS = ("hb", "wsr", "hoeffding", "binomial")
+PARETO_PROCEDURES = tuple(
+    name for name, p in REGISTRY.items() if p.test == "p-value" and p.rule == "run"
+)
+"""The procedures Pareto Testing accepts: fixed-sequence tests of one p-value per risk."""
 COST_ESTIMATES = ("all", "test")
 ORDERS = ("pareto", "natural")
 
@@ -277,39 +281,47 @@ def loss_scales(losses: Array) -> Array:
 
 
 def p_value_table(
-    losses: Array, target_risks: Array, *, bound: str, delta: float, loss_bounds: Array
+    losses: Array,
+    target_risks: Array,
+    *,
+    procedure: str | Procedure,
+    delta: float,
+    loss_bounds: Array,
 ) -> Array:
     """p-values of "risk_r >= epsilon_r" for every risk and configuration; (R, F, n) -> (R, F).
 
-    Losses are read in the order given (WSR depends on it: pass them in a random order).
+    Each risk's p-values are the statistic of ``procedure`` (a p-value procedure of the
+    registry). Losses are read in the order given (WSR depends on it: pass them in a random
+    order).
     """
+    chosen = _check_procedure(procedure)
     out = np.empty(losses.shape[:2])  # (R, F)
     # A loop over the few risks: each has its own epsilon and loss bound.
     for r in range(losses.shape[0]):
-        if bound == "binomial":
-            unit = bounds.to_unit_interval(losses[r], float(loss_bounds[r]))
-            if not np.all((unit == 0.0) | (unit == 1.0)):
-                raise ValueError(
-                    "`bound='binomial'` needs 0-1 losses (after clipping at 0 and dividing by "
-                    f"the loss bound); risk {r} has other values. Use 'hb' or 'wsr'."
-                )
-        out[r] = bounds.p_values(
-            losses[r],
-            float(target_risks[r]),
-            bound=bound,
-            delta=delta,
-            loss_bound=float(loss_bounds[r]),
-        )
+        try:
+            out[r] = chosen.statistic(
+                losses[r],
+                np.array([target_risks[r]]),
+                delta=delta,
+                loss_bound=float(loss_bounds[r]),
+            )[0]  # (F,)
+        except ValueError as error:
+            raise ValueError(f"risk {r}: {error}") from error
     return np.clip(out, 0.0, 1.0)
 
 
-def fixed_sequence(p_values: ArrayLike, *, delta: float) -> int:
+def fixed_sequence(
+    p_values: ArrayLike, *, delta: float, procedure: str | Procedure = "ltt"
+) -> int:
     """Length of the unbroken run of configurations that pass, from the first; (R, F) -> int.
 
-    A configuration passes when every risk passes: ``max_r p_values[r, f] <= delta``.
+    A configuration passes when every risk passes ``procedure``'s test: the largest of its
+    p-values is ``<= delta`` (LTT) or ``< delta`` (a UCB, whose bound is then below epsilon).
     """
     values = as_float_array(p_values, "p_values", ndim=2)  # (R, F)
-    passing = values.max(axis=0) <= delta  # (F,)
+    chosen = _check_procedure(procedure)
+    worst = values.max(axis=0)[None, :]  # (1, F) one "epsilon" row for passes()
+    passing = chosen.passes(worst, np.zeros(1), delta=delta, n_rows=worst.shape[1] + 1)[0]
     return int(np.cumprod(passing).sum())
 
 
@@ -670,10 +682,14 @@ class ParetoSelection:
     target_risks, loss_bounds : tuple of float
         Epsilon and B of each risk.
     delta : float
-    bound : str
-        The p-value of the test: ``hb``, ``wsr``, ``hoeffding`` or ``binomial``.
+    procedure : str
+        The fixed-sequence procedure whose p-values were tested (a name of
+        :data:`PARETO_PROCEDURES`, e.g. ``"ucb-wsr"`` or ``"ltt"``).
     p_values, empirical_risks : tuple of float
         Per risk, the chosen configuration's p-value and mean loss on the testing part.
+    upper_bounds : tuple of float or None
+        Per risk, the upper confidence bound on the chosen configuration's risk from the
+        testing part in the same reading order (UCB procedures; None otherwise).
     expected_cost, full_cost : float
         Mean cost of the chosen configuration and of the full model (``cost_estimate`` data).
     cost_estimate : {"all", "test"}
@@ -712,9 +728,10 @@ class ParetoSelection:
     target_risks: tuple[float, ...]
     loss_bounds: tuple[float, ...]
     delta: float
-    bound: str
+    procedure: str
     p_values: tuple[float, ...]
     empirical_risks: tuple[float, ...]
+    upper_bounds: tuple[float, ...] | None
     expected_cost: float
     full_cost: float
     cost_estimate: str
@@ -766,7 +783,7 @@ class ParetoSelection:
         )
         return (
             f"P({risks}) >= {1 - self.delta:g} over calibration sets ({how}, "
-            f"{self.bound} p-values; needs i.i.d. calibration and test data)"
+            f"{self.procedure} p-values; needs i.i.d. calibration and test data)"
         )
 
     def __repr__(self) -> str:
@@ -787,7 +804,7 @@ class ParetoSelection:
             f"ParetoSelection(thresholds={vector}, certified={self.certified}, index={self.index}"
             f"/{len(self.front_cost)}, risks[{risks}], saving={100 * self.relative_saving:.1f}%, "
             f"n_opt={self.n_opt}, n_test={self.n_test}, delta={self.delta:g}, "
-            f"bound={self.bound!r})"
+            f"procedure={self.procedure!r})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -801,10 +818,12 @@ class ParetoSelection:
             data[name] = [list(row) for row in data[name]]
         for name in ("risk_names", "target_risks", "loss_bounds", "p_values", "empirical_risks"):
             data[name] = list(data[name])
+        if self.upper_bounds is not None:
+            data["upper_bounds"] = list(self.upper_bounds)
         data["front_cost"] = list(self.front_cost)
         if self.front_rows is not None:
             data["front_rows"] = list(self.front_rows)
-        return {"schema": "exitguard.ParetoSelection", "schema_version": 1, **data}
+        return {"schema": "exitguard.ParetoSelection", "schema_version": 2, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ParetoSelection:
@@ -826,6 +845,8 @@ class ParetoSelection:
         for name in ("target_risks", "loss_bounds", "p_values", "empirical_risks", "front_cost"):
             values[name] = tuple(float(x) for x in values[name])
         values["risk_names"] = tuple(str(x) for x in values["risk_names"])
+        if values["upper_bounds"] is not None:
+            values["upper_bounds"] = tuple(float(x) for x in values["upper_bounds"])
         return cls(**values)
 
     def to_json(self) -> str:
@@ -885,6 +906,7 @@ class _Tested:
     n_certified: int
     index: int
     cost: Array  # (F,) cost estimate
+    upper_bounds: Array | None  # (R,) of the chosen entry (UCB procedures)
 
 
 def _test_front(
@@ -893,7 +915,7 @@ def _test_front(
     *,
     eps: Array,
     loss_bounds: Array,
-    bound: str,
+    procedure: Procedure,
     delta: float,
 ) -> _Tested:
     """Fixed-sequence test of an ordered front; losses (R, F, n_test) read in the given order.
@@ -901,18 +923,40 @@ def _test_front(
     ``cost`` (F,) is the cost estimate used to choose among certified entries; entry 0 is
     the full model, never tested.
     """
-    p_values = p_value_table(losses, eps, bound=bound, delta=delta, loss_bounds=loss_bounds)
-    n_certified = fixed_sequence(p_values[:, 1:], delta=delta)
+    p_values = p_value_table(
+        losses, eps, procedure=procedure, delta=delta, loss_bounds=loss_bounds
+    )  # (R, F)
+    n_certified = fixed_sequence(p_values[:, 1:], delta=delta, procedure=procedure)
     index = 0
     if n_certified > 0:
         certified_cost = cost[1 : n_certified + 1]
         # The cheapest; among equal costs the last in the order (the end of the run).
         index = int(n_certified - np.argmin(certified_cost[::-1]))
-    return _Tested(p_values, losses.mean(axis=-1), n_certified, index, cost)
+    upper = None
+    if procedure.reports_upper_bound:
+        # The chosen entry's bound per risk (the few risks), from the same samples and order.
+        upper = np.array(
+            [
+                float(
+                    procedure.upper_bound(
+                        losses[r, index], delta=delta, loss_bound=float(loss_bounds[r])
+                    )
+                )
+                for r in range(losses.shape[0])
+            ]
+        )
+    return _Tested(p_values, losses.mean(axis=-1), n_certified, index, cost, upper)
 
 
-def _check_bound(bound: str) -> str:
-    return check_choice(bound, "bound", PARETO_BOUNDS)
+def _check_procedure(procedure: str | Procedure) -> Procedure:
+    chosen = get_procedure(procedure)
+    if chosen.name not in PARETO_PROCEDURES:
+        allowed = ", ".join(repr(p) for p in PARETO_PROCEDURES)
+        raise ValueError(
+            f"`procedure` must be a fixed-sequence p-value procedure ({allowed}); got "
+            f"{chosen.name!r}."
+        )
+    return chosen
 
 
 def _warn_nothing(n_test: int, eps: Array, delta: float) -> None:
@@ -937,7 +981,7 @@ def pareto_test(
     loss_bounds: float | Sequence[float] = 1.0,
     exit_cost: ArrayLike | None = None,
     head_cost: ArrayLike | None = None,
-    bound: str = "wsr",
+    procedure: str | Procedure = "ucb-wsr",
     opt_fraction: float = 0.5,
     search: VectorSearch | None = None,
     cost_estimate: str = "all",
@@ -968,9 +1012,11 @@ def pareto_test(
     head_cost : array (L,), optional
         Cost of each exit head; heads of disabled exits are then not charged (the all-``inf``
         full model costs the backbone and the last head).
-    bound : {"wsr", "hb", "hoeffding", "binomial"}
-        The p-value of each risk on the testing part. WSR reads the testing part in the
-        seeded random order of the split.
+    procedure : str or Procedure
+        The fixed-sequence procedure of the test (one of :data:`PARETO_PROCEDURES`; aliases
+        such as ``"ucb"`` work): ``"ucb-wsr"`` (the default; WSR reads the testing part in
+        the seeded random order of the split), ``"ltt"`` (Hoeffding-Bentkus),
+        ``"ucb-hb"``, ``"ucb-hoeffding"`` or ``"ucb-binomial"`` (0-1 losses).
     opt_fraction : float in (0, 1)
         Share of the calibration samples in the optimisation part (the search and the
         order); the rest is the testing part. Default 0.5, the paper's split.
@@ -1017,7 +1063,7 @@ def pareto_test(
     level = check_open_unit(delta, "delta")
     costs = check_exit_cost(exit_cost, n_exits)  # (L,)
     heads = None if head_cost is None else check_head_cost(head_cost, n_exits)
-    chosen_bound = _check_bound(bound)
+    chosen = _check_procedure(procedure)
     check_choice(cost_estimate, "cost_estimate", COST_ESTIMATES)
     names = _risk_names(risk_names, n_risks)
     settings = search if search is not None else VectorSearch()
@@ -1094,7 +1140,7 @@ def pareto_test(
     else:
         estimate = configuration_costs(exits, front, costs, heads).mean(-1)
     tested = _test_front(
-        test_losses, estimate, eps=eps, loss_bounds=bounds_, bound=chosen_bound, delta=level
+        test_losses, estimate, eps=eps, loss_bounds=bounds_, procedure=chosen, delta=level
     )
     if tested.n_certified == 0:
         _warn_nothing(len(test), eps, level)
@@ -1109,7 +1155,7 @@ def pareto_test(
         eps=eps,
         loss_bounds=bounds_,
         delta=level,
-        bound=chosen_bound,
+        procedure=chosen,
         cost_estimate=cost_estimate,
         n_opt=n_opt,
         n_test=len(test),
@@ -1133,7 +1179,7 @@ def _selection(
     eps: Array,
     loss_bounds: Array,
     delta: float,
-    bound: str,
+    procedure: Procedure,
     cost_estimate: str,
     n_opt: int,
     n_test: int,
@@ -1152,9 +1198,12 @@ def _selection(
         target_risks=tuple(float(e) for e in eps),
         loss_bounds=tuple(float(b) for b in loss_bounds),
         delta=delta,
-        bound=bound,
+        procedure=procedure.name,
         p_values=tuple(float(p) for p in tested.p_values[:, index]),
         empirical_risks=tuple(float(r) for r in tested.risks[:, index]),
+        upper_bounds=None
+        if tested.upper_bounds is None
+        else tuple(float(u) for u in tested.upper_bounds),
         expected_cost=float(tested.cost[index]),
         full_cost=float(tested.cost[0]),
         cost_estimate=cost_estimate,
@@ -1181,7 +1230,7 @@ def pareto_test_table(
     cost: ArrayLike,
     delta: float = 0.1,
     loss_bounds: float | Sequence[float] = 1.0,
-    bound: str = "wsr",
+    procedure: str | Procedure = "ucb-wsr",
     order: Literal["pareto", "natural"] = "pareto",
     opt_fraction: float = 0.5,
     cost_estimate: str = "all",
@@ -1197,7 +1246,7 @@ def pareto_test_table(
         ``losses[r, k, i]``: loss of sample ``i`` under configuration ``k`` for risk ``r``,
         relative to the full model, in ``[-loss_bounds[r], loss_bounds[r]]``. Row 0 is the
         full model and must be loss-free.
-    target_risks, delta, loss_bounds, bound, opt_fraction, cost_estimate, risk_names, seed
+    target_risks, delta, loss_bounds, procedure, opt_fraction, cost_estimate, risk_names, seed
         As in :func:`pareto_test`.
     cost : array of shape (K,) or (K, n)
         Compute per configuration (per sample, or already averaged).
@@ -1208,8 +1257,7 @@ def pareto_test_table(
         given order on all ``n`` samples (multi-risk Learn-then-Test). The samples are read
         in the order of :func:`exitguard.risk.procedures.reading_order` seeded by ``seed``,
         exactly as :func:`exitguard.calibrate_table` reads them, so that with one risk the
-        selection is the same (``bound="hb"``: ``procedure="ltt"``; ``"wsr"``: ``"ucb-wsr"``
-        up to ``p == delta``).
+        selection is that of ``calibrate_table`` with the same procedure.
     thresholds : array of shape (K, L - 1) or (K,), optional
         The configuration of each row, recorded in the result.
 
@@ -1256,7 +1304,7 @@ def pareto_test_table(
             raise ValueError("`thresholds` must not contain NaN.")
     eps = _target_risks(target_risks, n_risks)
     level = check_open_unit(delta, "delta")
-    chosen_bound = _check_bound(bound)
+    chosen = _check_procedure(procedure)
     check_choice(order, "order", ORDERS)
     check_choice(cost_estimate, "cost_estimate", COST_ESTIMATES)
     names = _risk_names(risk_names, n_risks)
@@ -1268,7 +1316,7 @@ def pareto_test_table(
         test_losses = table[:, :, read]  # (R, K, n) in the random reading order
         estimate = per_sample.mean(axis=-1)
         tested = _test_front(
-            test_losses, estimate, eps=eps, loss_bounds=bounds_, bound=chosen_bound, delta=level
+            test_losses, estimate, eps=eps, loss_bounds=bounds_, procedure=chosen, delta=level
         )
         front_risks, front_cost, n_opt, n_test, fraction = tested.risks, estimate, 0, n, 0.0
     else:
@@ -1294,7 +1342,7 @@ def pareto_test_table(
         source = per_sample if cost_estimate == "all" else per_sample[:, test]
         estimate = source[rows].mean(axis=-1)
         tested = _test_front(
-            test_losses, estimate, eps=eps, loss_bounds=bounds_, bound=chosen_bound, delta=level
+            test_losses, estimate, eps=eps, loss_bounds=bounds_, procedure=chosen, delta=level
         )
         front_risks = table[:, rows][:, :, opt].mean(axis=-1)
         front_cost = per_sample[rows][:, opt].mean(axis=-1)
@@ -1317,7 +1365,7 @@ def pareto_test_table(
         eps=eps,
         loss_bounds=bounds_,
         delta=level,
-        bound=chosen_bound,
+        procedure=chosen,
         cost_estimate=cost_estimate,
         n_opt=n_opt,
         n_test=n_test,
