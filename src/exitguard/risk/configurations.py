@@ -45,7 +45,13 @@ from exitguard.risk._validation import (
     check_positive,
     check_unit_scores,
 )
-from exitguard.risk.exits import NEVER, as_threshold_grid, check_thresholds, first_exit
+from exitguard.risk.exits import (
+    NEVER,
+    as_threshold_grid,
+    check_threshold,
+    check_thresholds,
+    first_exit,
+)
 
 Array = NDArray[np.float64]
 
@@ -378,6 +384,17 @@ class ThresholdFamily:
         else:
             values = finite * decay[None, :]
         return np.where(np.isinf(grid)[:, None], NEVER, values)  # (K, L-1)
+
+    def vector(self, lam: float, n_exits: int) -> Array:
+        """The threshold vector at one ``lambda`` (``inf``: the full model); shape (L - 1,).
+
+        Examples
+        --------
+        >>> ThresholdFamily("scaled", tau=1.0).vector(0.8, 3).round(3)
+        array([0.8  , 0.485])
+        """
+        value = check_threshold(lam, name="lambda")
+        return self.vectors(np.array([value]), n_exits)[-1]  # the row after the leading inf
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "tau": float(self.tau)}
