@@ -781,9 +781,7 @@ def _vector_from_json(values: Any) -> tuple[float, ...]:
         if value == "never":
             out.append(math.inf)
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(
-                f'`thresholds` must hold numbers in [0, 1] or "never"; got {value!r}.'
-            )
+            raise ValueError(f'`thresholds` must hold numbers in [0, 1] or "never"; got {value!r}.')
         else:
             out.append(float(value))
     return tuple(out)
@@ -942,7 +940,7 @@ def _check_threshold_fields(p: ExitPolicy) -> None:
             )
         if threshold is None:
             raise ValueError(
-                "a `threshold_function` needs its scalar `threshold` (or \"never\"); got null."
+                'a `threshold_function` needs its scalar `threshold` (or "never"); got null.'
             )
     if p.thresholds is None:
         return
@@ -963,7 +961,7 @@ def _check_threshold_fields(p: ExitPolicy) -> None:
     full = all(math.isinf(v) for v in p.thresholds)
     if full != (p.index == 0):
         raise ValueError(
-            "row 0 is the full model, whose thresholds are all \"never\", and only row 0; got "
+            'row 0 is the full model, whose thresholds are all "never", and only row 0; got '
             f"index {p.index} with thresholds {p.thresholds!r}."
         )
 

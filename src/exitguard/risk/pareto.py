@@ -310,9 +310,7 @@ def p_value_table(
     return np.clip(out, 0.0, 1.0)
 
 
-def fixed_sequence(
-    p_values: ArrayLike, *, delta: float, procedure: str | Procedure = "ltt"
-) -> int:
+def fixed_sequence(p_values: ArrayLike, *, delta: float, procedure: str | Procedure = "ltt") -> int:
     """Length of the unbroken run of configurations that pass, from the first; (R, F) -> int.
 
     A configuration passes when every risk passes ``procedure``'s test: the largest of its

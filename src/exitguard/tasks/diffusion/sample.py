@@ -195,9 +195,7 @@ def check_threshold(threshold: Any, n: int) -> Tensor:
     return values
 
 
-def exit_limits(
-    model: Denoiser, threshold: Any, n: int, *, earliest_exit: int
-) -> Tensor:
+def exit_limits(model: Denoiser, threshold: Any, n: int, *, earliest_exit: int) -> Tensor:
     """Every sample's threshold at every step and exit: float64 (n, T, L - 1).
 
     ``threshold`` takes any form of the module notes (a float, (n,), (n, L - 1),
