@@ -407,6 +407,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
             f"{timing_summary['test accuracy, full model']:.3f} for the full model."
         ),
     ]
+    vectors_table, vectors_line = pareto_side_by_side(prepared, config)
+    summary.append(vectors_line)
     results: dict[str, Any] = {
         **results_header("classification", f"exitguard: certified early exit on {data.name}"),
         "summary": summary,
@@ -450,6 +452,38 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
         },
         "timing": timing_summary,
         "policy": policy.to_dict(),
+        "tables": [vectors_table],
     }
     write_report(results, Path(config.out))
     return results
+
+
+def pareto_side_by_side(prepared: Prepared, config: DemoConfig) -> tuple[dict[str, Any], str]:
+    """The policy's risk certified with one threshold and with per-exit thresholds."""
+    from exitguard.pareto_evaluation import PerExitOutputs, side_by_side
+    from exitguard.risk.exits import default_thresholds
+    from exitguard.risk.losses import get_risk, per_exit_losses
+
+    outputs, labels = prepared.outputs, prepared.heldout.labels
+    risk = get_risk(config.policy_risk, rng=config.seed)
+    per_exit = {risk.name: per_exit_losses(outputs.probs, labels, risk)}
+    task = PerExitOutputs(
+        name=prepared.data.name,
+        confidences=outputs.confidences,
+        per_exit=per_exit,
+        loss_bounds={risk.name: risk.loss_bound},
+        exit_cost=prepared.exit_flops,
+        head_cost=np.array(prepared.flops.head, dtype=np.float64),
+        full_cost=float(prepared.flops.full),
+        grid=default_thresholds(),
+    )
+    return side_by_side(
+        task,
+        risk.name,
+        config.policy_target_risk,
+        n_cal=config.n_cal,
+        trials=10 if config.quick else config.trials,
+        delta=config.delta,
+        seed=config.seed,
+        quick=config.quick,
+    )
