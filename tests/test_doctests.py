@@ -8,6 +8,8 @@ import pytest
 MODULES = [
     "exitguard.calibration",
     "exitguard.distributed.merge",
+    "exitguard.pareto_calibration",
+    "exitguard.policy",
     "exitguard.risk.configurations",
     "exitguard.risk.exits",
     "exitguard.risk.pareto",

@@ -19,7 +19,8 @@ from exitguard.calibration import (
     monotonicity_check,
 )
 from exitguard.evaluation import Evaluation, EvaluationRow, evaluate
-from exitguard.policy import AppliedPolicy, ExitPolicy, PolicyFileError, load_policy
+from exitguard.pareto_calibration import RiskTarget, calibrate_pareto
+from exitguard.policy import AppliedPolicy, ExitPolicy, PolicyFileError, RiskPromise, load_policy
 from exitguard.risk.configurations import (
     ConfigurationTable,
     ThresholdFamily,
@@ -54,12 +55,15 @@ __all__ = [
     "Procedure",
     "Risk",
     "RiskNotControlledWarning",
+    "RiskPromise",
+    "RiskTarget",
     "ThresholdFamily",
     "VectorSearch",
     "__version__",
     "build_table",
     "build_table_from_predictions",
     "calibrate",
+    "calibrate_pareto",
     "calibrate_predictions",
     "calibrate_table",
     "evaluate",
