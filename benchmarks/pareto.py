@@ -34,10 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from exitguard.pareto_evaluation import DEFAULT_METHODS, PerExitOutputs, compare_methods
+from exitguard.pareto_evaluation import (
+    DEFAULT_METHODS,
+    PerExitOutputs,
+    compare_methods,
+    compare_on_table,
+)
 from exitguard.risk.exits import default_thresholds
 from exitguard.risk.losses import get_risk, per_exit_losses
 from exitguard.risk.pareto import VectorSearch
+from exitguard.risk.tail import exceedance_losses
 
 SEARCH = VectorSearch(restarts=1, multipliers=12)
 
@@ -97,6 +103,49 @@ def segmentation_task(dataset: str, seed: int) -> tuple[PerExitOutputs, list[Any
     return outputs, cases
 
 
+def calm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The CALM table (one scalar grid with CALM's decay: no per-exit outputs to search).
+
+    Its rows are tested in their natural order (single) or in an order learnt on a quarter
+    of the calibration set (Pareto Testing over the rows); with a tail risk beside the mean
+    ROUGE-L drop, both are promised at once.
+    """
+    from importlib import resources
+
+    source = resources.files("exitguard") / "data" / "calm_cnndm.npz"
+    with resources.as_file(source) as path, np.load(path, allow_pickle=False) as data:
+        losses, cost = data["losses"], data["cost"]  # (K, N) signed ROUGE-L drops, (K,) layers
+    print(f"\ncalm/cnndm: N = {losses.shape[1]}, {losses.shape[0]} thresholds, cost in layers")
+    rows = []
+    cases = [
+        (["rouge_drop"], [0.05], losses[None], [1.0]),
+        (
+            ["rouge_drop", "rouge_drop>0.2"],
+            [0.05, 0.05],
+            np.stack([losses, exceedance_losses(losses, 0.2)]),
+            [1.0, 1.0],
+        ),
+    ]
+    for risks, targets, table, bounds in cases:
+        goal = " + ".join(f"{r} <= {e:g}" for r, e in zip(risks, targets, strict=True))
+        print(f" {goal}, n = 500", flush=True)
+        found = compare_on_table(
+            table,
+            cost,
+            name="calm/cnndm",
+            risks=risks,
+            target_risks=targets,
+            loss_bounds=bounds,
+            n_cal=500,
+            trials=args.trials,
+            delta=args.delta,
+            seed=args.seed,
+        )
+        print_rows(found)
+        rows.extend(found)
+    return rows
+
+
 def print_rows(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         risk = " ".join(f"{r:.4f}" for r in row["mean_test_risk"])
@@ -106,8 +155,9 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             if reduction is None
             else f"{100 * reduction:+7.1f}% ±{100 * row['flops_reduction_se']:.1f}"
         )
+        exit_ = "" if row["mean_exit"] is None else f"{row['mean_exit']:.2f}"
         print(
-            f"  {row['method']:<16}{100 * row['flops_saving']:>7.1f}%{row['mean_exit']:>7.2f}"
+            f"  {row['method']:<16}{100 * row['flops_saving']:>7.1f}%{exit_:>7}"
             f"  {risk:<16}{row['violation_rate']:>6.2f}{row['population_violation_rate']:>6.2f}"
             f"{row['violation_p_value']:>8.3f}{row['certified_rate']:>6.2f}  {versus}"
         )
@@ -115,7 +165,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["fashion-mnist", "segmentation"])
+    parser.add_argument("--tasks", nargs="+", default=["fashion-mnist", "segmentation", "calm"])
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -123,6 +173,9 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for name in args.tasks:
+        if name == "calm":
+            results.extend(calm_rows(args))
+            continue
         try:
             if name == "segmentation":
                 outputs, cases = segmentation_task("digits", args.seed)
