@@ -332,6 +332,11 @@ def calibrate_pareto(
         "data": fingerprint(scores, per_exit),
     }
     if isinstance(space, str) and space == "vectors":
+        if thresholds is not None:
+            raise ValueError(
+                '`thresholds` (a scalar grid) applies to space="scalar" or a ThresholdFamily; '
+                "the search over vectors picks its own levels (see `search`)."
+            )
         opt: dict[str, Any] = {}
         if opt_exit_probs is not None:
             opt_probs = as_probabilities(opt_exit_probs, from_logits=from_logits)

@@ -538,13 +538,20 @@ class ExitPolicy:
         return f"ExitPolicy({', '.join(parts)})"
 
     def __post_init__(self) -> None:
-        if self.thresholds is not None and not isinstance(self.thresholds, tuple):
+        if self.thresholds is not None:
             if isinstance(self.thresholds, (str, bytes)) or not hasattr(self.thresholds, "__len__"):
                 raise TypeError(
                     "`thresholds` must be a sequence of floats (one per exit but the last); "
                     f"got {self.thresholds!r}."
                 )
-            object.__setattr__(self, "thresholds", tuple(self.thresholds))
+            values = tuple(
+                float(v)
+                if isinstance(v, (int, float, np.integer, np.floating))
+                and not isinstance(v, (bool, np.bool_))
+                else v
+                for v in self.thresholds
+            )
+            object.__setattr__(self, "thresholds", values)
         if not isinstance(self.risks, tuple):
             if isinstance(self.risks, (str, bytes)) or not hasattr(self.risks, "__len__"):
                 raise TypeError(f"`risks` must be a sequence of RiskPromise; got {self.risks!r}.")
