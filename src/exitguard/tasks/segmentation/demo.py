@@ -470,6 +470,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     ucb = Evaluation.from_dict(risks[config.policy_risk]["evaluation"]).row(
         config.policy_procedure, config.policy_target_risk
     )
+    vectors_table, vectors_line = pareto_side_by_side(prepared, config, n_cal)
+    extra_tables = [*extra_tables, vectors_table]
     summary = [
         (
             f"{heldout.name}: a {n_exits}-exit encoder-decoder segmenter, held-out mIoU "
@@ -489,6 +491,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
             f"ideal {timing['FLOPs speed-up']:.2f}x); test miscoverage "
             f"{timing['test miscoverage (share of pixels unlike the full model)']:.4f}."
         ),
+        vectors_line,
     ]
     results: dict[str, Any] = {
         **results_header(
@@ -545,3 +548,34 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
     }
     write_report(results, Path(config.out))
     return results
+
+
+def pareto_side_by_side(
+    prepared: Prepared, config: DemoConfig, n_cal: int
+) -> tuple[dict[str, Any], str]:
+    """The policy's risk certified with one threshold and with per-exit thresholds."""
+    from exitguard.pareto_evaluation import PerExitOutputs, side_by_side
+    from exitguard.risk.exits import default_thresholds
+    from exitguard.tasks.segmentation.collect import GRID_STEP
+
+    outputs = prepared.outputs
+    task = PerExitOutputs(
+        name=prepared.heldout.name,
+        confidences=outputs.confidences[prepared.measures[0].__name__],
+        per_exit=dict(outputs.losses),
+        loss_bounds=dict(LOSS_BOUNDS),
+        exit_cost=prepared.exit_flops,
+        head_cost=np.array(prepared.flops.head, dtype=np.float64),
+        full_cost=float(prepared.flops.full),
+        grid=default_thresholds(GRID_STEP),
+    )
+    return side_by_side(
+        task,
+        config.policy_risk,
+        config.policy_target_risk,
+        n_cal=n_cal,
+        trials=10 if config.quick else config.trials,
+        delta=config.delta,
+        seed=config.seed,
+        quick=config.quick,
+    )
