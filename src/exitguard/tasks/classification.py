@@ -482,7 +482,7 @@ def pareto_side_by_side(prepared: Prepared, config: DemoConfig) -> tuple[dict[st
         risk.name,
         config.policy_target_risk,
         n_cal=config.n_cal,
-        trials=10 if config.quick else config.trials,
+        trials=min(10, config.trials) if config.quick else config.trials,
         delta=config.delta,
         seed=config.seed,
         quick=config.quick,

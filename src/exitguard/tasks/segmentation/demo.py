@@ -574,7 +574,7 @@ def pareto_side_by_side(
         config.policy_risk,
         config.policy_target_risk,
         n_cal=n_cal,
-        trials=10 if config.quick else config.trials,
+        trials=min(10, config.trials) if config.quick else config.trials,
         delta=config.delta,
         seed=config.seed,
         quick=config.quick,
