@@ -146,6 +146,135 @@ def calm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def step_flops(flops: dict[str, Any], limits: np.ndarray, exits: np.ndarray) -> np.ndarray:
+    """FLOPs of every denoising step; limits (M, T, L-1), exits (M, N, T) -> (M, N, T).
+
+    A step that leaves at exit ``l`` runs the embedding, blocks ``0..l``, the UEMs of the
+    exits up to ``l`` whose threshold at that step is finite, and head ``l``; a step whose
+    thresholds are all ``inf`` is the plain full step (no UEM).
+    """
+    blocks = np.cumsum(np.asarray(flops["block"], dtype=np.float64))  # (L,)
+    head = np.asarray(flops["head"], dtype=np.float64)  # (L,)
+    uem = np.asarray(flops["uem"], dtype=np.float64)  # (L-1,)
+    active = np.cumsum(np.isfinite(limits) * uem, -1)  # (M, T, L-1) UEMs run up to each exit
+    ran = np.concatenate([active, active[..., -1:]], -1)  # (M, T, L) the last: every UEM
+    taken = exits.astype(np.int64)  # (M, N, T)
+    charged = np.take_along_axis(ran[:, None], taken[..., None], axis=-1)[..., 0]  # (M, N, T)
+    cost = float(flops["embed"]) + blocks[taken] + head[taken] + charged
+    never = np.isinf(limits).all(-1)[:, None, :]  # (M, 1, T)
+    return np.where(never, float(flops["full"]), cost)
+
+
+def diffusion_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Diffusion: the scalar grid against threshold vectors and per-step schedules.
+
+    The trajectory depends on the policy, so every configuration is sampled (one generation
+    per configuration and noise seed, the same noise for all): the demo's pilot-chosen
+    scalar grid, and for each of its thresholds ``lambda``: a vector with lower thresholds at
+    later exits (``scaled``, tau = 1), and schedules that allow exits only in the first
+    (noisiest) or the last half of the steps. Single: the scalar rows in their natural order;
+    Pareto Testing: the order of all rows learnt on a quarter of the calibration set.
+    """
+    import torch
+
+    from exitguard.risk.configurations import ThresholdFamily
+    from exitguard.tasks.diffusion.demo import DemoConfig, prepare
+    from exitguard.tasks.diffusion.losses import ssim_loss
+    from exitguard.tasks.diffusion.sample import sample, sample_noise, to_unit
+
+    torch.set_num_threads(2)
+    n = 200 if args.tiny else 1000
+    config = DemoConfig(dataset="digits", seed=args.seed, n_samples=n, progress=False)
+    if args.tiny:
+        from exitguard.tasks.diffusion.model import DenoiserConfig
+        from exitguard.tasks.diffusion.train import TrainSettings
+
+        config = DemoConfig(
+            dataset="digits",
+            seed=args.seed,
+            n_samples=n,
+            n_cal=100,
+            progress=False,
+            n_thresholds=8,
+            model=DenoiserConfig(width=32, depth=5, n_heads=2, steps=12, reference_steps=120),
+            train=TrainSettings(iterations=40, batch_size=32, warmup=5, seed=args.seed),
+            pilot_samples=8,
+        )
+    prepared = prepare(config, log=print)
+    model, swept = prepared.model, prepared.sweep
+    steps, width = model.config.steps, model.n_exits - 1
+    grid = swept.thresholds  # (K,) inf first
+    lambdas = grid[1:]
+    scaled = ThresholdFamily("scaled", tau=1.0).vectors(lambdas, model.n_exits)[1:]  # (K-1, L-1)
+    half = np.arange(steps) < steps // 2  # (T,) the first, noisiest, half of the steps
+    early = np.where(half[None, :, None], lambdas[:, None, None], np.inf)
+    late = np.where(~half[None, :, None], lambdas[:, None, None], np.inf)
+    extra = np.concatenate(
+        [np.broadcast_to(scaled[:, None, :], (len(lambdas), steps, width)), early, late]
+    )  # (M, T, L-1) the per-exit and per-step configurations
+    extra = np.broadcast_to(extra, (len(extra), steps, width)).copy()
+    print(f"diffusion/digits: sampling {len(extra)} more configurations x {n} seeds", flush=True)
+    losses = np.zeros((len(extra), n))
+    exits = np.zeros((len(extra), n, steps), dtype=np.int64)
+    full = torch.from_numpy(swept.images[0])  # (N, C, H, W) the full model's images
+    batch = 16  # samples per call; every configuration of them in one call
+    for start in range(0, n, batch):  # a loop over batches of noise seeds: bounded memory
+        ids = np.arange(start, min(n, start + batch))
+        noise = sample_noise(
+            ids, seed=swept.seed, steps=steps, image_shape=model.config.image_shape
+        )
+        rows = noise.repeat(len(extra), 1, 1, 1, 1)  # (M*b, T, C, H, W)
+        limits = torch.from_numpy(np.repeat(extra, len(ids), axis=0))  # (M*b, T, L-1)
+        result = sample(model, rows, threshold=limits, earliest_exit=swept.earliest_exit)
+        images = to_unit(result.images)  # (M*b, C, H, W)
+        against = full[ids].repeat(len(extra), 1, 1, 1)
+        losses[:, ids] = ssim_loss(images, against).double().view(len(extra), -1).numpy()
+        exits[:, ids] = result.exits.view(len(extra), len(ids), steps).numpy()
+    all_limits = np.concatenate(
+        [np.broadcast_to(grid[:, None, None], (len(grid), steps, width)), extra]
+    )  # (K + M, T, L-1)
+    all_limits[:, :, : swept.earliest_exit] = np.inf
+    all_exits = np.concatenate([swept.exits.astype(np.int64), exits])  # (K + M, N, T)
+    cost = step_flops(swept.flops, all_limits, all_exits).sum(-1)  # (K + M, N)
+    if not np.allclose(cost[: len(grid)], swept.cost):  # the sweep's own count, scalar rows
+        raise RuntimeError("step_flops disagrees with the sweep's FLOPs of the scalar grid")
+    table = np.concatenate([swept.losses["ssim"], losses])[None]  # (1, K + M, N)
+    rows_out = []
+    for target in (0.01, 0.05):
+        print(f" ssim <= {target:g}, n = {config.n_cal}", flush=True)
+        single = compare_on_table(
+            table[:, : len(grid)],
+            cost[: len(grid)],
+            name="diffusion/digits",
+            risks=["ssim"],
+            target_risks=[target],
+            loss_bounds=[1.0],
+            n_cal=config.n_cal,
+            trials=args.trials,
+            delta=args.delta,
+            seed=args.seed,
+        )[:1]  # the scalar grid alone: single UCB-WSR
+        pareto = compare_on_table(
+            table,
+            cost,
+            name="diffusion/digits",
+            risks=["ssim"],
+            target_risks=[target],
+            loss_bounds=[1.0],
+            n_cal=config.n_cal,
+            trials=args.trials,
+            delta=args.delta,
+            seed=args.seed,
+        )[1:]  # the same splits and seeds: Pareto Testing over every row
+        reference = single[0]["flops_saving"]
+        for row in pareto:
+            row["flops_reduction_vs_single"] = 1.0 - (1.0 - row["flops_saving"]) / (1.0 - reference)
+            row["flops_reduction_se"] = float("nan")  # not paired across the two calls
+        print_rows(single + pareto)
+        rows_out.extend(single + pareto)
+    return rows_out
+
+
 def print_rows(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         risk = " ".join(f"{r:.4f}" for r in row["mean_test_risk"])
@@ -170,11 +299,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--tiny", action="store_true", help="diffusion: a tiny model (smoke run)")
     args = parser.parse_args()
     results = []
     for name in args.tasks:
         if name == "calm":
             results.extend(calm_rows(args))
+            continue
+        if name == "diffusion":
+            results.extend(diffusion_rows(args))
             continue
         try:
             if name == "segmentation":

@@ -149,7 +149,8 @@ def compare_methods(
         ``violation_rate`` (test split), ``population_violation_rate`` and its binomial
         ``violation_p_value``, ``certified_rate``; Pareto rows add
         ``flops_reduction_vs_single`` and its paired standard error ``flops_reduction_se``.
-        External-set methods are skipped when a risk needs labels or the data are too few.
+        External-set methods are skipped when a risk needs labels or when the calibration
+        and external sets (2 n_cal) would leave no test sample.
     """
     n_total = outputs.confidences.shape[0]
     rng = np.random.default_rng(seed)
@@ -165,7 +166,7 @@ def compare_methods(
     cost[0] = outputs.full_cost  # the never-exit row runs no intermediate head
     label_free = all(r.partition(">")[0] in outputs.label_free for r in risks)
     chosen = [
-        m for m in methods if m.kind != "pareto-external" or (label_free and 2 * n_cal <= n_total)
+        m for m in methods if m.kind != "pareto-external" or (label_free and 2 * n_cal < n_total)
     ]
     outcomes = {m.name: _Outcome() for m in chosen}
     started = time.perf_counter()
