@@ -33,7 +33,7 @@ from exitguard.nn import (
 )
 from exitguard.nn.blocks import BasicBlock
 from exitguard.report.plots import default_risk_title
-from exitguard.report.results import DemoResults, ModelInfo, summary_lines
+from exitguard.report.results import DemoResults, ModelInfo, Table, summary_lines
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
 from exitguard.tasks.common import (
@@ -419,6 +419,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         ),
         *summary_lines(risks, settings_, timed),
     )
+    vectors_table, vectors_line = pareto_side_by_side(prepared, config)
+    summary = (*summary, vectors_line)
     results = DemoResults(
         task="classification",
         title=f"exitguard: certified early exit on {data.name}",
@@ -440,9 +442,41 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         risks=risks,
         timed=timed,
         policy=policy.to_dict(),
+        tables=(Table.from_dict(vectors_table, "tables[0]"),),
         **results_header(),
     )
     splits = {"calibration": cal_idx, "test": test_idx}
     files.update(exit_output_files(outputs.probs, heldout.labels, splits, exit_cost=exit_flops))
     write_demo_report(results, config, policy=policy, files=files, log=log)
     return results
+
+
+def pareto_side_by_side(prepared: Prepared, config: DemoConfig) -> tuple[dict[str, Any], str]:
+    """The policy's risk certified with one threshold and with per-exit thresholds."""
+    from exitguard.pareto_evaluation import PerExitOutputs, side_by_side
+    from exitguard.risk.exits import default_thresholds
+    from exitguard.risk.losses import get_risk, per_exit_losses
+
+    outputs, labels = prepared.outputs, prepared.heldout.labels
+    risk = get_risk(config.policy_risk, rng=config.seed)
+    per_exit = {risk.name: per_exit_losses(outputs.probs, labels, risk)}
+    task = PerExitOutputs(
+        name=prepared.data.name,
+        confidences=outputs.confidences,
+        per_exit=per_exit,
+        loss_bounds={risk.name: risk.loss_bound},
+        exit_cost=prepared.exit_flops,
+        head_cost=np.array(prepared.flops.head, dtype=np.float64),
+        full_cost=float(prepared.flops.full),
+        grid=default_thresholds(),
+    )
+    return side_by_side(
+        task,
+        risk.name,
+        config.policy_target_risk,
+        n_cal=config.n_cal,
+        trials=min(10, config.trials) if config.quick else config.trials,
+        delta=config.delta,
+        seed=config.seed,
+        quick=config.quick,
+    )

@@ -558,6 +558,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         confidence=base,
         extra={"measures": [m.__name__ for m in measures]},
     )
+    vectors_table, vectors_line = pareto_side_by_side(prepared, config, n_cal)
+    extra_tables = [*extra_tables, Table.from_dict(vectors_table, "tables[-1]")]
     share = background_share(heldout)
     summary = (
         (
@@ -567,6 +569,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
             f"{accuracy[-1]:.3f})."
         ),
         *summary_lines(risks, settings, run.timed),
+        vectors_line,
         (
             f"Pixel miscoverage counts every pixel and {100 * share:.0f}% of the pixels are "
             "background, on which every exit agrees with the full model, so it is dominated by "
@@ -589,8 +592,9 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         model=ModelInfo(
             description=f"encoder-decoder: stage widths {list(model_config.widths)}, strides "
             f"{list(model_config.strides)}, dilations {list(model_config.dilations)}; a dense "
-            f"head (1x1 conv, width {model_config.head_width}, then bilinear upsampling) per "
-            f"stage; trained jointly with self-distillation ({prepared.training.epochs} epochs).",
+            f"head (1x1 conv, width {model_config.head_width}) per stage, deciding at a quarter "
+            "of the input resolution; only the scenes that leave are upsampled bilinearly; "
+            f"trained jointly with self-distillation ({prepared.training.epochs} epochs).",
             n_exits=n_exits,
             flops_per_exit=tuple(exit_flops.tolist()),
             full_flops=full_flops,
@@ -611,3 +615,34 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     write_demo_report(results, config, policy=policy, files=risk_files(prepared), log=log)
     return results
+
+
+def pareto_side_by_side(
+    prepared: Prepared, config: DemoConfig, n_cal: int
+) -> tuple[dict[str, Any], str]:
+    """The policy's risk certified with one threshold and with per-exit thresholds."""
+    from exitguard.pareto_evaluation import PerExitOutputs, side_by_side
+    from exitguard.risk.exits import default_thresholds
+    from exitguard.tasks.segmentation.collect import GRID_STEP
+
+    outputs = prepared.outputs
+    task = PerExitOutputs(
+        name=prepared.heldout.name,
+        confidences=outputs.confidences[prepared.measures[0].__name__],
+        per_exit=dict(outputs.losses),
+        loss_bounds=dict(LOSS_BOUNDS),
+        exit_cost=prepared.exit_flops,
+        head_cost=np.array(prepared.flops.head, dtype=np.float64),
+        full_cost=float(prepared.flops.full),
+        grid=default_thresholds(GRID_STEP),
+    )
+    return side_by_side(
+        task,
+        config.policy_risk,
+        config.policy_target_risk,
+        n_cal=n_cal,
+        trials=min(10, config.trials) if config.quick else config.trials,
+        delta=config.delta,
+        seed=config.seed,
+        quick=config.quick,
+    )
