@@ -307,7 +307,14 @@ class HaltingTrainConfig:
         Adam learning rate.
     ponder_cost : float
         Weight of the expected compute ``sum_l p_l cost_l`` (costs in units of the full
-        model); larger values halt earlier.
+        model, ACT's ponder cost); larger values halt earlier.
+    prior : float in (0, 1)
+        Halting probability per exit of PonderNet's geometric prior (truncated at the last
+        exit).
+    prior_weight : float
+        Weight of ``KL(p || prior)``, which keeps the halting distribution spread out
+        (PonderNet's regulariser) instead of a hard jump to one exit, so that thresholds on
+        the cumulative halting probability give a fine family of policies.
     target : {"labels", "full"}
         The loss of each exit: cross-entropy against the labels, or against the last exit's
         prediction (label-free, matching the consistency risk).
@@ -319,6 +326,8 @@ class HaltingTrainConfig:
     batch_size: int = 128
     lr: float = 5e-3
     ponder_cost: float = 0.1
+    prior: float = 0.3
+    prior_weight: float = 0.1
     target: Target = "labels"
     seed: int = 0
 
@@ -329,23 +338,46 @@ class HaltingTrainConfig:
             raise ValueError(f"`lr` must be a positive number; got {self.lr!r}.")
         if not (isinstance(self.ponder_cost, (int, float)) and self.ponder_cost >= 0):
             raise ValueError(f"`ponder_cost` must be a number >= 0; got {self.ponder_cost!r}.")
+        if not (isinstance(self.prior, (int, float)) and 0 < self.prior < 1):
+            raise ValueError(f"`prior` must be a number in (0, 1); got {self.prior!r}.")
+        if not (isinstance(self.prior_weight, (int, float)) and self.prior_weight >= 0):
+            raise ValueError(f"`prior_weight` must be a number >= 0; got {self.prior_weight!r}.")
         if self.target not in ("labels", "full"):
             raise ValueError(f"`target` must be 'labels' or 'full'; got {self.target!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"`seed` must be an integer >= 0; got {self.seed!r}.")
 
 
-def ponder_loss(
-    halting: Tensor, exit_losses: Tensor, exit_cost: Tensor, *, ponder_cost: float
-) -> Tensor:
-    """Expected loss plus ``ponder_cost`` times expected compute, averaged over the batch.
+def geometric_prior(n_exits: int, prior: float) -> Tensor:
+    """(L,) PonderNet's prior: halt with probability ``prior`` at each exit, the rest at the end."""
+    exits = torch.arange(n_exits, dtype=torch.float32)
+    p = prior * (1.0 - prior) ** exits  # (L,)
+    p[-1] = (1.0 - prior) ** (n_exits - 1)  # the last exit halts everything left
+    return p
 
-    ``halting`` (B, L) with the last column 1, ``exit_losses`` (B, L), ``exit_cost`` (L,).
+
+def ponder_loss(
+    halting: Tensor,
+    exit_losses: Tensor,
+    exit_cost: Tensor,
+    *,
+    ponder_cost: float,
+    prior: Tensor | None = None,
+    prior_weight: float = 0.0,
+) -> Tensor:
+    """Expected loss, ``ponder_cost`` x expected compute and ``prior_weight`` x KL to a prior.
+
+    ``halting`` (B, L) with the last column 1, ``exit_losses`` (B, L), ``exit_cost`` (L,),
+    ``prior`` (L,) (see :func:`geometric_prior`); averaged over the batch.
     """
     p = halt_distribution(halting)  # (B, L), rows sum to 1
     expected_loss = (p * exit_losses).sum(dim=1)  # (B,)
     expected_cost = (p * exit_cost[None, :]).sum(dim=1)  # (B,)
-    return (expected_loss + ponder_cost * expected_cost).mean()
+    total = expected_loss + ponder_cost * expected_cost
+    if prior is not None and prior_weight > 0:
+        kl = (torch.special.xlogy(p, p) - p * torch.log(prior[None, :])).sum(dim=1)  # (B,)
+        total = total + prior_weight * kl
+    return total.mean()
 
 
 @torch.no_grad()
@@ -436,6 +468,7 @@ def train_halting(
     exit_losses = F.cross_entropy(
         logits.transpose(1, 2), targets[:, None].expand(-1, n_exits), reduction="none"
     )  # (N, L)
+    prior = geometric_prior(n_exits, config.prior)  # (L,)
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.Adam(model.units.parameters(), lr=config.lr)
     model.units.train()
@@ -456,11 +489,13 @@ def train_halting(
                 exit_losses[index],
                 cost,
                 ponder_cost=config.ponder_cost,
+                prior=prior,
+                prior_weight=config.prior_weight,
             )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(index)
+            total += float(loss.detach()) * len(index)
         history.append(total / n)
     model.eval()
     with torch.no_grad():

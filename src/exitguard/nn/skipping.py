@@ -46,10 +46,10 @@ class SkipGate(nn.Module):
 
     ``logit(h)`` reads the block's input (B, C, *S) (or (B, C)); ``forward`` gives the score
     ``sigmoid(logit)`` in (0, 1), (B,). The bias starts at ``initial_logit`` so that a new
-    gate runs its block (``sigmoid(3) = 0.95``).
+    gate runs its block (``sigmoid(2) = 0.88``).
     """
 
-    def __init__(self, channels: int, *, initial_logit: float = 3.0) -> None:
+    def __init__(self, channels: int, *, initial_logit: float = 2.0) -> None:
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"`channels` must be a positive integer; got {channels!r}.")
@@ -490,12 +490,12 @@ def train_skipping(
                     )
                     + config.compute_weight * (keep * weights).sum(dim=1).mean()
                 )
-                keep_total += float(keep.mean()) * len(index)
+                keep_total += float(keep.detach().mean()) * len(index)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss) * len(index)
+            total += float(loss.detach()) * len(index)
         losses.append(total / n)
         keeps.append(keep_total / n if epoch >= config.warmup_epochs else 1.0)
     network.eval()

@@ -500,6 +500,7 @@ def evaluate_table(
     n_cal: int = 100,
     trials: int = 100,
     seed: int = 0,
+    return_selections: bool = False,
 ) -> Evaluation:
     """Repeated random calibration/test splits of one risk's table (:func:`exitguard.evaluate`)."""
     names = tuple(check_procedure(table, p) for p in procedures)
@@ -514,6 +515,7 @@ def evaluate_table(
         loss_bound=table.loss_bounds[index],
         cost=table.cost,
         seed=seed,
+        return_selections=return_selections,
     )
 
 
