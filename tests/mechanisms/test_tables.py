@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from exitguard.calibration import RiskNotControlledWarning, calibrate_table
 from exitguard.risk import bounds
 from exitguard.tasks.mechanisms.tables import (
+    BudgetRiskCurve,
     MechanismPolicy,
     MechanismTable,
     budget_risk_curve,
@@ -171,6 +174,13 @@ def test_budget_risk_curve_is_bonferroni_over_the_early_exits():
     )
     wsr = budget_risk_curve(probs, labels, budget_cost=budgets, seed=4)
     assert wsr.order_seed == 4 and wsr.bound == "wsr"
+    assert BudgetRiskCurve.from_dict(json.loads(json.dumps(wsr.to_dict()))) == wsr
+
+
+def test_the_tables_import_no_torch():
+    code = "import sys, exitguard.tasks.mechanisms.tables; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # ----------------------------------------------------------------------------- errors

@@ -103,6 +103,20 @@ class AnytimeNetwork(nn.Module):
         One sample is used to count FLOPs (:func:`exitguard.nn.count_flops`).
     profile : LatencyProfile, optional
         Measured stage and head times; required for budgets in milliseconds.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from exitguard.nn import EarlyExitNetwork
+    >>> network = EarlyExitNetwork([nn.Linear(4, 8), nn.Linear(8, 8)], [nn.Linear(8, 3)] * 2)
+    >>> anytime = AnytimeNetwork(network, torch.randn(1, 4))
+    >>> anytime.budget_cost().tolist()  # FLOPs of answering from each exit alone
+    [112.0, 240.0]
+    >>> anytime.infer(torch.randn(3, 4), budget=200).exits.tolist()
+    [0, 0, 0]
+    >>> [step.exit for step in anytime.refine(torch.randn(3, 4))]
+    [0, 1]
     """
 
     def __init__(

@@ -117,6 +117,19 @@ class HaltingNetwork(nn.Module):
         The trained network; its stages and heads are used as given.
     units : sequence of HaltingUnit, length L - 1
         Unit ``l`` reads stage ``l``'s output and exit ``l``'s logits.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from exitguard.nn import EarlyExitNetwork
+    >>> network = EarlyExitNetwork([nn.Linear(4, 8), nn.Linear(8, 8)], [nn.Linear(8, 3)] * 2)
+    >>> halting = HaltingNetwork.attach(network, torch.randn(1, 4))
+    >>> logits, halt = halting(torch.randn(5, 4))
+    >>> logits.shape, halt.shape, bool((halt[:, -1] == 1).all())
+    (torch.Size([5, 2, 3]), torch.Size([5, 2]), True)
+    >>> halting.infer(torch.randn(5, 4), 0.0).exits.tolist()  # threshold 0: lambda = 1
+    [0, 0, 0, 0, 0]
     """
 
     def __init__(self, network: EarlyExitNetwork, units: Sequence[HaltingUnit]) -> None:

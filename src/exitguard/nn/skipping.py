@@ -162,6 +162,17 @@ class SkipNetwork(nn.Module):
         Features -> logits (B, C).
     input_shape : tuple of int or None, optional
         Per-sample input shape checked on every call.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> blocks = [nn.Linear(8, 8), nn.Linear(8, 8)]
+    >>> network = SkipNetwork(nn.Linear(4, 8), blocks, [SkipGate(8), None], nn.Linear(8, 3))
+    >>> network.infer(torch.randn(5, 4), 0.0).ran.all().item()  # threshold 0: every block
+    True
+    >>> network.infer(torch.randn(5, 4), 1.0).ran.any().item()  # no score reaches 1
+    False
     """
 
     def __init__(

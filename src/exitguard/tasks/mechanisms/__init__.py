@@ -53,6 +53,7 @@ _EXPORTS = {
     "DemoConfig": "demo",
     "Mechanism": "demo",
     "build_mechanisms": "demo",
+    "compare_mechanisms": "demo",
     "run_demo": "demo",
     "write_mechanism_report": "report",
 }

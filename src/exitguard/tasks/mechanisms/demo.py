@@ -319,8 +319,28 @@ def _real_equals_simulated(mechanism: Mechanism, x: Tensor, value: float, batch_
 def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the mechanisms demo and write its report (when ``config.write``); the results dict."""
     start = time.perf_counter()
-    torch_threads = torch.get_num_threads()
     prepared, mechanisms, models = build_mechanisms(config, log=log)
+    results = compare_mechanisms(config, prepared, mechanisms, models, log=log)
+    results["seconds"] = time.perf_counter() - start
+    if config.write:
+        write_mechanism_report(results, Path(config.out))
+    return results
+
+
+def compare_mechanisms(
+    config: DemoConfig,
+    prepared: classification.Prepared,
+    mechanisms: dict[str, Mechanism],
+    models: dict[str, Any],
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Steps 3 to 5 of :func:`run_demo` on built mechanisms: the results dict (no file written).
+
+    Uses ``config``'s calibration size, splits, target risks, procedures and timing settings,
+    so one set of built mechanisms can be compared at several settings.
+    """
+    torch_threads = torch.get_num_threads()
     heldout = prepared.heldout
     images = torch.from_numpy(heldout.images)
     n_total = len(heldout)
@@ -443,10 +463,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[
             "smallest_certified_budget": curve.smallest_budget(config.target_risk),
         }
     results = _results(config, prepared, models, rows, evaluations, tradeoffs, curves)
-    results["seconds"] = time.perf_counter() - start
     results["machine"]["threads"] = torch_threads
-    if config.write:
-        write_mechanism_report(results, Path(config.out))
     return results
 
 

@@ -469,6 +469,21 @@ def certify(
     :func:`exitguard.calibrate_table` on ``table.loss(risk)`` with the FLOPs as cost; the
     guarantee is the procedure's (see there), for calibration and test data that are
     exchangeable. Families that are not ordered refuse procedures that assume a monotone risk.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> probs = rng.dirichlet(np.ones(3), size=(400, 3))  # (n, K, C): config 0 is the full model
+    >>> probs[:, 1] = probs[:, 0]                          # config 1 changes nothing
+    >>> table = config_table(
+    ...     "layer skipping", probs, risks="prediction_consistency",
+    ...     cost=np.tile([[3.0], [2.0], [1.0]], (1, 400)), values=[0.0, 0.5, 0.9],
+    ...     parameter="gate threshold",
+    ... )
+    >>> policy = certify(table, risk="prediction_consistency", target_risk=0.1, procedure="ltt")
+    >>> policy.value, policy.certified, round(policy.relative_saving, 3)
+    (0.5, True, 0.333)
     """
     name = check_procedure(table, procedure)
     index = table.risk_index(risk)
@@ -561,6 +576,14 @@ class BudgetRiskCurve:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BudgetRiskCurve:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        for key in ("budget", "empirical_risk", "upper_bound"):
+            values[key] = tuple(float(x) for x in values[key])
+        return cls(**values)
 
 
 def budget_risk_curve(

@@ -82,15 +82,15 @@ def mechanism_settings(dataset: str, *, quick: bool = False, seed: int = 0) -> M
             SmallCNNConfig(widths=(16, 24), strides=(2, 1)),
         )
         cascade_train = TrainSettings(epochs=2 if quick else 4, batch_size=128, lr=2e-3)
-        skip = SkipConfig(widths=(16, 32, 48), blocks=(2, 2, 2))
+        skip = SkipConfig(widths=(12, 24, 32), blocks=(2, 2, 2))
         skip_train = SkipTrainConfig(
-            epochs=2 if quick else 6,
-            warmup_epochs=1 if quick else 2,
+            epochs=2 if quick else 4,
+            warmup_epochs=1,
             batch_size=128,
             lr=2e-3,
             compute_weight=2.0,
         )
-        max_train = 6000 if quick else 30000
+        max_train = 6000 if quick else 20000
     return MechanismSettings(
         cascade=cascade,
         cascade_train=dataclasses.replace(cascade_train, seed=seed),
