@@ -41,9 +41,11 @@ def test_report_and_results(demo):
     assert results["task"] == "segmentation"
     page = (folder / "index.html").read_text()
     assert "miscoverage" in page and "segmentation_examples.png" in page
-    table, four_risks = results["tables"]
+    table, four_risks, vectors = results["tables"]
     assert len(table["rows"]) == 9 and len(table["header"]) == 1 + 3 * 3
     assert len(four_risks["rows"]) == 4
+    assert [row[0] for row in vectors["rows"]] == ["single UCB-WSR", "pareto WSR 1/4"]
+    assert "Per-exit thresholds" in results["summary"][-1] and "per-exit" in page
     figure = results["figures"][0]
     assert len(figure["columns"]) == 5 and all(len(r["cells"]) == 5 for r in figure["rows"])
     rebuilt = rebuild_report(folder / "results.json", out=folder / "again")
