@@ -850,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--opt-fraction",
         type=float,
-        default=0.5,
+        default=0.25,
         help="--pareto: share of the calibration samples that learn the testing order",
     )
     calibrate.add_argument(
