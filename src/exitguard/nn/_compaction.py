@@ -44,6 +44,20 @@ class RowWriter:
             self._buffers[name][rows] = value
         self.written += count
 
+    def leave(
+        self, rows: Tensor, stop: Tensor, index: int, logits: Tensor, probs: Tensor, conf: Tensor
+    ) -> None:
+        """The samples ``stop`` (A,) of the running ``rows`` leave at exit ``index``."""
+        self.write(
+            rows[stop],
+            {
+                "logits": logits[stop],
+                "probs": probs[stop],
+                "confidence": conf[stop],
+                "exits": rows[stop].new_full((int(stop.sum()),), index),
+            },
+        )
+
     @property
     def complete(self) -> bool:
         return self.written == self.n

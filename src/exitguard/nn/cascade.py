@@ -216,15 +216,7 @@ class Cascade(nn.Module):
             probs = logits.softmax(dim=1)  # (A, C)
             conf = self._confidence(probs)  # (A,)
             stop = torch.ones_like(conf, dtype=torch.bool) if index == last else conf >= limit
-            writer.write(
-                rows[stop],
-                {
-                    "logits": logits[stop],
-                    "probs": probs[stop],
-                    "confidence": conf[stop],
-                    "exits": torch.full_like(rows[stop], index),
-                },
-            )
+            writer.leave(rows, stop, index, logits, probs, conf)
             if writer.complete:
                 break
             keep = ~stop  # compact: only the samples not yet confident go on

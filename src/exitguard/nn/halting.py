@@ -233,15 +233,7 @@ class HaltingNetwork(nn.Module):
             survive = survive * (1.0 - halt)  # the same products as cumulative_halting
             conf = 1.0 - survive  # (A,)
             stop = torch.ones_like(conf, dtype=torch.bool) if index == last else conf >= limit
-            writer.write(
-                rows[stop],
-                {
-                    "logits": logits[stop],
-                    "probs": probs[stop],
-                    "confidence": conf[stop],
-                    "exits": torch.full_like(rows[stop], index),
-                },
-            )
+            writer.leave(rows, stop, index, logits, probs, conf)
             if writer.complete:
                 break
             keep = ~stop  # compact: only the samples still running go on

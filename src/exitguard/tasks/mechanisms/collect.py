@@ -46,6 +46,31 @@ def _batched_confidences(
     return torch.cat(probs).numpy(), torch.cat(conf).numpy()
 
 
+def _module_table(
+    name: str,
+    module: Cascade | HaltingNetwork,
+    images: Tensor,
+    labels: ArrayLike,
+    flops: FlopsTable | CascadeFlops,
+    risks: Sequence[str],
+    batch_size: int,
+    *,
+    parameter: str = "threshold",
+) -> MechanismTable:
+    """The exit rule's table of a module that gives every exit's outputs and confidences."""
+    probs, conf = _batched_confidences(module, images, batch_size)
+    return exit_rule_table(
+        name,
+        conf,
+        probs,
+        labels,
+        risks=risks,
+        exit_cost=flops.to_exit.astype(np.float64),
+        full_cost=float(flops.full),
+        parameter=parameter,
+    )
+
+
 def branch_table(
     probs: ArrayLike,
     confidences: ArrayLike,
@@ -76,16 +101,7 @@ def cascade_table(
     batch_size: int = 256,
 ) -> MechanismTable:
     """A cascade's table: every model on every sample once, then every threshold."""
-    probs, conf = _batched_confidences(cascade, images, batch_size)
-    return exit_rule_table(
-        "cascade",
-        conf,
-        probs,
-        labels,
-        risks=risks,
-        exit_cost=flops.to_exit.astype(np.float64),
-        full_cost=float(flops.full),
-    )
+    return _module_table("cascade", cascade, images, labels, flops, risks, batch_size)
 
 
 def halting_table(
@@ -101,15 +117,14 @@ def halting_table(
 
     ``flops`` from :meth:`HaltingNetwork.count_flops` (heads and halting units included).
     """
-    probs, conf = _batched_confidences(halting, images, batch_size)
-    return exit_rule_table(
+    return _module_table(
         "learned halting",
-        conf,
-        probs,
+        halting,
+        images,
         labels,
-        risks=risks,
-        exit_cost=flops.to_exit.astype(np.float64),
-        full_cost=float(flops.full),
+        flops,
+        risks,
+        batch_size,
         parameter="threshold (1 - lambda)",
     )
 
