@@ -155,7 +155,25 @@ def _deployment() -> dict:
     }
 
 
+def _your_exit_outputs() -> dict:
+    """Your network's calibration outputs with labels and the FLOPs of each exit."""
+    from exitguard.nn import count_flops
+
+    names = _your_network()
+    network, images = names["network"], names["calibration_images"]
+    outputs = names["collect"](network, images, labels=names["calibration_labels"])
+    return {
+        "exitguard": names["exitguard"],
+        "network": network,
+        "exit_probs": outputs.probs,
+        "labels": outputs.labels,
+        "flops_per_exit": count_flops(network, images[:1]).to_exit,
+        "x": names["test_images"],
+    }
+
+
 SETUPS = {
+    "your-exit-outputs": _your_exit_outputs,
     "your-model": _your_model,
     "your-network": _your_network,
     "saved-predictions": _saved_predictions,

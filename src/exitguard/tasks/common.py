@@ -583,6 +583,9 @@ def evaluate_risk(
     and the mean exit describe the very same policies.
     """
     n_total = np.shape(losses)[1]
+    # The splits evaluate(n_cal=, trials=, seed=) draws (its first draws from the seed); given
+    # as such, evaluate also draws the same reading orders, so the public call repeats these
+    # numbers exactly.
     splits = split_indices(n_total, n_cal, trials, np.random.default_rng(seed))  # (T, n_cal)
     by_flops = evaluate(
         losses,
@@ -590,7 +593,8 @@ def evaluate_risk(
         procedures=tuple(procedures),
         target_risks=tuple(target_risks),
         delta=delta,
-        splits=splits,
+        n_cal=n_cal,
+        trials=trials,
         loss_bound=loss_bound,
         seed=seed,
         return_selections=True,
