@@ -293,8 +293,9 @@ pop.: the same for the risk on all held-out data; binomial p: one-sided test of 
 rate &le; δ"); <b>speed-up</b>: measured wall time of the full model over the certified
 configuration, run for real side by side (batch 1 on a subset); <b>real = sim.</b>: the real
 run's decisions and predictions equal the full-pass simulation's at batch 1 and 256.
-Layer skipping is certified with fixed-sequence testing only (its risk need not be monotone
-in the gate threshold).</p>
+Layer skipping refuses procedures that assume a risk monotone in the gate threshold
+(crc-marginal); UCB and LTT test its configurations in a fixed sequence from the full model,
+and CRC runs on monotonised losses.</p>
 <h2>Choosing a mechanism</h2>{traits}
 <h2>FLOPs saved against ε</h2><img src="saving_vs_eps.png" alt="saving against epsilon">
 <h2>Every configuration: risk against compute</h2><img src="tradeoff.png" alt="tradeoff">
