@@ -108,3 +108,18 @@ def test_measured_speedup_side_by_side(cnn_network, images):
     assert never.flops_speedup == pytest.approx(1.0) and never.predicted_speedup is None
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer; got 0"):
         measure_speedup(cnn_network, x, threshold, batch_size=0)
+
+
+def test_measured_speedup_under_a_threshold_vector(cnn_network, images):
+    from exitguard.nn import count_flops
+    from exitguard.nn.latency import measure_speedup
+
+    x = images(32)
+    flops = count_flops(cnn_network, x[:1])
+    vector = (float("inf"),) * (cnn_network.n_exits - 1)
+    never = measure_speedup(cnn_network, x, vector, batch_size=16, repeats=1, flops=flops)
+    assert never.flops_speedup == pytest.approx(1.0) and never.mean_exit == cnn_network.n_exits - 1
+    first = (0.0,) + (float("inf"),) * (cnn_network.n_exits - 2)
+    all_first = measure_speedup(cnn_network, x, first, batch_size=16, repeats=1, flops=flops)
+    assert all_first.mean_exit == 0.0
+    assert all_first.flops_speedup == pytest.approx(flops.full / flops.to_exit[0])

@@ -370,7 +370,8 @@ def measure_speedup(
         whole = sum(profile.full_ms(len(b)) * len(b) for b in batches)
         predicted = whole / served
     flops_speedup = None
-    if flops is not None and math.isinf(network.check_policy(policy, allow_unbound=True)):
+    limits = network._limits(network.check_policy(policy, allow_unbound=allow_unbound))
+    if flops is not None and all(math.isinf(t) for t in limits):
         flops_speedup = 1.0  # never exits early: no intermediate head runs
     elif flops is not None:
         flops_speedup = float(flops.full) * len(taken) / float(np.sum(flops.to_exit[taken]))
