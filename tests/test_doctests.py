@@ -8,7 +8,12 @@ import pytest
 MODULES = [
     "exitguard.calibration",
     "exitguard.distributed.merge",
+    "exitguard.pareto_calibration",
+    "exitguard.policy",
+    "exitguard.risk.configurations",
     "exitguard.risk.exits",
+    "exitguard.risk.pareto",
+    "exitguard.risk.tail",
     "exitguard.tasks.language.rouge",
 ]
 TORCH_MODULES = [

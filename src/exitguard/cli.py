@@ -84,6 +84,32 @@ def _grid(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray |
     return data.get("thresholds")
 
 
+def _risk_target(text: str) -> tuple[str, float | None, float | None]:
+    """``--risk NAME[>TOLERANCE][:EPSILON]`` as (name, tolerance, epsilon or None)."""
+    from exitguard.pareto_calibration import RiskTarget, split_risk_target
+
+    try:
+        name, tolerance, epsilon = split_risk_target(text)
+        RiskTarget(name, 0.5 if epsilon is None else epsilon, tolerance)  # checks every part
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return name, tolerance, epsilon
+
+
+def _risk_name(args: argparse.Namespace) -> str | None:
+    """The one plain risk of --risk (None when not given), for the single-risk paths."""
+    given = getattr(args, "risk", None)
+    if not given:
+        return None
+    if len(given) > 1 or given[0][1] is not None:
+        raise CommandError(
+            "several risks, or a tail risk NAME>T, are calibrated with `exitguard calibrate` "
+            "on a per-exit file (probs/logits, or confidence and prediction); this command "
+            "takes one --risk NAME."
+        )
+    return given[0][0]
+
+
 def _exit_cost(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray | None:
     given = _read_floats(getattr(args, "exit_cost", None), "--exit-cost")
     return given if given is not None else data.get("exit_cost")
@@ -119,8 +145,9 @@ def _confidence_name(data: dict[str, np.ndarray]) -> str:
 def load_tables(args: argparse.Namespace) -> dict[str, Any]:
     """Read FILE as a loss table, per-exit probabilities/logits, or saved confidences."""
     data = _load_npz(args.file)
+    risk_name = _risk_name(args)
     if "losses" in data:
-        if args.risk is not None:
+        if risk_name is not None:
             raise CommandError("--risk applies to per-exit files (probs or logits), not tables.")
         if getattr(args, "thresholds", None) or getattr(args, "grid_step", None) is not None:
             raise CommandError(
@@ -151,12 +178,12 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             raise CommandError(
                 "FILE: saved outputs need both `confidence` (n, L) and `prediction` (n, L)."
             )
-        if args.risk is None and "labels" not in data:
+        if risk_name is None and "labels" not in data:
             raise CommandError(
                 "FILE has no `labels`, which the default risk prediction_gap needs; use "
                 "--risk prediction_consistency (agreement with the full model, no labels)."
             )
-        risk = get_risk(args.risk or "prediction_gap")
+        risk = get_risk(risk_name or "prediction_gap")
         tables = build_table_from_predictions(
             data["confidence"],
             data["prediction"],
@@ -182,12 +209,12 @@ def load_tables(args: argparse.Namespace) -> dict[str, Any]:
             f"`confidence` and `prediction` (saved outputs); {args.file} holds "
             f"{sorted(data) or 'nothing'}."
         )
-    if args.risk is None and "labels" not in data:
+    if risk_name is None and "labels" not in data:
         raise CommandError(
             "FILE has no `labels`, which the default risk prediction_gap needs; use "
             "--risk prediction_consistency or distribution_consistency (no labels)."
         )
-    risk = get_risk(args.risk or "prediction_gap", rng=args.seed)
+    risk = get_risk(risk_name or "prediction_gap", rng=args.seed)
     tables = build_table(
         data[outputs_key],
         data.get("labels"),
@@ -222,10 +249,14 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--risk",
-        choices=RISKS,
+        type=_risk_target,
+        action="append",
         default=None,
-        help="risk for per-exit files (default prediction_gap; saved confidences and "
-        "predictions allow only the prediction_* risks)",
+        metavar="RISK[>T][:EPS]",
+        help=f"risk for per-exit files, one of {', '.join(RISKS)} (default prediction_gap; "
+        "saved confidences and predictions allow only the prediction_* risks). calibrate: "
+        "repeat it for several risks at once, each with its epsilon (prediction_gap:0.02), "
+        "and write NAME>T for a tail risk P(loss > T) <= EPS",
     )
     parser.add_argument(
         "--confidence",
@@ -280,6 +311,21 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     _check_out(args.out)
+    given = args.risk or []
+    for name, _, epsilon in given:
+        if epsilon is None and args.target_risk is None:
+            raise CommandError(
+                f"--risk {name} names no epsilon: write {name}:EPS or give --target-risk."
+            )
+    several = len(given) > 1 or any(tolerance is not None for _, tolerance, _ in given)
+    if args.pareto or several:
+        return cmd_calibrate_pareto(args)
+    if given and given[0][2] is not None:
+        if args.target_risk is not None and args.target_risk != given[0][2]:
+            raise CommandError("give epsilon once: --risk NAME:EPS or --target-risk EPS.")
+        args.target_risk = given[0][2]
+    if args.target_risk is None:
+        raise CommandError("give --target-risk EPS, or --risk NAME:EPS.")
     tables = load_tables(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -316,19 +362,102 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_pareto(args: argparse.Namespace) -> int:
+    """Several risks, tail risks or threshold vectors: :func:`exitguard.calibrate_pareto`."""
+    from exitguard.pareto_calibration import RiskTarget, calibrate_pareto
+
+    data = _load_npz(args.file)
+    if "losses" in data:
+        raise CommandError(
+            "several risks, tail risks and --pareto need per-exit outputs (probs/logits, or "
+            "confidence and prediction), not a loss table: the losses of every risk and every "
+            "threshold vector are computed from them."
+        )
+    given = args.risk or [("prediction_gap", None, None)]
+    targets = [
+        RiskTarget(name, args.target_risk if eps is None else eps, tolerance)
+        for name, tolerance, eps in given
+    ]
+    outputs_key = "probs" if "probs" in data else "logits" if "logits" in data else None
+    source: dict[str, Any]
+    if outputs_key is not None:
+        source = {"exit_probs": data[outputs_key], "from_logits": outputs_key == "logits"}
+        n_exits = int(data[outputs_key].shape[1])
+        confidence = args.confidence
+    elif "confidence" in data and "prediction" in data:
+        source = {
+            "confidences": data["confidence"],
+            "predictions": data["prediction"],
+            "n_classes": _n_classes(data),
+            "confidence_name": _confidence_name(data),
+        }
+        n_exits = int(data["confidence"].shape[1])
+        confidence = "max_softmax"
+    else:
+        raise CommandError(
+            "FILE must hold `probs`/`logits` (per-exit outputs) or `confidence` and "
+            f"`prediction` (saved outputs); {args.file} holds {sorted(data) or 'nothing'}."
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy = calibrate_pareto(
+            labels=data.get("labels"),
+            risks=targets,
+            delta=args.delta,
+            procedure=args.procedure,
+            space="vectors" if args.pareto else "scalar",
+            confidence=confidence,
+            exit_cost=_exit_cost(args, data),
+            thresholds=_grid(args, data),
+            opt_fraction=args.opt_fraction,
+            seed=args.order_seed,
+            rng=args.seed,
+            **source,
+        )
+    policy = policy.with_model(n_exits=n_exits)
+    if args.out:
+        policy.save(args.out)
+    if args.json:
+        print(json.dumps({**policy.to_dict(), "warnings": [str(w.message) for w in caught]}))
+        return 0
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    unit = "exits evaluated" if _exit_cost(args, data) is None else "in the units of `cost`"
+    print(describe_policy(policy, unit=unit))
+    if args.out:
+        print(f"policy written to {args.out}")
+    return 0
+
+
 def describe_policy(policy: ExitPolicy, *, unit: str = "in the units of `cost`") -> str:
     threshold = (
         "never exit early (the full model)"
         if policy.is_full_model
         else (f"{policy.threshold:g}" if policy.threshold is not None else f"row {policy.index}")
     )
+    if policy.kind != "scalar" and not policy.is_full_model:
+        threshold = policy.describe_thresholds()
+    where = "front entry" if policy.pareto is not None else "grid row"
+    label = "thresholds" if policy.kind == "vector" else "threshold"
     lines = [
         f"procedure       {policy.procedure}",
-        f"threshold       {threshold}  (grid row {policy.index})",
+        f"{label:<16}{threshold}  ({where} {policy.index})",
         f"certified       {'yes' if policy.certified else 'no'}",
         f"guarantee       {policy.guarantee}",
         f"calibration     n = {policy.n}, empirical risk {policy.empirical_risk:.4f}",
     ]
+    if policy.pareto is not None:
+        lines.append(
+            f"pareto testing  order learnt on {policy.n_opt} "
+            + ("of the calibration samples" if policy.pareto == "split" else "external samples")
+        )
+    for promise in policy.risks:  # several risks, or a tail risk
+        lines.append(
+            f"risk            {promise.label} = {promise.empirical_risk:.4f} (target "
+            f"{promise.target_risk:g}"
+            + (f", p-value {promise.p_value:.3g}" if promise.p_value is not None else "")
+            + ")"
+        )
     if policy.order_seed is not None:
         lines.append(f"reading order   random, seed {policy.order_seed} (--order-seed repeats it)")
     elif policy.sample_order == "given":
@@ -705,7 +834,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser("calibrate", help="pick a certified exit threshold")
     _add_input_options(calibrate)
-    calibrate.add_argument("--target-risk", type=float, required=True, help="epsilon in (0, 1)")
+    calibrate.add_argument(
+        "--target-risk",
+        type=float,
+        default=None,
+        help="epsilon in (0, 1) (or give it with the risk: --risk NAME:EPS)",
+    )
+    calibrate.add_argument(
+        "--pareto",
+        action="store_true",
+        help="certify one threshold per exit by Pareto Testing (order learnt on a share "
+        "--opt-fraction of the samples, tested on the rest), for every --risk at once",
+    )
+    calibrate.add_argument(
+        "--opt-fraction",
+        type=float,
+        default=0.5,
+        help="--pareto: share of the calibration samples that learn the testing order",
+    )
     calibrate.add_argument(
         "--procedure",
         choices=procedures,

@@ -323,6 +323,7 @@ def measure_speedup(
     profile: LatencyProfile | None = None,
     flops: Any = None,
     allow_unbound: bool = False,
+    tick: Any = None,
 ) -> SpeedupMeasurement:
     """Time ``network.infer`` under ``policy`` and under the full model, interleaved.
 
@@ -331,6 +332,7 @@ def measure_speedup(
     medians over repeats are compared. With a ``profile`` (:func:`profile_latency`) the
     predicted speed-up of the same exits is given beside it, with ``flops`` (a
     :class:`~exitguard.nn.FlopsTable`) the FLOPs speed-up: three views of one saving.
+    ``tick``, if given, is called after every timed run (a progress bar's ``update``).
     """
     check_int(batch_size, "batch_size")
     check_int(repeats, "repeats")
@@ -349,6 +351,8 @@ def measure_speedup(
     for _ in range(warmup):
         full()
         early()
+        if tick is not None:
+            tick(2)
     times: dict[str, list[float]] = {"full": [], "early": []}
     for repeat in range(repeats):
         order = (("full", full), ("early", early))
@@ -356,6 +360,8 @@ def measure_speedup(
             start = time.perf_counter()
             run()
             times[name].append(1000.0 * (time.perf_counter() - start) / len(x))
+            if tick is not None:
+                tick(1)
     full_ms, early_ms = statistics.median(times["full"]), statistics.median(times["early"])
     taken = torch.cat(exits).numpy()  # (n,)
     predicted = None

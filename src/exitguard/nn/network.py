@@ -11,7 +11,9 @@ head is part of the last stage, or is the last head). Three ways to run it:
 
 The exit rule is the one of :mod:`exitguard.risk.exits`: a sample leaves at the first exit
 whose confidence is >= the threshold, else at the last exit; a threshold of ``math.inf``
-never exits early.
+never exits early. A threshold vector (one threshold per exit but the last, from a policy's
+``thresholds`` or ``threshold_function``) applies the rule exit by exit; a disabled exit
+(``inf``) does not run its head.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from torch import Tensor, nn
 
 from exitguard.nn.confidence import CONFIDENCES, ConfidenceFn, is_pointwise, resolve_measure
 from exitguard.policy import ExitPolicy
-from exitguard.risk.exits import check_threshold, first_exit
+from exitguard.risk.exits import check_threshold, check_threshold_vector, first_exit
 
-Policy = ExitPolicy | float
+Policy = ExitPolicy | float | Sequence[float]
+Thresholds = float | tuple[float, ...]
+"""A scalar threshold, or one threshold per exit but the last."""
 
 
 class NonFiniteOutputWarning(UserWarning):
@@ -58,8 +62,9 @@ class InferenceResult:
     confidence : Tensor of shape (B,), float64
         The confidence at the exit taken. Under the never-exit policy the intermediate
         heads are not evaluated, and a measure that needs them (patience) gives NaN.
-    threshold : float
-        The threshold that was applied (``math.inf`` = never exit early).
+    threshold : float or tuple of float
+        The threshold that was applied (``math.inf`` = never exit early), or the threshold
+        vector (one per exit but the last).
     measure : str
         Name of the confidence measure.
     n_exits : int
@@ -71,7 +76,7 @@ class InferenceResult:
     logits: Tensor
     exits: Tensor
     confidence: Tensor
-    threshold: float
+    threshold: Thresholds
     measure: str
     n_exits: int
 
@@ -81,7 +86,9 @@ class InferenceResult:
         return torch.bincount(self.exits.cpu(), minlength=self.n_exits).tolist()
 
     def __repr__(self) -> str:
-        threshold = "never" if math.isinf(self.threshold) else f"{self.threshold:.4g}"
+        values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
+        words = ["never" if math.isinf(t) else f"{t:.4g}" for t in values]
+        threshold = words[0] if len(words) == 1 else "(" + ", ".join(words) + ")"
         return (
             f"InferenceResult(batch={self.exits.shape[0]}, n_exits={self.n_exits}, "
             f"exit_counts={self.exit_counts}, threshold={threshold}, measure={self.measure!r})"
@@ -235,15 +242,15 @@ class EarlyExitNetwork(nn.Module):
                 f"{tuple(x.shape)}. (Set `network.input_shape = None` to accept any shape.)"
             )
 
-    def check_policy(self, policy: Any, *, allow_unbound: bool = False) -> float:
+    def check_policy(self, policy: Any, *, allow_unbound: bool = False) -> Thresholds:
         """The threshold of ``policy``, after checking that the policy fits this network.
 
         Parameters
         ----------
-        policy : ExitPolicy or float
+        policy : ExitPolicy, float or sequence of float
             A policy bound to this network (its ``n_exits``, ``model_fingerprint`` and
-            ``confidence`` are checked), or a plain threshold in [0, 1]; ``math.inf`` never
-            exits early.
+            ``confidence`` are checked), a plain threshold in [0, 1] (``math.inf`` never
+            exits early), or a threshold vector: one threshold per exit but the last.
         allow_unbound : bool, default False
             Accept a policy that records no network (no ``n_exits`` or
             ``model_fingerprint``), which cannot be checked; by default it is refused. Bind
@@ -251,8 +258,9 @@ class EarlyExitNetwork(nn.Module):
 
         Returns
         -------
-        float
-            The threshold.
+        float or tuple of float
+            The threshold of a scalar policy; the threshold vector (L - 1 floats) of a vector
+            or function policy, or of a plain vector.
         """
         if isinstance(policy, ExitPolicy):
             if policy.n_exits is not None and policy.n_exits != self.n_exits:
@@ -273,7 +281,7 @@ class EarlyExitNetwork(nn.Module):
                     f"network uses {self.confidence!r}. Set `network.confidence = "
                     f"{policy.confidence!r}` or recalibrate."
                 )
-            if policy.threshold is None and not policy.is_full_model:
+            if policy.threshold is None and policy.thresholds is None and not policy.is_full_model:
                 raise ValueError(
                     f"`policy` selects row {policy.index} of a calibration table without "
                     "thresholds, so it cannot be applied to a network; calibrate with "
@@ -287,15 +295,28 @@ class EarlyExitNetwork(nn.Module):
                     "network.bind_policy(policy)`; or pass `allow_unbound=True` to apply it "
                     "unchecked."
                 )
+            if policy.kind != "scalar":
+                return tuple(float(t) for t in policy.exit_thresholds(self.n_exits))
             if policy.is_full_model or policy.threshold is None:
                 return math.inf
             return float(policy.threshold)
+        if isinstance(policy, (Sequence, Tensor)) and not isinstance(policy, str):
+            vector = policy.detach().cpu().numpy() if isinstance(policy, Tensor) else policy
+            values = check_threshold_vector(vector, self.n_exits, name="policy")
+            return tuple(float(t) for t in values)
         if isinstance(policy, bool) or not isinstance(policy, (int, float)):
             raise TypeError(
                 "`policy` must be an ExitPolicy or a float threshold in [0, 1] (math.inf: never "
-                f"exit early); got {type(policy).__name__}."
+                "exit early), or a sequence of one threshold per exit but the last; got "
+                f"{type(policy).__name__}."
             )
         return check_threshold(policy, name="policy")
+
+    def _limits(self, threshold: Thresholds) -> tuple[float, ...]:
+        """The threshold of every exit but the last: a scalar repeated, a vector as it is."""
+        if isinstance(threshold, tuple):
+            return threshold
+        return (threshold,) * (self.n_exits - 1)
 
     def bind_policy(self, policy: ExitPolicy) -> ExitPolicy:
         """A copy of ``policy`` that records this network (exits, fingerprint, measure)."""
@@ -435,9 +456,12 @@ class EarlyExitNetwork(nn.Module):
         ----------
         x : Tensor of shape (B, ...)
             A batch on the network's device.
-        policy : ExitPolicy or float
+        policy : ExitPolicy, float or sequence of float
             A calibrated policy bound to this network (see :meth:`bind_policy`; checked to
-            fit) or a threshold in [0, 1]; ``math.inf`` never exits early.
+            fit), a threshold in [0, 1] (``math.inf`` never exits early), or one threshold
+            per exit but the last. A policy with a threshold vector or function applies one
+            threshold per exit; the head of a disabled exit (``inf``) does not run (unless a
+            measure that needs every head, patience, is used).
         allow_unbound : bool, default False
             Accept a policy that records no network (see :meth:`check_policy`).
         audit : float in [0, 1], optional
@@ -481,7 +505,8 @@ class EarlyExitNetwork(nn.Module):
             )
         threshold = self.check_policy(policy, allow_unbound=allow_unbound)
         self.check_input(x)
-        never = math.isinf(threshold)
+        limits = self._limits(threshold)  # (L-1,) one threshold per exit but the last
+        never = all(math.isinf(t) for t in limits)
         last = self.n_exits - 1
         n_samples = x.shape[0]
         rows = torch.arange(n_samples, device=x.device)  # (A,) batch rows still running
@@ -490,8 +515,10 @@ class EarlyExitNetwork(nn.Module):
         h = x
         for index, head in enumerate(self.heads):
             h = self._run_stage(index, h)  # (A, ...)
-            if never and index < last:
-                continue  # nothing can fire: skip the intermediate heads
+            if index < last and (
+                never or (math.isinf(limits[index]) and self._confidence_pointwise)
+            ):
+                continue  # nothing can fire here: skip the head
             logits = head(h)  # (A, C, ...)
             probs = logits.softmax(dim=1)  # (A, C, ...)
             if self._confidence_pointwise:
@@ -504,7 +531,7 @@ class EarlyExitNetwork(nn.Module):
             if index == last:
                 fire = None  # everyone still running leaves at the last exit
             else:
-                fire = conf >= threshold  # (A,) compared in float64, like the numpy rule
+                fire = conf >= limits[index]  # (A,) compared in float64, like the numpy rule
                 n_fire = int(fire.sum())
                 if n_fire == 0:
                     continue
@@ -541,7 +568,12 @@ class EarlyExitNetwork(nn.Module):
         )
 
     def _result(
-        self, logits: Tensor, probs: Tensor, exits: Tensor, confidence: Tensor, threshold: float
+        self,
+        logits: Tensor,
+        probs: Tensor,
+        exits: Tensor,
+        confidence: Tensor,
+        threshold: Thresholds,
     ) -> InferenceResult:
         if not bool(torch.isfinite(logits).all()):
             warnings.warn(
@@ -586,12 +618,13 @@ class EarlyExitNetwork(nn.Module):
         threshold = self.check_policy(policy, allow_unbound=allow_unbound)
         logits, conf = self.exit_confidences(x)  # (B, L, C, ...), (B, L)
         probs = logits.softmax(dim=2)  # (B, L, C, ...)
-        exits = first_exit(conf[:, :-1] >= threshold)  # (B,) the core's rule, in float64
+        limits = torch.tensor(self._limits(threshold), dtype=torch.float64, device=conf.device)
+        exits = first_exit(conf[:, :-1], limits)  # (B,) the core's rule, in float64
         at = exits.view(-1, 1, *([1] * (logits.ndim - 2)))  # (B, 1, 1, ...)
         at = at.expand(-1, 1, *logits.shape[2:])  # (B, 1, C, ...)
         chosen_logits = logits.gather(1, at).squeeze(1)  # (B, C, ...)
         chosen_probs = probs.gather(1, at).squeeze(1)  # (B, C, ...)
         confidence = conf.gather(1, exits[:, None])[:, 0]  # (B,)
-        if math.isinf(threshold) and not self._confidence_pointwise:
+        if bool(torch.isinf(limits).all()) and not self._confidence_pointwise:
             confidence = torch.full_like(confidence, math.nan)  # as in infer
         return self._result(chosen_logits, chosen_probs, exits, confidence, threshold)

@@ -189,6 +189,11 @@ def timed_rows(results: DemoResults) -> list[list[Any]]:
     ideal = timed.flops_speedup
     rows.append(["FLOPs-ideal speed-up, this run", None if ideal is None else f"{ideal:.2f}×"])
     for speed in timed.speeds:
+        if speed.predicted is not None:
+            rows.append(
+                [f"predicted from the latency profile at batch {speed.batch_size}",
+                 f"{speed.predicted:.2f}×"]
+            )
         rows.append(
             [
                 f"measured at batch {speed.batch_size}",

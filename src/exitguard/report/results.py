@@ -425,7 +425,8 @@ class RiskResult:
 class Speed:
     """A side-by-side timing at one batch size: ``speedup`` = baseline time / early-exit time.
 
-    ``baseline`` and ``early`` are the two measured rates or latencies, in ``unit``.
+    ``baseline`` and ``early`` are the two measured rates or latencies, in ``unit``;
+    ``predicted`` is the speed-up the latency profile predicts for the same exits.
     """
 
     batch_size: int
@@ -433,6 +434,7 @@ class Speed:
     baseline: float | None = None
     early: float | None = None
     unit: str = ""
+    predicted: float | None = None
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> Speed:
@@ -443,6 +445,7 @@ class Speed:
             baseline=_number(data.get("baseline"), f"{path}.baseline", optional=True),
             early=_number(data.get("early"), f"{path}.early", optional=True),
             unit=_text(data.get("unit", ""), f"{path}.unit"),
+            predicted=_number(data.get("predicted"), f"{path}.predicted", optional=True),
         )
 
 
@@ -1202,6 +1205,7 @@ def summary_lines(
         )
     speeds = "; ".join(
         f"{speed_phrase(s.speedup, baseline=timed.baseline)} at batch {s.batch_size}"
+        + ("" if s.predicted is None else f" (its latency profile predicts {s.predicted:.2f}×)")
         for s in timed.speeds
     )
     certified = (

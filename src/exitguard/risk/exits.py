@@ -5,6 +5,12 @@ Under a threshold ``t`` a sample leaves at the **first exit whose confidence is 
 exit qualifies it uses the last exit. A threshold of ``+inf`` means "never exit early", so the
 full model is a member of every grid: row 0 of a grid is always ``+inf``, whatever the
 confidences are, and the rows that follow grow more aggressive (decreasing thresholds).
+
+A **threshold vector** ``t`` (one threshold per exit but the last, shape ``(L - 1,)``) applies
+the same rule exit by exit: a sample leaves at the first exit ``l`` whose confidence is
+``>= t[l]``, else at the last exit; ``t[l] = +inf`` disables exit ``l``. A scalar threshold is
+the vector that repeats it. :func:`first_exit` is the one implementation of the rule, for
+scalars and vectors, numpy arrays and torch tensors alike.
 """
 
 from __future__ import annotations
@@ -53,16 +59,49 @@ def check_threshold(value: Any, *, name: str = "threshold") -> float:
     return float(values)
 
 
-def first_exit(fires: Any) -> Any:
-    """The exit rule on decisions: (..., L - 1) "confidence >= threshold" -> (...,) exits.
+def first_exit(fires: Any, thresholds: Any = None) -> Any:
+    """The exit rule: (..., L - 1) decisions, or confidences and thresholds -> (...,) exits.
 
-    ``fires[..., l]`` says whether exit ``l`` (of the exits before the last) is confident
-    enough; the result is the first exit that fires, or ``L - 1`` (the last exit, the full
-    model) when none does: the number of leading exits that do not fire. Works on numpy
-    arrays and torch tensors alike, so every implementation of early exit (the risk core,
-    real skipping, samplers, decoders) applies the same rule.
+    With one argument, ``fires[..., l]`` says whether exit ``l`` (of the exits before the
+    last) is confident enough. With ``thresholds``, the first argument holds the confidences
+    of the exits before the last, (..., L - 1), and exit ``l`` fires when
+    ``confidence[..., l] >= thresholds[..., l]``; ``thresholds`` broadcasts against it: a
+    scalar (one threshold for every exit), a vector (L - 1,) (one per exit; ``inf`` disables
+    an exit), (..., 1) (one per sample) or (..., L - 1) (per sample and exit).
+
+    The result is the first exit that fires, or ``L - 1`` (the last exit, the full model)
+    when none does: the number of leading exits that do not fire. Works on numpy arrays and
+    torch tensors alike, so every implementation of early exit (the risk core, real
+    skipping, samplers, decoders) applies the same rule.
+
+    Examples
+    --------
+    >>> first_exit(np.array([[False, True, True], [False, False, False]]))
+    array([1, 3])
+    >>> first_exit(np.array([[0.5, 0.7], [0.9, 0.2]]), np.array([0.6, 0.6]))
+    array([1, 0])
+    >>> first_exit(np.array([[0.5, 0.7], [0.9, 0.2]]), np.array([np.inf, 0.6]))
+    array([1, 2])
     """
+    if thresholds is not None:
+        fires = fires >= thresholds  # (..., L-1) broadcast: scalar, per exit, per sample
     return (~fires).cumprod(-1).sum(-1)
+
+
+def check_threshold_vector(value: Any, n_exits: int, *, name: str = "thresholds") -> Any:
+    """One threshold per exit but the last: float64 (L - 1,), each in [0, 1] or ``+inf``.
+
+    Checked as in :func:`check_thresholds`; ``+inf`` disables an exit, and the all-``inf``
+    vector is the full model.
+    """
+    check_int(n_exits, "n_exits", minimum=1)
+    values = check_thresholds(value, name=name)
+    if values.shape != (n_exits - 1,):
+        raise ValueError(
+            f"`{name}` must hold one threshold per exit but the last: shape ({n_exits - 1},) "
+            f"for {n_exits} exits; got shape {values.shape}."
+        )
+    return values
 
 
 def default_thresholds(step: float = 0.01) -> NDArray[np.float64]:
@@ -132,13 +171,23 @@ def exit_indices(confidences: ArrayLike, thresholds: ArrayLike | None = None) ->
     conf = as_float_array(confidences, "confidences", ndim=2)  # (n, L)
     n_exits = check_int(conf.shape[1], "confidences.shape[1] (the number of exits)", minimum=1)
     grid = as_threshold_grid(thresholds)  # (K,)
-    # Only exits before the last can fire early; the last exit is the fallback.
-    fires = conf[None, :, : n_exits - 1] >= grid[:, None, None]  # (K, n, L-1)
-    return first_exit(fires).astype(np.int64)  # (K, n)
+    # Only exits before the last can fire early; the last exit is the fallback.  (K, n)
+    return first_exit(conf[None, :, : n_exits - 1], grid[:, None, None]).astype(np.int64)
 
 
-def exit_index(confidences: ArrayLike, threshold: float) -> NDArray[np.int64]:
-    """Exit of every sample under one threshold; shape (n,)."""
+def exit_index(confidences: ArrayLike, threshold: float | ArrayLike) -> NDArray[np.int64]:
+    """Exit of every sample under one threshold, or one threshold vector (L - 1,); shape (n,).
+
+    Examples
+    --------
+    >>> exit_index([[0.2, 0.9, 0.5], [0.95, 0.1, 0.3]], 0.9)
+    array([1, 0])
+    >>> exit_index([[0.2, 0.9, 0.5], [0.95, 0.1, 0.3]], [math.inf, 0.5])
+    array([1, 2])
+    """
     conf = as_float_array(confidences, "confidences", ndim=2)  # (n, L)
-    limit = check_threshold(threshold)
-    return first_exit(conf[:, :-1] >= limit).astype(np.int64)  # (n,)
+    if np.ndim(threshold) == 0:
+        limit: Any = check_threshold(threshold)
+    else:
+        limit = check_threshold_vector(threshold, conf.shape[1], name="threshold")  # (L-1,)
+    return first_exit(conf[:, :-1], limit).astype(np.int64)  # (n,)

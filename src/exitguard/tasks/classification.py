@@ -9,6 +9,7 @@ for real against the full model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,10 +28,12 @@ from exitguard.nn import (
     FlopsTable,
     collect,
     count_flops,
+    optimize_for_inference,
+    profile_latency,
 )
 from exitguard.nn.blocks import BasicBlock
 from exitguard.report.plots import default_risk_title
-from exitguard.report.results import DemoResults, ModelInfo, summary_lines
+from exitguard.report.results import DemoResults, ModelInfo, Table, summary_lines
 from exitguard.risk.exits import exit_index
 from exitguard.risk.losses import RISKS
 from exitguard.tasks.common import (
@@ -240,10 +243,13 @@ class Prepared:
     settings: TrainSettings
     outputs: ExitOutputs
     flops: FlopsTable
+    served: EarlyExitNetwork | None = None
 
     @property
     def network(self) -> EarlyExitNetwork:
-        return self.trained.module
+        """The network that is calibrated and served: the trained one with BatchNorm folded
+        (:func:`exitguard.nn.optimize_for_inference`); the held-out outputs are its own."""
+        return self.trained.module if self.served is None else self.served
 
     @property
     def exit_flops(self) -> np.ndarray:
@@ -271,14 +277,17 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
         log=log,
     )
     log("model: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
+    served, _ = optimize_for_inference(trained.module)  # the same outputs, faster on CPU
     images = torch.from_numpy(heldout.images)
     if config.ray is None:
-        outputs = collect(trained.module, images, labels=heldout.labels, batch_size=256)
+        outputs = collect(served, images, labels=heldout.labels, batch_size=256)
     else:  # the same batches on Ray workers: the same outputs, bit for bit
         from exitguard.distributed import collect as collect_on_ray
         from exitguard.distributed.models import classifier_payload
 
-        payload = classifier_payload(trained.module, model_config, image_shape=train.image_shape)
+        payload = classifier_payload(
+            trained.module, model_config, image_shape=train.image_shape, optimize=True
+        )
         outputs = collect_on_ray(
             payload,
             heldout.images,
@@ -289,7 +298,9 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
             **config.ray.run_options(),
         )
     flops = count_flops(trained.module, images[:1])
-    return Prepared(data, train, heldout, trained, model_config, settings, outputs, flops)
+    return Prepared(
+        data, train, heldout, trained, model_config, settings, outputs, flops, served=served
+    )
 
 
 def risk_tables(prepared: Prepared, risk: str, *, seed: int) -> dict[str, np.ndarray]:
@@ -359,6 +370,11 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         confidence=network.confidence,
     )
     test_images = images[test_idx]
+    # Latency profile of the served network (saved beside the policy): predicts the timings.
+    profile = profile_latency(network, test_images[:256], batch_sizes=(1, 256), repeats=5)
+    files["latency.json"] = lambda handle: handle.write(
+        (json.dumps(profile.to_dict(), indent=2) + "\n").encode()
+    )
     result = network.infer(test_images, policy)
     simulated = exit_index(outputs.confidences[test_idx], float(policy.threshold))
     exits = result.exits.numpy()
@@ -383,6 +399,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
             batch1_images=config.timing_images_batch1,
             repeats=config.timing_repeats or (3 if config.quick else 7),
             progress=config.progress,
+            profile=profile,
         ),
         measures=measures,
         quality=quality,
@@ -402,6 +419,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         ),
         *summary_lines(risks, settings_, timed),
     )
+    vectors_table, vectors_line = pareto_side_by_side(prepared, config)
+    summary = (*summary, vectors_line)
     results = DemoResults(
         task="classification",
         title=f"exitguard: certified early exit on {data.name}",
@@ -423,9 +442,41 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         risks=risks,
         timed=timed,
         policy=policy.to_dict(),
+        tables=(Table.from_dict(vectors_table, "tables[0]"),),
         **results_header(),
     )
     splits = {"calibration": cal_idx, "test": test_idx}
     files.update(exit_output_files(outputs.probs, heldout.labels, splits, exit_cost=exit_flops))
     write_demo_report(results, config, policy=policy, files=files, log=log)
     return results
+
+
+def pareto_side_by_side(prepared: Prepared, config: DemoConfig) -> tuple[dict[str, Any], str]:
+    """The policy's risk certified with one threshold and with per-exit thresholds."""
+    from exitguard.pareto_evaluation import PerExitOutputs, side_by_side
+    from exitguard.risk.exits import default_thresholds
+    from exitguard.risk.losses import get_risk, per_exit_losses
+
+    outputs, labels = prepared.outputs, prepared.heldout.labels
+    risk = get_risk(config.policy_risk, rng=config.seed)
+    per_exit = {risk.name: per_exit_losses(outputs.probs, labels, risk)}
+    task = PerExitOutputs(
+        name=prepared.data.name,
+        confidences=outputs.confidences,
+        per_exit=per_exit,
+        loss_bounds={risk.name: risk.loss_bound},
+        exit_cost=prepared.exit_flops,
+        head_cost=np.array(prepared.flops.head, dtype=np.float64),
+        full_cost=float(prepared.flops.full),
+        grid=default_thresholds(),
+    )
+    return side_by_side(
+        task,
+        risk.name,
+        config.policy_target_risk,
+        n_cal=config.n_cal,
+        trials=min(10, config.trials) if config.quick else config.trials,
+        delta=config.delta,
+        seed=config.seed,
+        quick=config.quick,
+    )

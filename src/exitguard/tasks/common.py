@@ -13,7 +13,6 @@ import datetime
 import fcntl
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -404,24 +403,27 @@ def time_inference(
     batch_size: int,
     repeats: int,
     progress: bool = False,
+    profile: Any = None,
 ) -> dict[str, float]:
-    """Median seconds per image of early-exit and full-model inference, run side by side."""
-    batches = list(torch.split(images, batch_size))
-
-    def run(value: float) -> None:
-        for batch in batches:
-            network.infer(batch, value)
+    """Milliseconds per image of early-exit and full-model inference, timed interleaved
+    (:func:`exitguard.nn.measure_speedup`), with the profile's prediction when given."""
+    from exitguard.nn.latency import measure_speedup
 
     desc = f"timing {len(images)} images at batch {batch_size}"
     with timing_bar(runs=2, repeats=repeats, enabled=progress, desc=desc) as tick:
-        full = median_seconds(lambda: run(math.inf), repeats=repeats, tick=tick)
-        early = median_seconds(lambda: run(threshold), repeats=repeats, tick=tick)
-    return {
+        measured = measure_speedup(
+            network, images, threshold, batch_size=batch_size, repeats=repeats,
+            profile=profile, tick=tick,
+        )
+    timing = {
         "batch_size": batch_size,
-        "full_ms_per_image": 1000 * full / len(images),
-        "early_exit_ms_per_image": 1000 * early / len(images),
-        "measured_speedup": full / early,
+        "full_ms_per_image": measured.full_ms,
+        "early_exit_ms_per_image": measured.early_ms,
+        "measured_speedup": measured.measured_speedup,
     }
+    if measured.predicted_speedup is not None:
+        timing["predicted_speedup"] = measured.predicted_speedup
+    return timing
 
 
 def _progress(*, enabled: bool, **options: Any) -> Any:
@@ -514,6 +516,7 @@ def speed(timing: Mapping[str, float], *, unit: str = "ms per image") -> Speed:
         baseline=float(timing["full_ms_per_image"]),
         early=float(timing["early_exit_ms_per_image"]),
         unit=unit,
+        predicted=timing.get("predicted_speedup"),
     )
 
 
@@ -787,6 +790,7 @@ def time_policy(
     batch1_images: int,
     repeats: int,
     progress: bool,
+    profile: Any = None,
 ) -> list[Speed]:
     """Early exit against the full model, side by side, at ``batch_size`` on all ``images``
     and at batch 1 on the first ``batch1_images`` (with half the repeats)."""
@@ -798,6 +802,7 @@ def time_policy(
             batch_size=batch_size,
             repeats=repeats,
             progress=progress,
+            profile=profile,
         ),
         time_inference(
             network,
@@ -806,6 +811,7 @@ def time_policy(
             batch_size=1,
             repeats=max(1, repeats // 2),
             progress=progress,
+            profile=profile,
         ),
     ]
     return [speed(timing) for timing in timings]

@@ -439,19 +439,21 @@ class Denoiser(nn.Module):
         """One early-exit noise prediction that really skips the blocks a sample does not need.
 
         Exit rule: a sample leaves at the first exit ``l >= earliest_exit`` (``l < L - 1``)
-        whose confidence ``1 - mean(u_l)`` is ``>= threshold``; else at the last exit. After
-        each block only the samples still running go on; the UEM of exit ``l`` runs only on
-        running samples with a finite threshold when ``l >= earliest_exit``, and an exit's
-        head only on the samples that leave there. With every threshold ``inf`` the result
-        is :meth:`full`'s, computed by the same operations.
+        whose confidence ``1 - mean(u_l)`` is ``>= threshold`` (its threshold of exit ``l``
+        for a threshold vector); else at the last exit. After each block only the samples
+        still running go on; the UEM of exit ``l`` runs only on running samples with a finite
+        threshold at that exit when ``l >= earliest_exit``, and an exit's head only on the
+        samples that leave there. With every threshold ``inf`` the result is :meth:`full`'s,
+        computed by the same operations.
 
         Parameters
         ----------
         x : Tensor of shape (B, C, H, W)
         t : int or int Tensor of shape (B,)
-        threshold : float64 Tensor of shape (B,)
-            Each sample's threshold in [0, 1], or ``inf`` (never exit early). Not checked
-            here (see :func:`exitguard.tasks.diffusion.sample.check_threshold`).
+        threshold : float64 Tensor of shape (B,) or (B, L - 1)
+            Each sample's threshold in [0, 1], or ``inf`` (never exit early), or one per
+            sample and exit (``inf`` disables an exit). Not checked here (see
+            :func:`exitguard.tasks.diffusion.sample.exit_limits`).
         earliest_exit : int
             No sample leaves before this exit.
 
@@ -467,7 +469,9 @@ class Denoiser(nn.Module):
         n = x.shape[0]
         h, time = self.embed(x, t)  # (A, 1+N, D), (A, D/4)
         rows = torch.arange(n, device=x.device)  # (A,) batch rows still running
-        limit = threshold.to(device=x.device, dtype=torch.float64)  # (A,)
+        limit = threshold.to(device=x.device, dtype=torch.float64)  # (A,) or (A, L-1)
+        if limit.ndim == 1:
+            limit = limit[:, None].expand(n, last)  # (A, L-1) one threshold per exit
         eps = x.new_empty(x.shape)  # (B, C, H, W)
         exits = torch.full((n,), last, dtype=torch.long, device=x.device)  # (B,)
         skips: list[Tensor] = []
@@ -475,17 +479,18 @@ class Denoiser(nn.Module):
             h = self.run_block(index, h, skips)  # (A, 1+N, D)
             if index < earliest_exit:
                 continue
-            candidate = torch.isfinite(limit)  # (A,) rows whose exit rule can fire
+            here = limit[:, index]  # (A,) each running sample's threshold at this exit
+            candidate = torch.isfinite(here)  # (A,) rows whose exit rule can fire
             if not bool(candidate.any()):
                 continue
             uem: UncertaintyHead = self.uems[index]  # type: ignore[assignment]
             if bool(candidate.all()):  # the usual case: no copy of the running rows
                 u = uem.tokens(h[:, 1:], time)  # (A, N, C*p*p)
-                fire = 1.0 - u.double().flatten(1).mean(-1) >= limit  # (A,)
+                fire = 1.0 - u.double().flatten(1).mean(-1) >= here  # (A,)
             else:
                 u = uem.tokens(h[candidate, 1:], time[candidate])  # (a, N, C*p*p)
                 fire = torch.zeros_like(candidate)  # (A,)
-                fire[candidate] = 1.0 - u.double().flatten(1).mean(-1) >= limit[candidate]
+                fire[candidate] = 1.0 - u.double().flatten(1).mean(-1) >= here[candidate]
             if not bool(fire.any()):
                 continue
             eps[rows[fire]] = self.exits[index](h[fire, 1:])  # (F, C, H, W)

@@ -10,6 +10,12 @@ Sampling runs ``T`` denoising steps; step ``s = 0..T-1`` denoises timestep ``t =
 where ``eps`` is the noise prediction of the exit the sample takes at that step (the full
 model's under the never-exit threshold ``inf``).
 
+**Thresholds.** One threshold for every sample, exit and step; one per sample (B,); one per
+sample and exit (B, L - 1) (a threshold vector, e.g. from a policy's ``thresholds``); or one
+per sample, step and exit (B, T, L - 1) (a per-step schedule); or an
+:class:`~exitguard.ExitPolicy`, whose :meth:`~exitguard.ExitPolicy.exit_thresholds` apply at
+every step. A leading axis of 1 is shared by every sample. ``inf`` disables an exit.
+
 **The same-noise guarantee.** All randomness comes from :func:`sample_noise`: sample ``i``
 of seed ``seed`` gets one array (T, C, H, W) drawn from ``numpy.random.default_rng([seed,
 stream, i])``; slice 0 is x_T and slice ``s + 1`` is the noise ``z_s`` added after step
@@ -29,6 +35,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
+from exitguard.policy import ExitPolicy
 from exitguard.risk._validation import check_int
 from exitguard.risk.exits import check_thresholds, first_exit
 from exitguard.tasks.diffusion.model import Denoiser
@@ -188,6 +195,41 @@ def check_threshold(threshold: Any, n: int) -> Tensor:
     return values
 
 
+def exit_limits(model: Denoiser, threshold: Any, n: int, *, earliest_exit: int) -> Tensor:
+    """Every sample's threshold at every step and exit: float64 (n, T, L - 1).
+
+    ``threshold`` takes any form of the module notes (a float, (n,), (n, L - 1),
+    (n, T, L - 1), a leading 1 for all samples, or an ExitPolicy). Exits before
+    ``earliest_exit`` get ``inf``: they never fire.
+    """
+    steps, n_exits = model.config.steps, model.n_exits
+    if isinstance(threshold, ExitPolicy):
+        threshold = threshold.exit_thresholds(n_exits)[None, :]  # (1, L-1)
+    if isinstance(threshold, Tensor):
+        threshold = threshold.detach().cpu().numpy()
+    values = np.array(check_thresholds(threshold), dtype=np.float64)
+    if values.ndim == 0:
+        values = values.reshape(1, 1, 1)
+    elif values.ndim == 1:
+        values = values[:, None, None]  # (n, 1, 1) one per sample
+    elif values.ndim == 2:
+        values = values[:, None, :]  # (n, 1, L-1) one per sample and exit
+    if (
+        values.ndim != 3
+        or values.shape[0] not in (1, n)
+        or values.shape[1] not in (1, steps)
+        or values.shape[2] not in (1, n_exits - 1)
+    ):
+        raise ValueError(
+            f"`threshold` must be a float, or have shape ({n},), ({n}, {n_exits - 1}) or "
+            f"({n}, {steps}, {n_exits - 1}) (a leading 1 for all samples); got shape "
+            f"{np.shape(threshold)}."
+        )
+    limits = np.broadcast_to(values, (n, steps, n_exits - 1)).copy()  # (n, T, L-1)
+    limits[:, :, :earliest_exit] = math.inf  # exits before the earliest never fire
+    return torch.from_numpy(limits)
+
+
 def _check_noise(model: Denoiser, noise: Any) -> Tensor:
     if not isinstance(noise, Tensor):
         raise TypeError(f"`noise` must be a torch.Tensor; got {type(noise).__name__}.")
@@ -210,8 +252,9 @@ class SampleResult:
         The samples x_0 in [-1, 1] (see :func:`to_unit` for [0, 1]).
     exits : int64 Tensor of shape (B, T)
         ``exits[i, s]``: 0-based exit of sample ``i`` at step ``s`` (timestep ``T - 1 - s``).
-    threshold : float64 Tensor of shape (B,)
-        The threshold each sample ran under.
+    threshold : float64 Tensor of shape (B, T, L - 1)
+        The threshold of every exit at every step that each sample ran under (``inf``: the
+        exit could not fire, e.g. before ``earliest_exit``).
     confidence : float64 Tensor of shape (B, T, L - 1) or None
         Every intermediate exit's confidence at every step (``simulate`` only).
     """
@@ -238,7 +281,7 @@ def sample(
     model: Denoiser,
     noise: Tensor,
     *,
-    threshold: float | ArrayLike = math.inf,
+    threshold: float | ArrayLike | ExitPolicy = math.inf,
     earliest_exit: int = 1,
     clip: bool = True,
 ) -> SampleResult:
@@ -255,8 +298,10 @@ def sample(
     model : Denoiser
     noise : Tensor of shape (B, T, C, H, W)
         From :func:`sample_noise`.
-    threshold : float or array of shape (B,)
-        In [0, 1], or ``math.inf`` (never exit early); one value for all, or one per sample.
+    threshold : float, array or ExitPolicy
+        In [0, 1], or ``math.inf`` (never exit early): one value for all, one per sample
+        (B,), per sample and exit (B, L - 1), per sample, step and exit (B, T, L - 1), or a
+        policy's exit thresholds (see the module notes).
     earliest_exit : int
         No sample leaves before this exit (DeeDiff: 1).
     clip : bool
@@ -268,14 +313,16 @@ def sample(
     """
     noise = _check_noise(model, noise)
     earliest_exit = model.check_earliest_exit(earliest_exit)
-    limits = check_threshold(threshold, noise.shape[0])  # (B,)
+    limits = exit_limits(model, threshold, noise.shape[0], earliest_exit=earliest_exit)
     schedule = Schedule.of(model)
     steps = schedule.steps
     x = noise[:, 0]  # (B, C, H, W)
     exits = torch.empty((x.shape[0], steps), dtype=torch.long)  # (B, T)
     for s in range(steps):  # a loop over steps: sampling is sequential
         t = steps - 1 - s
-        eps, exits[:, s] = model.denoise(x, t, threshold=limits, earliest_exit=earliest_exit)
+        eps, exits[:, s] = model.denoise(
+            x, t, threshold=limits[:, s], earliest_exit=earliest_exit
+        )  # (B, L-1) thresholds of this step
         x = schedule.step(x, eps, t, noise[:, s + 1] if t > 0 else None, clip=clip)
     return SampleResult(x, exits, limits)
 
@@ -292,19 +339,20 @@ def sample_full(model: Denoiser, noise: Tensor, *, clip: bool = True) -> SampleR
         eps = model.full(x, t)  # (B, C, H, W)
         x = schedule.step(x, eps, t, noise[:, s + 1] if t > 0 else None, clip=clip)
     exits = torch.full((x.shape[0], steps), model.n_exits - 1, dtype=torch.long)
-    limits = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
+    limits = torch.full((x.shape[0], steps, model.n_exits - 1), math.inf, dtype=torch.float64)
     return SampleResult(x, exits, limits)
 
 
 def exit_rule(confidence: Tensor, threshold: Tensor, *, earliest_exit: int) -> Tensor:
-    """The exit rule on confidences: (B, L - 1) float64 and (B,) thresholds -> (B,) exits.
+    """The exit rule on confidences: (B, L - 1) float64 and thresholds -> (B,) exits.
 
-    The first exit ``l >= earliest_exit`` with ``confidence[:, l] >= threshold``; else
-    ``L - 1``.
+    ``threshold`` is (B,) (one per sample) or (B, L - 1) (one per sample and exit). The first
+    exit ``l >= earliest_exit`` with ``confidence[:, l] >= threshold[:, l]``; else ``L - 1``.
     """
-    fires = confidence >= threshold[:, None]  # (B, L-1)
-    fires[:, :earliest_exit] = False
-    return first_exit(fires)  # (B,) the core's rule
+    limits = threshold[:, None] if threshold.ndim == 1 else threshold  # (B, 1) or (B, L-1)
+    limits = limits.expand(confidence.shape).clone()  # (B, L-1)
+    limits[:, :earliest_exit] = math.inf  # exits before the earliest never fire
+    return first_exit(confidence, limits)  # (B,) the core's rule
 
 
 @torch.inference_mode()
@@ -312,7 +360,7 @@ def simulate(
     model: Denoiser,
     noise: Tensor,
     *,
-    threshold: float | ArrayLike = math.inf,
+    threshold: float | ArrayLike | ExitPolicy = math.inf,
     earliest_exit: int = 1,
     clip: bool = True,
 ) -> SampleResult:
@@ -324,7 +372,7 @@ def simulate(
     """
     noise = _check_noise(model, noise)
     earliest_exit = model.check_earliest_exit(earliest_exit)
-    limits = check_threshold(threshold, noise.shape[0])  # (B,)
+    limits = exit_limits(model, threshold, noise.shape[0], earliest_exit=earliest_exit)
     schedule = Schedule.of(model)
     steps = schedule.steps
     x = noise[:, 0]  # (B, C, H, W)
@@ -336,7 +384,7 @@ def simulate(
         t = steps - 1 - s
         out = model(x, t)  # eps (B, L, C, H, W), uncertainty (B, L-1, C, H, W)
         confidence[:, s] = out.confidence
-        exits[:, s] = exit_rule(confidence[:, s], limits, earliest_exit=earliest_exit)
+        exits[:, s] = exit_rule(confidence[:, s], limits[:, s], earliest_exit=earliest_exit)
         eps = out.eps[rows, exits[:, s]]  # (B, C, H, W)
         x = schedule.step(x, eps, t, noise[:, s + 1] if t > 0 else None, clip=clip)
     return SampleResult(x, exits, limits, confidence)
@@ -347,12 +395,16 @@ def generate(
     indices: ArrayLike,
     *,
     seed: int,
-    threshold: float = math.inf,
+    threshold: float | ExitPolicy = math.inf,
     earliest_exit: int = 1,
     batch_size: int = 64,
     stream: int = 0,
 ) -> SampleResult:
-    """:func:`sample` the given sample indices of a seed, ``batch_size`` at a time."""
+    """:func:`sample` the given sample indices of a seed, ``batch_size`` at a time.
+
+    ``threshold`` is one float for every sample, or a policy (its exit thresholds at every
+    step).
+    """
     ids = np.asarray(indices)
     check_int(batch_size, "batch_size")
     parts = []

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from exitguard.policy import ExitPolicy
 from exitguard.risk._validation import check_int
-from exitguard.risk.exits import check_thresholds
+from exitguard.risk.exits import check_threshold_vector, check_thresholds
 from exitguard.tasks.language.binding import CONFIDENCES, KV_FILLS, LMBinding
 from exitguard.tasks.language.cache_fill import CacheFill, make_cache_fill
 from exitguard.tasks.language.heads import ExitHeads, heads_fingerprint
@@ -314,8 +314,11 @@ class EarlyExitLM:
         decay: float = 0.0,
         kv_fill: str = "propagate",
         allow_unbound: bool = False,
-    ) -> float:
+    ) -> float | tuple[float, ...]:
         """The threshold of ``policy``, after checking that it belongs to this decoding.
+
+        Returns the scalar threshold, or for a policy with a threshold vector or function the
+        threshold of every exit but the last (``n_exits - 1`` floats).
 
         A policy bound by :meth:`bind_policy` must record this model, these heads (their
         configuration and weights), these exit layers, and the given confidence measure,
@@ -366,6 +369,8 @@ class EarlyExitLM:
                 f"`policy` thresholds the confidence {policy.confidence!r}; this decoding uses "
                 f"{confidence!r}. Use the policy's confidence or recalibrate."
             )
+        if policy.kind != "scalar":
+            return tuple(float(t) for t in policy.exit_thresholds(self.n_exits))
         if policy.threshold is None:
             raise ValueError("`policy` has no threshold (its calibration table had no grid).")
         return float(policy.threshold)
@@ -558,13 +563,15 @@ class EarlyExitLM:
             1 for real tokens, 0 for left padding.
         max_new_tokens : int
             Tokens to generate per sequence (fewer when it ends).
-        threshold : float, tensor of shape (R,) or ExitPolicy
+        threshold : float, tensor of shape (R,) or (R, L - 1), or ExitPolicy
             Exit at the first exit whose confidence is >= threshold; ``inf`` never exits early.
-            A calibrated :class:`~exitguard.ExitPolicy` stands for its threshold, after
-            :meth:`check_policy` (with this call's confidence, decay and kv_fill).
-            A grid of R thresholds decodes every prompt under each of them in one batch of
-            R * B rows (row ``r * B + b``: prompt ``b`` under ``threshold[r]``), sharing the
-            prompts' prefill.
+            A calibrated :class:`~exitguard.ExitPolicy` stands for its threshold (or its
+            threshold vector), after :meth:`check_policy` (with this call's confidence, decay
+            and kv_fill). A grid of R thresholds decodes every prompt under each of them in
+            one batch of R * B rows (row ``r * B + b``: prompt ``b`` under ``threshold[r]``),
+            sharing the prompts' prefill; (R, L - 1) is a grid of R threshold vectors, one
+            threshold per exit but the last (``inf`` disables an exit: its confidence is not
+            computed). CALM's decay over token position scales every exit's threshold.
         settings : DecodingSettings, optional
             How to decode (length, confidence, threshold decay, cache fill, sampling, what
             to return); see :class:`DecodingSettings`. Its fields may also be given as
@@ -592,11 +599,24 @@ class EarlyExitLM:
                 kv_fill=kv_fill,
                 allow_unbound=allow_unbound,
             )
+        if isinstance(threshold, tuple):  # a policy's threshold vector
+            threshold = torch.tensor([threshold], dtype=torch.float64)  # (1, L-1)
         if isinstance(threshold, torch.Tensor):
             threshold = threshold.detach().cpu().numpy()
-        grid = torch.from_numpy(check_thresholds(threshold).reshape(-1))  # (R,), the core's check
-        if grid.numel() == 0:
+        values = check_thresholds(threshold)  # the core's check
+        if values.size == 0:
             raise ValueError("`threshold` must hold at least one threshold; got an empty grid.")
+        if values.ndim == 2:
+            check_threshold_vector(values[0], self.n_exits, name="threshold")  # (L-1,) each row
+            grid = torch.from_numpy(values.copy())  # (R, L-1) one vector per grid row
+        elif values.ndim <= 1:
+            grid = torch.from_numpy(values.reshape(-1, 1).copy())  # (R, 1) scalar thresholds
+        else:
+            raise ValueError(
+                "`threshold` must be a float, a grid (R,) or threshold vectors (R, n_exits - 1); "
+                f"got shape {values.shape}."
+            )
+        grid = grid.expand(-1, max(self.n_exits - 1, 1))  # (R, L-1)
         early_exits = bool(torch.isfinite(grid).any()) and self.n_exits > 1
         if bool(torch.isfinite(grid).any()) and self.heads is None:
             raise ValueError("a finite `threshold` needs exit heads; pass `heads=` (train-exits).")
@@ -611,10 +631,10 @@ class EarlyExitLM:
         start_time = time.perf_counter()
         device = input_ids.device
         prompts, prompt_len = input_ids.shape
-        repeats = grid.numel()
+        repeats = grid.shape[0]
         batch = prompts * repeats  # row r * prompts + b: prompt b under threshold r
         total = prompt_len + max_new_tokens
-        row_threshold = grid.repeat_interleave(prompts).to(device)  # (B,)
+        row_threshold = grid.repeat_interleave(prompts, dim=0).to(device)  # (B, L-1)
         valid = torch.zeros(prompts, total, dtype=torch.bool, device=device)  # (b, T)
         valid[:, :prompt_len] = True if attention_mask is None else attention_mask.bool().to(device)
         dtype = self.embed.weight.dtype
@@ -682,7 +702,7 @@ class EarlyExitLM:
                 * decayed_threshold(1.0, step=step, decay=decay, horizon=max_new_tokens)
                 if early_exits
                 else None
-            )  # (B,) or None
+            )  # (B, L-1) or None
             inputs = _StepInputs(slot, rows, fed, pos, valid, (cache_k, cache_v), thr)
             self._decode_step(step, inputs, fill, confidence, books)
 
@@ -720,9 +740,7 @@ class EarlyExitLM:
         cost = torch.zeros(batch, dtype=torch.float64, device=device)  # this step's compute
         done = torch.zeros(batch, dtype=torch.bool, device=device)  # row's token decided
         decided: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (rows, logits, exit)
-        may_exit = (
-            torch.isfinite(threshold) if threshold is not None else done
-        )  # (B,) rows whose threshold is finite (the full model's rows decide nothing)
+        finite = torch.isfinite(threshold) if threshold is not None else None  # (B, L-1)
         fill.begin_step(rows, slot, inputs.pos)
         for index in range(self.n_layers):
             joining = fill.joining(index, item_rows[current & ~done[item_rows]], slot)
@@ -749,8 +767,9 @@ class EarlyExitLM:
             exit_ = self._exit_at.get(index)
             if exit_ is None or threshold is None:
                 continue
-            # Early exit `exit_`: score the new tokens not decided yet (rows that may exit).
-            undecided = current & ~done[item_rows] & may_exit[item_rows]  # (n,)
+            # Early exit `exit_`: score the new tokens not decided yet whose threshold at this
+            # exit is finite (a disabled exit computes no confidence).
+            undecided = current & ~done[item_rows] & finite[item_rows, exit_]  # type: ignore[index]
             if not bool(undecided.any()):
                 continue
             candidates = item_rows[undecided]  # (c,)
@@ -770,7 +789,7 @@ class EarlyExitLM:
                 top = probs.topk(2, dim=-1).values  # (c, 2)
                 score = top[:, 0] if confidence == "softmax" else top[:, 0] - top[:, 1]
                 cost[candidates] += self.cost_lm_head + self.cost_adapter
-            fire = score >= threshold[candidates]  # (c,) the exit rule at this exit
+            fire = score >= threshold[candidates, exit_]  # (c,) the exit rule at this exit
             if not bool(fire.any()):
                 continue
             leaving = candidates[fire]  # (m,)
@@ -874,4 +893,4 @@ class _StepInputs:
     pos: torch.Tensor  # (n,) their positions
     valid: torch.Tensor  # (B, T) cache slots that hold a token
     cache: tuple[torch.Tensor, torch.Tensor]  # (L, B, K, T, D) keys and values
-    threshold: torch.Tensor | None  # (B,) each row's threshold at this step, None: never exit
+    threshold: torch.Tensor | None  # (B, L-1) each row's thresholds at this step; None: never

@@ -16,7 +16,13 @@ from exitguard.calibration import calibrate_table
 from exitguard.data.images import ImageDataset, load_dataset
 from exitguard.data.scenes import make_scenes, upscale
 from exitguard.evaluation import Evaluation, EvaluationRow
-from exitguard.nn import EarlyExitNetwork, FlopsTable, count_flops
+from exitguard.nn import (
+    EarlyExitNetwork,
+    FlopsTable,
+    count_flops,
+    optimize_for_inference,
+    profile_latency,
+)
 from exitguard.nn.confidence import PIXEL_CONFIDENCES, DenseConfidence
 from exitguard.policy import ExitPolicy
 from exitguard.report.plots import class_colours
@@ -164,10 +170,13 @@ class Prepared:
     measures: tuple[DenseConfidence, ...]
     outputs: SegmentationOutputs
     flops: FlopsTable
+    served: EarlyExitNetwork | None = None
 
     @property
     def network(self) -> EarlyExitNetwork:
-        return self.trained.module
+        """The network that is calibrated and served: the trained one with BatchNorm folded
+        (:func:`exitguard.nn.optimize_for_inference`); the held-out outputs are its own."""
+        return self.trained.module if self.served is None else self.served
 
     @property
     def exit_flops(self) -> NDArray[np.float64]:
@@ -201,9 +210,9 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
     )
     log("model: " + ("loaded from cache" if trained.from_cache else "trained and cached"))
     measures = confidence_measures(q=config.quantile, window=setup.size // 4)
-    network = trained.module
+    network, _ = optimize_for_inference(trained.module)  # the same outputs, faster on CPU
     outputs = collect_segmentation(network, heldout, measures=measures, seed=config.seed)
-    flops = count_flops(network, torch.from_numpy(heldout.images[:1]))
+    flops = count_flops(trained.module, torch.from_numpy(heldout.images[:1]))
     return Prepared(
         train,
         heldout,
@@ -213,6 +222,7 @@ def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepar
         measures,
         outputs,
         flops,
+        served=network,
     )
 
 
@@ -427,6 +437,7 @@ def run_policy(prepared: Prepared, config: DemoConfig) -> PolicyRun:
     early_masks = result.predictions.numpy()  # (T, H, W)
     full_masks = network.infer(test_images, math.inf).predictions.numpy()  # (T, H, W)
     test_masks = heldout.labels[test_idx]
+    profile = profile_latency(network, test_images[:64], batch_sizes=(1, 64), repeats=5)
     speeds = time_policy(
         network,
         test_images,
@@ -435,6 +446,7 @@ def run_policy(prepared: Prepared, config: DemoConfig) -> PolicyRun:
         batch1_images=20 if config.quick else 100,
         repeats=config.timing_repeats or (3 if config.quick else 7),
         progress=config.progress,
+        profile=profile,
     )
     pixel_miss = float((early_masks != full_masks).mean(axis=(1, 2)).mean())
     objects = (early_masks != 0) | (full_masks != 0)  # (T, H, W)
@@ -546,6 +558,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         confidence=base,
         extra={"measures": [m.__name__ for m in measures]},
     )
+    vectors_table, vectors_line = pareto_side_by_side(prepared, config, n_cal)
+    extra_tables = [*extra_tables, Table.from_dict(vectors_table, "tables[-1]")]
     share = background_share(heldout)
     summary = (
         (
@@ -555,6 +569,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
             f"{accuracy[-1]:.3f})."
         ),
         *summary_lines(risks, settings, run.timed),
+        vectors_line,
         (
             f"Pixel miscoverage counts every pixel and {100 * share:.0f}% of the pixels are "
             "background, on which every exit agrees with the full model, so it is dominated by "
@@ -577,8 +592,9 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         model=ModelInfo(
             description=f"encoder-decoder: stage widths {list(model_config.widths)}, strides "
             f"{list(model_config.strides)}, dilations {list(model_config.dilations)}; a dense "
-            f"head (1x1 conv, width {model_config.head_width}, then bilinear upsampling) per "
-            f"stage; trained jointly with self-distillation ({prepared.training.epochs} epochs).",
+            f"head (1x1 conv, width {model_config.head_width}) per stage, deciding at a quarter "
+            "of the input resolution; only the scenes that leave are upsampled bilinearly; "
+            f"trained jointly with self-distillation ({prepared.training.epochs} epochs).",
             n_exits=n_exits,
             flops_per_exit=tuple(exit_flops.tolist()),
             full_flops=full_flops,
@@ -599,3 +615,34 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     write_demo_report(results, config, policy=policy, files=risk_files(prepared), log=log)
     return results
+
+
+def pareto_side_by_side(
+    prepared: Prepared, config: DemoConfig, n_cal: int
+) -> tuple[dict[str, Any], str]:
+    """The policy's risk certified with one threshold and with per-exit thresholds."""
+    from exitguard.pareto_evaluation import PerExitOutputs, side_by_side
+    from exitguard.risk.exits import default_thresholds
+    from exitguard.tasks.segmentation.collect import GRID_STEP
+
+    outputs = prepared.outputs
+    task = PerExitOutputs(
+        name=prepared.heldout.name,
+        confidences=outputs.confidences[prepared.measures[0].__name__],
+        per_exit=dict(outputs.losses),
+        loss_bounds=dict(LOSS_BOUNDS),
+        exit_cost=prepared.exit_flops,
+        head_cost=np.array(prepared.flops.head, dtype=np.float64),
+        full_cost=float(prepared.flops.full),
+        grid=default_thresholds(GRID_STEP),
+    )
+    return side_by_side(
+        task,
+        config.policy_risk,
+        config.policy_target_risk,
+        n_cal=n_cal,
+        trials=min(10, config.trials) if config.quick else config.trials,
+        delta=config.delta,
+        seed=config.seed,
+        quick=config.quick,
+    )
