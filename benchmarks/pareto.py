@@ -207,12 +207,12 @@ def diffusion_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     lambdas = grid[1:]
     scaled = ThresholdFamily("scaled", tau=1.0).vectors(lambdas, model.n_exits)[1:]  # (K-1, L-1)
     half = np.arange(steps) < steps // 2  # (T,) the first, noisiest, half of the steps
-    early = np.where(half[None, :, None], lambdas[:, None, None], np.inf)
-    late = np.where(~half[None, :, None], lambdas[:, None, None], np.inf)
+    shape = (len(lambdas), steps, width)
+    early = np.broadcast_to(np.where(half[None, :, None], lambdas[:, None, None], np.inf), shape)
+    late = np.broadcast_to(np.where(~half[None, :, None], lambdas[:, None, None], np.inf), shape)
     extra = np.concatenate(
-        [np.broadcast_to(scaled[:, None, :], (len(lambdas), steps, width)), early, late]
+        [np.broadcast_to(scaled[:, None, :], shape), early, late]
     )  # (M, T, L-1) the per-exit and per-step configurations
-    extra = np.broadcast_to(extra, (len(extra), steps, width)).copy()
     print(f"diffusion/digits: sampling {len(extra)} more configurations x {n} seeds", flush=True)
     losses = np.zeros((len(extra), n))
     exits = np.zeros((len(extra), n, steps), dtype=np.int64)

@@ -137,3 +137,11 @@ def test_corrupted_cache_is_detected_and_rebuilt(tmp_path):
     assert rebuilt.module.fingerprint == reference.fingerprint
     for key, value in first.module.state_dict().items():  # seeded: the same weights again
         assert np.array_equal(value.numpy(), rebuilt.module.state_dict()[key].numpy()), key
+
+
+def test_report_shows_per_exit_thresholds_beside_the_single_threshold(demo):
+    root, results, _ = demo
+    (vectors,) = results["tables"]
+    assert [row[0] for row in vectors["rows"]] == ["single UCB-WSR", "pareto WSR 1/4"]
+    assert results["summary"][-1].startswith("Per-exit thresholds (Pareto Testing")
+    assert "per-exit thresholds (Pareto Testing)" in (root / "report" / "index.html").read_text()

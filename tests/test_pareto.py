@@ -199,7 +199,7 @@ def test_certified_configurations_pass_every_risk(two_risk_selection):
     assert max(selection.p_values) <= selection.delta
     assert selection.front[0] == (math.inf,) * 3
     assert selection.thresholds == selection.front[selection.index]
-    assert selection.n_opt == 300 and selection.n_test == 300 and selection.n == 600
+    assert selection.n_opt == 150 and selection.n_test == 450 and selection.n == 600
 
 
 def test_the_choice_is_the_cheapest_certified(population_draw, two_risk_selection):
@@ -227,7 +227,7 @@ def test_json_round_trip(two_risk_selection):
 def test_repr_and_guarantee_are_readable(two_risk_selection):
     text = repr(two_risk_selection)
     assert text.startswith("ParetoSelection(thresholds=(") and "gap=" in text
-    assert "consistency" in text and "n_opt=300" in text
+    assert "consistency" in text and "n_opt=150" in text
     guarantee = two_risk_selection.guarantee
     assert "R[gap] <= 0.05 and R[consistency] <= 0.08" in guarantee and "0.9" in guarantee
 
@@ -242,9 +242,9 @@ def test_a_seed_repeats_the_calibration_and_the_split_is_a_permutation(populatio
     other = pareto_test(conf, losses, seed=6, **arguments)
     assert other.seed == 6 and other.front != first.front  # another split
     fresh = pareto_test(conf, losses, **arguments)
-    assert fresh.seed != 5 and fresh.n_opt == first.n_opt == 150
-    # The testing part is the second half of the seeded permutation of the samples as given.
-    test = np.random.default_rng(5).permutation(300)[150:]
+    assert fresh.seed != 5 and fresh.n_opt == first.n_opt == 75
+    # The testing part is the last three quarters of the seeded permutation of the samples as given.
+    test = np.random.default_rng(5).permutation(300)[75:]
     table = evaluate_vectors(conf[test], losses[:, test], np.array(first.front))
     np.testing.assert_allclose(
         np.array(first.front_p_values).T,

@@ -77,7 +77,7 @@ def test_vectors_cost_what_they_claim_and_round_trip():
         seed=9,
     )
     assert policy.kind == "vector" and policy.certified and policy.pareto == "split"
-    assert policy.n == 1200 and policy.n_opt == 600 and len(policy.risks) == 2
+    assert policy.n == 1200 and policy.n_opt == 300 and len(policy.risks) == 2
     assert [r.risk for r in policy.risks] == ["prediction_consistency", "prediction_gap"]
     assert all(r.upper_bound < r.target_risk for r in policy.risks)
     # The expected cost is the vector's mean cost on all calibration samples.

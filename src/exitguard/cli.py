@@ -665,13 +665,14 @@ def _apply_to_file(
     )
 
 
-DEMO_TASKS = ("classification", "segmentation", "diffusion", "drift", "text", "calm")
+DEMO_TASKS = ("classification", "segmentation", "diffusion", "drift", "text", "mechanisms", "calm")
 DEFAULT_N_CAL = {
     "classification": 100,
     "segmentation": 400,
     "diffusion": 500,
     "drift": 400,
     "text": 500,
+    "mechanisms": 300,
     "calm": 100,
 }
 RAY_TASKS = ("classification", "diffusion")  # the demos whose collection or sweep runs on Ray
@@ -849,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--opt-fraction",
         type=float,
-        default=0.5,
+        default=0.25,
         help="--pareto: share of the calibration samples that learn the testing order",
     )
     calibrate.add_argument(
@@ -959,6 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
         "real images, calibrate, time it and write a report; text: the same for MiniLM on King "
         "James verses (scripts/install-text.sh); drift: serve a certified policy on a stream "
         "of images that degrade, with audits, the risk monitor, fallback and recalibration; "
+        "mechanisms: branch exits, cascade, learned halting, anytime budgets and layer "
+        "skipping, each certified at the same (eps, delta, n) and timed side by side; "
         "calm: the paper's language-modelling experiment on its released loss table",
     )
     demo.add_argument(

@@ -215,7 +215,7 @@ def calibrate_pareto(
     exit_cost: ArrayLike | None = None,
     head_cost: ArrayLike | None = None,
     thresholds: ArrayLike | None = None,
-    opt_fraction: float = 0.5,
+    opt_fraction: float = 0.25,
     search: VectorSearch | None = None,
     opt_exit_probs: ArrayLike | None = None,
     opt_labels: ArrayLike | None = None,
@@ -287,7 +287,7 @@ def calibrate_pareto(
     >>> probs = rng.dirichlet(np.ones(3), size=(400, 4))  # (n, L, C)
     >>> policy = calibrate_pareto(probs, risks=["prediction_consistency:0.2"], seed=1)
     >>> policy.kind, policy.pareto, policy.n_opt
-    ('vector', 'split', 200)
+    ('vector', 'split', 100)
     """
     targets = as_risk_targets(risks)
     chosen = get_procedure(procedure)

@@ -446,7 +446,13 @@ def side_by_side(
         f"Per-exit thresholds (Pareto Testing, a quarter of the {n_cal} samples learning the "
         f"order) save {100 * pareto['flops_saving']:.1f}% of FLOPs against "
         f"{100 * single['flops_saving']:.1f}% for the single threshold at the same ε = "
-        f"{target_risk:g}, δ = {delta:g}, n = {n_cal} ({100 * gain:+.1f}% FLOPs, {trials} splits)"
+        f"{target_risk:g}, δ = {delta:g}, n = {n_cal} ("
+        + (
+            f"{100 * gain:.1f}% fewer FLOPs than the single threshold"
+            if gain > 0
+            else f"{-100 * gain:.1f}% more FLOPs than the single threshold"
+        )
+        + f", {trials} splits)"
     )
     verdict += "." if gain > 0 else "; here the single threshold is as good or better."
     table = comparison_table(

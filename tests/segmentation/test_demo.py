@@ -50,9 +50,12 @@ def test_report_and_results(demo):
     for risk in SEGMENTATION_RISKS:  # risks in words, not symbols
         assert f"<h3>{RISK_TITLES[risk]} (B = " in page
     assert "R^C" not in page and "background" in page
-    table, five_risks = results.tables[:2]  # Table 1 and every risk's savings
+    table, five_risks, vectors = results.tables
     assert len(table.rows) == 9 and len(table.header) == 1 + 3 * 3
     assert len(five_risks.rows) == len(SEGMENTATION_RISKS)
+    assert "per-exit" in vectors.title  # Pareto Testing beside the single threshold
+    assert [row[0] for row in vectors.rows] == ["single UCB-WSR", "pareto WSR 1/4"]
+    assert "Per-exit thresholds" in results.summary[-2] and "per-exit" in page
     (figure,) = results.figures
     assert figure.file == "segmentation_examples.png" and len(figure.columns) == 5
     assert all(len(row.cells) == 5 for row in figure.rows)

@@ -19,7 +19,9 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess te
         'exitguard.nn needs PyTorch; install it with: pip install "exitguard[torch]"'
     ) from _error
 
+from exitguard.nn.anytime import AnytimeNetwork, AnytimeResult, AnytimeStep
 from exitguard.nn.attach import attach_exits, cut_into_stages
+from exitguard.nn.cascade import Cascade, CascadeFlops
 from exitguard.nn.collect import ExitOutputs, collect
 from exitguard.nn.confidence import (
     CONFIDENCES,
@@ -30,6 +32,7 @@ from exitguard.nn.confidence import (
     patience,
 )
 from exitguard.nn.flops import FlopsTable, count_flops, flop_counter
+from exitguard.nn.halting import HaltingNetwork, HaltingTrainConfig, HaltingUnit, train_halting
 from exitguard.nn.heads import ClassifierHead, DenseHead
 from exitguard.nn.io import load_policy, load_weights, save_policy, save_weights
 from exitguard.nn.latency import (
@@ -40,19 +43,40 @@ from exitguard.nn.latency import (
 )
 from exitguard.nn.network import EarlyExitNetwork, InferenceResult, NonFiniteOutputWarning
 from exitguard.nn.optimize import OptimizeReport, optimize_for_inference
+from exitguard.nn.skipping import (
+    SkipFlops,
+    SkipGate,
+    SkipNetwork,
+    SkipResult,
+    SkipTrainConfig,
+    train_skipping,
+)
 from exitguard.nn.train import TrainConfig, TrainHistory, exit_losses, train_exits
 
 __all__ = [
     "CONFIDENCES",
+    "AnytimeNetwork",
+    "AnytimeResult",
+    "AnytimeStep",
+    "Cascade",
+    "CascadeFlops",
     "ClassifierHead",
     "DenseHead",
     "EarlyExitNetwork",
     "ExitOutputs",
     "FlopsTable",
+    "HaltingNetwork",
+    "HaltingTrainConfig",
+    "HaltingUnit",
     "InferenceResult",
     "LatencyProfile",
     "NonFiniteOutputWarning",
     "OptimizeReport",
+    "SkipFlops",
+    "SkipGate",
+    "SkipNetwork",
+    "SkipResult",
+    "SkipTrainConfig",
     "SpeedupMeasurement",
     "TrainConfig",
     "TrainHistory",
@@ -75,4 +99,6 @@ __all__ = [
     "save_policy",
     "save_weights",
     "train_exits",
+    "train_halting",
+    "train_skipping",
 ]

@@ -980,7 +980,7 @@ def pareto_test(
     exit_cost: ArrayLike | None = None,
     head_cost: ArrayLike | None = None,
     procedure: str | Procedure = "ucb-wsr",
-    opt_fraction: float = 0.5,
+    opt_fraction: float = 0.25,
     search: VectorSearch | None = None,
     cost_estimate: str = "all",
     risk_names: Sequence[str] | None = None,
@@ -1017,7 +1017,9 @@ def pareto_test(
         ``"ucb-hb"``, ``"ucb-hoeffding"`` or ``"ucb-binomial"`` (0-1 losses).
     opt_fraction : float in (0, 1)
         Share of the calibration samples in the optimisation part (the search and the
-        order); the rest is the testing part. Default 0.5, the paper's split.
+        order); the rest is the testing part. Default 0.25: in ``benchmarks/pareto.py`` a
+        quarter did better than the paper's half in every case measured (the larger
+        testing part certifies more; on segmentation 3 to 39% fewer FLOPs).
     search : VectorSearch, optional
         Settings of the search (default: ``VectorSearch()``).
     cost_estimate : {"all", "test"}
@@ -1230,7 +1232,7 @@ def pareto_test_table(
     loss_bounds: float | Sequence[float] = 1.0,
     procedure: str | Procedure = "ucb-wsr",
     order: Literal["pareto", "natural"] = "pareto",
-    opt_fraction: float = 0.5,
+    opt_fraction: float = 0.25,
     cost_estimate: str = "all",
     thresholds: ArrayLike | None = None,
     risk_names: Sequence[str] | None = None,

@@ -267,7 +267,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decoding(args: argparse.Namespace) -> tuple[Any, float, str, float, str]:
+def _decoding(args: argparse.Namespace) -> tuple[Any, Any, str, float, str]:
     """The policy (or None), threshold, confidence, decay and kv_fill for ``generate``.
 
     A policy's recorded decoding is the default, and an explicit option that contradicts it
@@ -315,6 +315,9 @@ def _decoding(args: argparse.Namespace) -> tuple[Any, float, str, float, str]:
         raise ValueError(
             f"the policy's confidence must be one of {CONFIDENCE_CHOICES}; got {confidence!r}."
         )
+    if policy.kind != "scalar" and not policy.is_full_model:  # one threshold per exit
+        vector = tuple(float(t) for t in policy.exit_thresholds())
+        return policy, vector, confidence, decay or 0.0, kv_fill or "propagate"
     threshold = math.inf if policy.is_full_model else policy.threshold
     if threshold is None:
         raise ValueError(f"the policy in {args.policy} has no threshold (no grid was given).")
@@ -366,7 +369,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for t, token in enumerate(new):
         piece = json.dumps(tokenizer.decode([token]))[:16]
         print(f"{t:>3}  {piece:<16}  {int(out.exits[0, t]):>4}  {int(out.layers[0, t]):>6}")
-    label = "never (full model)" if math.isinf(threshold) else f"{threshold:g}"
+    if isinstance(threshold, tuple):  # a policy's threshold vector
+        label = "(" + ", ".join("never" if math.isinf(t) else f"{t:g}" for t in threshold) + ")"
+    else:
+        label = "never (full model)" if math.isinf(threshold) else f"{threshold:g}"
     print(
         f"threshold {label}, confidence {confidence}: mean exit layer "
         f"{out.layers[0, :length].double().mean().item():.2f} of {lm.n_layers}, "
