@@ -141,7 +141,7 @@ def test_corrupted_cache_is_detected_and_rebuilt(tmp_path):
 
 def test_report_shows_per_exit_thresholds_beside_the_single_threshold(demo):
     root, results, _ = demo
-    (vectors,) = results["tables"]
-    assert [row[0] for row in vectors["rows"]] == ["single UCB-WSR", "pareto WSR 1/4"]
-    assert results["summary"][-1].startswith("Per-exit thresholds (Pareto Testing")
+    (vectors,) = results.tables
+    assert [row[0] for row in vectors.rows] == ["single UCB-WSR", "pareto WSR 1/4"]
+    assert results.summary[-1].startswith("Per-exit thresholds (Pareto Testing")
     assert "per-exit thresholds (Pareto Testing)" in (root / "report" / "index.html").read_text()
