@@ -22,8 +22,7 @@ def toy_table(seed=1, k=30, n=500):
 
 
 def test_the_mean_exit_is_that_of_the_selected_policies():
-    """Oracle: a second evaluation with the exits as the cost (the same seed, so the same
-    splits and reading orders)."""
+    """Oracle: a second evaluation with the exits as the cost, on the same splits."""
     losses, exits, cost = toy_table()
     result = evaluate_risk(
         losses,
@@ -38,8 +37,10 @@ def test_the_mean_exit_is_that_of_the_selected_policies():
         trials=40,
         seed=3,
     )
-    common = dict(procedures=PROCEDURES, target_risks=TARGETS, delta=0.1, n_cal=150, trials=40)
-    common["seed"] = 3
+    # The public call with the same n_cal, trials and seed: the same splits and reading orders.
+    common = dict(
+        procedures=PROCEDURES, target_risks=TARGETS, delta=0.1, n_cal=150, trials=40, seed=3
+    )
     by_exit = evaluate(losses, cost=exits.astype(float), **common)
     by_flops = evaluate(losses, cost=cost, **common)
     assert result.evaluation.rows == by_flops.rows

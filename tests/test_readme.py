@@ -110,23 +110,6 @@ def _your_network() -> dict:
     }
 
 
-def _per_exit() -> dict:
-    """Your network with its exits, its calibration outputs, FLOPs per exit and a batch."""
-    from exitguard.nn import count_flops
-
-    names = _your_network()
-    network = names["network"]
-    outputs = names["collect"](network, names["calibration_images"])
-    return {
-        "exitguard": names["exitguard"],
-        "network": network,
-        "exit_probs": outputs.probs,
-        "labels": names["calibration_labels"].numpy(),
-        "flops_per_exit": count_flops(network, names["test_images"][:1]).to_exit,
-        "x": names["test_images"],
-    }
-
-
 def _saved_predictions() -> dict:
     """Confidences and predictions of 4 exits (the main job's exits 1 to 4)."""
     import exitguard
@@ -172,10 +155,27 @@ def _deployment() -> dict:
     }
 
 
+def _your_exit_outputs() -> dict:
+    """Your network's calibration outputs with labels and the FLOPs of each exit."""
+    from exitguard.nn import count_flops
+
+    names = _your_network()
+    network, images = names["network"], names["calibration_images"]
+    outputs = names["collect"](network, images, labels=names["calibration_labels"])
+    return {
+        "exitguard": names["exitguard"],
+        "network": network,
+        "exit_probs": outputs.probs,
+        "labels": outputs.labels,
+        "flops_per_exit": count_flops(network, images[:1]).to_exit,
+        "x": names["test_images"],
+    }
+
+
 SETUPS = {
+    "your-exit-outputs": _your_exit_outputs,
     "your-model": _your_model,
     "your-network": _your_network,
-    "per-exit": _per_exit,
     "saved-predictions": _saved_predictions,
     "loss-table": _loss_table,
     "deployment": _deployment,

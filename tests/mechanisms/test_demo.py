@@ -74,6 +74,21 @@ def test_every_mechanism_is_compared_on_both_risks(demo):
         assert math.isfinite(row["test_risk"])
 
 
+def test_row_zero_of_every_table_is_the_full_model(demo):
+    results, _ = demo
+    for name, tradeoff in results["tradeoffs"].items():
+        assert tradeoff["flops_fraction"][0] == 1.0, name
+        for risk in results["settings"]["risks"]:
+            assert tradeoff["risk"][risk][0] == 0.0, (name, risk)
+    flops = results["models"]["flops"]
+    full = {r["mechanism"]: r["full_flops"] for r in results["comparison"]}
+    assert full["branch exits"] == flops["branch exits"]["full"]
+    assert full["cascade"] == flops["cascade"]["full"] == flops["cascade"]["model"][-1]
+    assert full["learned halting"] == flops["learned halting"]["full"]
+    assert full["anytime"] == flops["anytime budgets"][-1]
+    assert full["layer skipping"] == flops["layer skipping"]["full"]
+
+
 def test_anytime_curve_bounds_its_calibration_risk(demo):
     results, _ = demo
     for curve in results["anytime_curves"].values():

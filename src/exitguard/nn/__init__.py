@@ -8,6 +8,10 @@ imports this package.
     outputs = collect(network, calibration_loader)      # per-exit probs (n, L, C) + labels
     policy = network.bind_policy(exitguard.calibrate(outputs.probs, outputs.labels, ...))
     result = network.infer(x, policy)                  # really skips compute, any batch size
+
+Mechanisms beyond branch exits, each with real savings and a full-pass ``simulate``:
+:class:`Cascade`, :class:`HaltingNetwork`, :class:`AnytimeNetwork`, :class:`SkipNetwork`
+(their tables and certification: :mod:`exitguard.tasks.mechanisms`).
 """
 
 from __future__ import annotations

@@ -582,6 +582,11 @@ def evaluate_risk(
     same selections on the same test splits (:func:`exit_evaluation`), so the FLOPs saving
     and the mean exit describe the very same policies.
     """
+    n_total = np.shape(losses)[1]
+    # The splits evaluate(n_cal=, trials=, seed=) draws (its first draws from the seed); given
+    # as such, evaluate also draws the same reading orders, so the public call repeats these
+    # numbers exactly.
+    splits = split_indices(n_total, n_cal, trials, np.random.default_rng(seed))  # (T, n_cal)
     by_flops = evaluate(
         losses,
         cost=cost,
@@ -594,10 +599,6 @@ def evaluate_risk(
         seed=seed,
         return_selections=True,
     )
-    # The splits evaluate drew: its first draw from a generator seeded with ``seed`` (so
-    # ``exitguard.evaluate(losses, n_cal=, trials=, seed=)`` repeats the page's numbers).
-    n_total = np.shape(losses)[1]
-    splits = split_indices(n_total, n_cal, trials, np.random.default_rng(seed))  # (T, n_cal)
     by_exit = exit_evaluation(by_flops, exits, splits=splits)
     plain = {"selections": None, "order_seeds": None}  # the page keeps the summaries only
     return RiskResult(

@@ -36,7 +36,7 @@ from exitguard.calibration import CertifiedAboveTargetWarning, RiskNotControlled
 from exitguard.nn.anytime import AnytimeNetwork
 from exitguard.nn.cascade import Cascade
 from exitguard.tasks import classification
-from exitguard.tasks.common import results_header
+from exitguard.tasks.common import machine_info, results_header
 from exitguard.tasks.mechanisms.collect import (
     RISKS,
     anytime_table,
@@ -499,9 +499,10 @@ def _results(
             + "."
         )
     return {
-        **results_header(
-            "mechanisms", f"exitguard: early-exit mechanisms certified on {data.name}"
-        ),
+        "task": "mechanisms",
+        "title": f"exitguard: early-exit mechanisms certified on {data.name}",
+        **results_header(),
+        "machine": machine_info(),
         "schema": "exitguard.MechanismResults",
         "summary": summary,
         "dataset": {

@@ -211,6 +211,46 @@ def _html_table(header: Sequence[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+TRAIT_HEADER = (
+    "mechanism",
+    "what it needs",
+    "cost of a sample that never stops early",
+    "certified by",
+)
+TRAITS = (
+    (
+        "branch exits",
+        "exit heads on one network",
+        "the backbone and every head on the way",
+        "any procedure",
+    ),
+    (
+        "cascade",
+        "separately trained models of growing cost",
+        "every model: more than the last model alone",
+        "any procedure",
+    ),
+    (
+        "learned halting",
+        "halting units trained on the frozen network (ponder cost)",
+        "the backbone, every head and halting unit on the way",
+        "any procedure",
+    ),
+    (
+        "anytime",
+        "exit heads; a budget in FLOPs or ms instead of a confidence",
+        "nothing beyond the budget (fixed depth per budget)",
+        "any procedure; every budget at once by the risk curve",
+    ),
+    (
+        "layer skipping",
+        "gates trained with the network (compute penalty)",
+        "every block and gate",
+        "fixed-sequence testing (UCB, LTT) or CRC: the risk need not be monotone",
+    ),
+)
+
+
 def render_mechanism_html(results: Mapping[str, Any]) -> str:
     """The page for a results dict of :func:`exitguard.tasks.mechanisms.run_demo`."""
     escape = html.escape
@@ -226,6 +266,7 @@ def render_mechanism_html(results: Mapping[str, Any]) -> str:
     cascade = ", ".join(f"{a:.3f}" for a in models["cascade accuracy per model"])
     machine = results.get("machine", {})
     eps, delta, n = settings["target_risk"], settings["delta"], settings["n_cal"]
+    traits = _html_table(TRAIT_HEADER, [[escape(c) for c in row] for row in TRAITS])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{escape(str(results.get("title", "")))}</title>
 <style>body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto;
@@ -252,8 +293,10 @@ pop.: the same for the risk on all held-out data; binomial p: one-sided test of 
 rate &le; δ"); <b>speed-up</b>: measured wall time of the full model over the certified
 configuration, run for real side by side (batch 1 on a subset); <b>real = sim.</b>: the real
 run's decisions and predictions equal the full-pass simulation's at batch 1 and 256.
-Layer skipping is certified with fixed-sequence testing only (its risk need not be monotone
-in the gate threshold).</p>
+Layer skipping refuses procedures that assume a risk monotone in the gate threshold
+(crc-marginal); UCB and LTT test its configurations in a fixed sequence from the full model,
+and CRC runs on monotonised losses.</p>
+<h2>Choosing a mechanism</h2>{traits}
 <h2>FLOPs saved against ε</h2><img src="saving_vs_eps.png" alt="saving against epsilon">
 <h2>Every configuration: risk against compute</h2><img src="tradeoff.png" alt="tradeoff">
 <h2>Anytime prediction: the certified per-budget risk</h2>
