@@ -371,6 +371,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     )
     test_images = images[test_idx]
     # Latency profile of the served network (saved beside the policy): predicts the timings.
+    log("profiling the latency of every stage and exit head at batch 1 and 256")
     profile = profile_latency(network, test_images[:256], batch_sizes=(1, 256), repeats=5)
     files["latency.json"] = lambda handle: handle.write(
         (json.dumps(profile.to_dict(), indent=2) + "\n").encode()
@@ -419,6 +420,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         ),
         *summary_lines(risks, settings_, timed),
     )
+    log("per-exit thresholds (Pareto Testing) beside the single threshold")
     vectors_table, vectors_line = pareto_side_by_side(prepared, config)
     summary = (*summary, vectors_line)
     results = DemoResults(

@@ -542,7 +542,10 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
     risks = evaluate_risks(prepared, config)
     log("Table 1: every confidence measure and aggregation")
     extra_tables = savings_tables(prepared, config, risks)
-    log("running one calibrated policy for real and timing it against the full model")
+    log(
+        "running one calibrated policy for real: profiling the latency of every stage and exit "
+        "head, then timing the policy against the full model"
+    )
     run = run_policy(prepared, config)
     figures = picture_grid(prepared, run)
     policy, n_exits = run.policy, network.n_exits
@@ -558,6 +561,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> DemoR
         confidence=base,
         extra={"measures": [m.__name__ for m in measures]},
     )
+    log("per-exit thresholds (Pareto Testing) beside the single threshold")
     vectors_table, vectors_line = pareto_side_by_side(prepared, config, n_cal)
     extra_tables = [*extra_tables, Table.from_dict(vectors_table, "tables[-1]")]
     share = background_share(heldout)
