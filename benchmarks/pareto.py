@@ -242,9 +242,7 @@ def diffusion_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows_out = []
     for target in (0.01, 0.05):
         print(f" ssim <= {target:g}, n = {config.n_cal}", flush=True)
-        single = compare_on_table(
-            table[:, : len(grid)],
-            cost[: len(grid)],
+        setting = dict(
             name="diffusion/digits",
             risks=["ssim"],
             target_risks=[target],
@@ -253,19 +251,9 @@ def diffusion_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             trials=args.trials,
             delta=args.delta,
             seed=args.seed,
-        )[:1]  # the scalar grid alone: single UCB-WSR
-        pareto = compare_on_table(
-            table,
-            cost,
-            name="diffusion/digits",
-            risks=["ssim"],
-            target_risks=[target],
-            loss_bounds=[1.0],
-            n_cal=config.n_cal,
-            trials=args.trials,
-            delta=args.delta,
-            seed=args.seed,
-        )[1:]  # the same splits and seeds: Pareto Testing over every row
+        )  # the same splits and seeds for both calls
+        single = compare_on_table(table[:, : len(grid)], cost[: len(grid)], **setting)[:1]
+        pareto = compare_on_table(table, cost, **setting)[1:]  # Pareto Testing over every row
         reference = single[0]["flops_saving"]
         for row in pareto:
             row["flops_reduction_vs_single"] = 1.0 - (1.0 - row["flops_saving"]) / (1.0 - reference)

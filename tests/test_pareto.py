@@ -365,6 +365,32 @@ def test_bad_tables_are_refused():
         pareto_test_table(0.5 * losses, target_risks=0.1, cost=[3, 2, 1], procedure="ucb-binomial")
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_non_binary_losses_are_refused_whatever_the_split(seed):
+    # One non-0-1 loss among 60 samples: a check made only on the testing part would miss it
+    # whenever the split puts that sample into the optimisation part (1 in 2 seeds).
+    table = np.zeros((3, 60))
+    table[1:, :6] = 1.0
+    table[2, 7] = 0.5
+    with pytest.raises(ValueError, match=r"risk 0: .*0-1 losses"):
+        pareto_test_table(
+            table, target_risks=0.1, cost=[3, 2, 1], procedure="ucb-binomial", seed=seed
+        )
+    conf = np.tile(np.linspace(0.0, 1.0, 60)[:, None], (1, 3))  # (n, L)
+    per_exit = np.zeros((60, 3))
+    per_exit[7, 0] = 0.5
+    with pytest.raises(ValueError, match=r"risk 0: .*0-1 losses"):
+        pareto_test(
+            conf,
+            per_exit,
+            target_risks=0.1,
+            exit_cost=[1.0, 2.0, 3.0],
+            procedure="ucb-binomial",
+            search=LIGHT,
+            seed=seed,
+        )
+
+
 def test_search_settings_validate_and_round_trip():
     settings = VectorSearch(levels=8, steps=(1, 3), families=(ThresholdFamily("calm", 2.0),))
     assert VectorSearch.from_dict(settings.to_dict()) == settings

@@ -347,6 +347,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         policy = policy.with_model(**tables["model_fields"])
     if tables.get("n_exits") is not None:
         policy = policy.with_model(n_exits=int(tables["n_exits"]))
+    evaluated = tables.get("cost_label") == "exits evaluated"
+    unit = "exits evaluated" if evaluated else tables.get("cost_unit") or "in the units of `cost`"
+    return _emit_policy(policy, args, caught, unit=unit)
+
+
+def _emit_policy(
+    policy: ExitPolicy, args: argparse.Namespace, caught: list[Any], *, unit: str
+) -> int:
+    """Save the calibrated policy (``--out``) and print it (as JSON with ``--json``), with the
+    warnings the calibration raised."""
     if args.out:
         policy.save(args.out)
     if args.json:
@@ -354,8 +364,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    evaluated = tables.get("cost_label") == "exits evaluated"
-    unit = "exits evaluated" if evaluated else tables.get("cost_unit") or "in the units of `cost`"
     print(describe_policy(policy, unit=unit))
     if args.out:
         print(f"policy written to {args.out}")
@@ -415,18 +423,8 @@ def cmd_calibrate_pareto(args: argparse.Namespace) -> int:
             **source,
         )
     policy = policy.with_model(n_exits=n_exits)
-    if args.out:
-        policy.save(args.out)
-    if args.json:
-        print(json.dumps({**policy.to_dict(), "warnings": [str(w.message) for w in caught]}))
-        return 0
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
     unit = "exits evaluated" if _exit_cost(args, data) is None else "in the units of `cost`"
-    print(describe_policy(policy, unit=unit))
-    if args.out:
-        print(f"policy written to {args.out}")
-    return 0
+    return _emit_policy(policy, args, caught, unit=unit)
 
 
 def describe_policy(policy: ExitPolicy, *, unit: str = "in the units of `cost`") -> str:

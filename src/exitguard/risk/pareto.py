@@ -946,7 +946,11 @@ def _test_front(
     return _Tested(p_values, losses.mean(axis=-1), n_certified, index, cost, upper)
 
 
-def _check_procedure(procedure: str | Procedure) -> Procedure:
+def _check_procedure(
+    procedure: str | Procedure, losses: Array | None = None, loss_bounds: Array | None = None
+) -> Procedure:
+    """The procedure, checked for Pareto Testing; with ``losses`` (R, K, n) and their
+    ``loss_bounds`` (R,), also checked against the whole table before any split."""
     chosen = get_procedure(procedure)
     if chosen.name not in PARETO_PROCEDURES:
         allowed = ", ".join(repr(p) for p in PARETO_PROCEDURES)
@@ -954,6 +958,13 @@ def _check_procedure(procedure: str | Procedure) -> Procedure:
             f"`procedure` must be a fixed-sequence p-value procedure ({allowed}); got "
             f"{chosen.name!r}."
         )
+    if losses is not None and loss_bounds is not None:
+        # A loop over the few risks: each has its own loss bound.
+        for r in range(losses.shape[0]):
+            try:
+                chosen.check_losses(losses[r], float(loss_bounds[r]))
+            except ValueError as error:
+                raise ValueError(f"risk {r}: {error}") from error
     return chosen
 
 
@@ -1063,7 +1074,7 @@ def pareto_test(
     level = check_open_unit(delta, "delta")
     costs = check_exit_cost(exit_cost, n_exits)  # (L,)
     heads = None if head_cost is None else check_head_cost(head_cost, n_exits)
-    chosen = _check_procedure(procedure)
+    chosen = _check_procedure(procedure, per_exit.transpose(0, 2, 1), bounds_)
     check_choice(cost_estimate, "cost_estimate", COST_ESTIMATES)
     names = _risk_names(risk_names, n_risks)
     settings = search if search is not None else VectorSearch()
@@ -1304,7 +1315,7 @@ def pareto_test_table(
             raise ValueError("`thresholds` must not contain NaN.")
     eps = _target_risks(target_risks, n_risks)
     level = check_open_unit(delta, "delta")
-    chosen = _check_procedure(procedure)
+    chosen = _check_procedure(procedure, table, bounds_)
     check_choice(order, "order", ORDERS)
     check_choice(cost_estimate, "cost_estimate", COST_ESTIMATES)
     names = _risk_names(risk_names, n_risks)

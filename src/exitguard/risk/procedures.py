@@ -156,6 +156,13 @@ class Procedure:
             f"P(R <= {eps}) >= {1 - delta:g} over calibration sets ({how}; needs exchangeable data)"
         )
 
+    def check_losses(self, losses: Array, loss_bound: float) -> None:
+        """Refuse losses the procedure's bound does not cover (non-0-1 losses for the exact
+        binomial bound). Call it on the whole table before any split, so the answer does not
+        depend on which samples a random split puts where."""
+        if self.bound == "binomial":
+            _check_binary(losses, loss_bound)
+
     def table_for_test(self, losses: Array) -> Array:
         """The losses the test reads: monotonised along the rows when the procedure says so."""
         return np.maximum.accumulate(losses, axis=-2) if self.monotonise else losses
@@ -184,8 +191,7 @@ class Procedure:
             shape = (*value.shape[:-1], len(epsilons), value.shape[-1])
             return np.broadcast_to(value[..., None, :], shape)  # the same for every epsilon
         bound = str(self.bound)
-        if bound == "binomial":
-            _check_binary(table, loss_bound)
+        self.check_losses(table, loss_bound)
         if bound == "wsr":
             return _wsr_statistic(table, epsilons, delta=delta, loss_bound=loss_bound, cap=bet_cap)
         return bounds.p_values(

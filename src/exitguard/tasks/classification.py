@@ -40,6 +40,7 @@ from exitguard.tasks.common import (
     CachedModel,
     ImageOptions,
     PolicyOptions,
+    ServesTrained,
     accuracy_measures,
     cached_model,
     calibration_split,
@@ -232,7 +233,7 @@ def classifier_settings(
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Prepared:
+class Prepared(ServesTrained):
     """A trained network with its per-exit outputs on the held-out data."""
 
     data: ImageDataset
@@ -244,17 +245,6 @@ class Prepared:
     outputs: ExitOutputs
     flops: FlopsTable
     served: EarlyExitNetwork | None = None
-
-    @property
-    def network(self) -> EarlyExitNetwork:
-        """The network that is calibrated and served: the trained one with BatchNorm folded
-        (:func:`exitguard.nn.optimize_for_inference`); the held-out outputs are its own."""
-        return self.trained.module if self.served is None else self.served
-
-    @property
-    def exit_flops(self) -> np.ndarray:
-        """(L,) FLOPs of a sample that leaves at each exit (heads on the way included)."""
-        return self.flops.to_exit.astype(np.float64)
 
 
 def prepare(config: DemoConfig, *, log: Callable[[str], None] = print) -> Prepared:

@@ -36,7 +36,7 @@ from exitguard._files import (
     read_regular_file,
 )
 from exitguard.evaluation import Evaluation, evaluate, split_indices
-from exitguard.nn import EarlyExitNetwork, TrainConfig, train_exits
+from exitguard.nn import EarlyExitNetwork, FlopsTable, TrainConfig, train_exits
 from exitguard.nn.io import assign_tensors, stored_tensors
 from exitguard.policy import ExitPolicy
 from exitguard.report.results import (
@@ -121,6 +121,26 @@ class CachedModel(Generic[M]):
     module: M
     metadata: dict[str, Any]
     from_cache: bool
+
+
+class ServesTrained:
+    """For the prepared state of a vision demo: the trained network, the copy that is served
+    (BatchNorm folded, :func:`exitguard.nn.optimize_for_inference`) and its FLOPs table."""
+
+    trained: CachedModel[EarlyExitNetwork]
+    served: EarlyExitNetwork | None
+    flops: FlopsTable
+
+    @property
+    def network(self) -> EarlyExitNetwork:
+        """The network that is calibrated and served: the trained one with BatchNorm folded;
+        the held-out outputs are its own."""
+        return self.trained.module if self.served is None else self.served
+
+    @property
+    def exit_flops(self) -> np.ndarray:
+        """(L,) FLOPs of a sample that leaves at each exit (heads on the way included)."""
+        return self.flops.to_exit.astype(np.float64)
 
 
 def model_description(

@@ -44,6 +44,7 @@ from exitguard.tasks.common import (
     CachedModel,
     ImageOptions,
     PolicyOptions,
+    ServesTrained,
     calibration_split,
     demo_settings,
     evaluate_risk,
@@ -159,7 +160,7 @@ def scenes_for(config: DemoConfig) -> tuple[ImageDataset, ImageDataset]:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Prepared:
+class Prepared(ServesTrained):
     """A trained segmenter with its per-exit confidences and losses on the held-out scenes."""
 
     train: ImageDataset
@@ -171,17 +172,6 @@ class Prepared:
     outputs: SegmentationOutputs
     flops: FlopsTable
     served: EarlyExitNetwork | None = None
-
-    @property
-    def network(self) -> EarlyExitNetwork:
-        """The network that is calibrated and served: the trained one with BatchNorm folded
-        (:func:`exitguard.nn.optimize_for_inference`); the held-out outputs are its own."""
-        return self.trained.module if self.served is None else self.served
-
-    @property
-    def exit_flops(self) -> NDArray[np.float64]:
-        """(L,) FLOPs of an image that leaves at each exit (heads on the way included)."""
-        return self.flops.to_exit.astype(np.float64)
 
     def tables(self, risk: str, measure: str | None = None) -> dict[str, NDArray[Any]]:
         """Loss, FLOPs and exit tables of ``risk`` (default measure: top-1 + mean)."""
