@@ -40,6 +40,22 @@ def make_tiny_llama(*, seed: int = 0, n_layers: int = 6, vocab: int = 97):
     return model
 
 
+def small_train_config(**changes):
+    """Exit-head training of a few seconds on the tiny Llama; ``changes`` shrink it further."""
+    from exitguard.tasks.language.train import TrainConfig
+
+    settings = dict(
+        n_tokens=1024,
+        window=32,
+        top_k=8,
+        epochs=3,
+        batch_tokens=128,
+        confidence_tokens=512,
+        confidence_epochs=5,
+    )
+    return TrainConfig(**{**settings, **changes})
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

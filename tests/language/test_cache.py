@@ -10,17 +10,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from exitguard.tasks.language.model import cache_dir, load_model, model_fingerprint  # noqa: E402
-from exitguard.tasks.language.train import TrainConfig, cached_exit_heads  # noqa: E402
+from exitguard.tasks.language.train import cached_exit_heads  # noqa: E402
+from tests.language.conftest import small_train_config  # noqa: E402
 
-SMALL = TrainConfig(
-    n_tokens=512,
-    window=32,
-    top_k=8,
-    epochs=1,
-    batch_tokens=128,
-    confidence_tokens=256,
-    confidence_epochs=2,
-)
+SMALL = small_train_config(n_tokens=512, epochs=1, confidence_tokens=256, confidence_epochs=2)
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):

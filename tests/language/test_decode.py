@@ -25,43 +25,40 @@ def _ragged_batch(lengths=(5, 9, 3, 7), *, seed=0, vocab=97):
     return prompts, ids, mask
 
 
-def test_never_exit_reproduces_generate_batch_one(tiny_llama, tiny_heads):
-    prompt = torch.randint(3, 97, (1, 7), generator=torch.Generator().manual_seed(0))
-    reference = tiny_llama.generate(
-        prompt,
-        max_new_tokens=12,
+def _assert_greedy_generate(ours, model, ids, *, attention_mask=None):
+    """``ours`` has the tokens of transformers' greedy ``generate`` and its logits (1e-4)."""
+    reference = model.generate(
+        ids,
+        attention_mask=attention_mask,
+        max_new_tokens=ours.tokens.shape[1],
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
         pad_token_id=0,
         eos_token_id=None,
     )
+    assert torch.equal(ours.tokens, reference.sequences[:, ids.shape[1] :])
+    torch.testing.assert_close(ours.logits, torch.stack(reference.logits, 1), atol=1e-4, rtol=0)
+
+
+def test_never_exit_reproduces_generate_batch_one(tiny_llama, tiny_heads):
+    prompt = torch.randint(3, 97, (1, 7), generator=torch.Generator().manual_seed(0))
     ours = EarlyExitLM(tiny_llama, tiny_heads).generate(
         prompt, max_new_tokens=12, threshold=math.inf, return_logits=True
     )
-    assert torch.equal(ours.tokens, reference.sequences[:, 7:])
-    torch.testing.assert_close(ours.logits, torch.stack(reference.logits, 1), atol=1e-4, rtol=0)
+    assert ours.tokens.shape == (1, 12)
+    _assert_greedy_generate(ours, tiny_llama, prompt)
     assert (ours.exits == ours.exits.new_full(ours.exits.shape, 2)).all()  # the final exit
     assert (ours.layers == 6).all()
 
 
 def test_never_exit_reproduces_generate_left_padded_batch(tiny_llama):
     _, ids, mask = _ragged_batch()
-    reference = tiny_llama.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=10,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
     ours = EarlyExitLM(tiny_llama).generate(
         ids, attention_mask=mask, max_new_tokens=10, return_logits=True
     )
-    assert torch.equal(ours.tokens, reference.sequences[:, ids.shape[1] :])
-    torch.testing.assert_close(ours.logits, torch.stack(reference.logits, 1), atol=1e-4, rtol=0)
+    assert ours.tokens.shape == (4, 10)
+    _assert_greedy_generate(ours, tiny_llama, ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("confidence", ["learned", "state", "softmax", "margin"])
@@ -70,9 +67,7 @@ def test_batch_equals_one_by_one(tiny_llama, tiny_heads, confidence, kv_fill):
     prompts, ids, mask = _ragged_batch()
     lm = EarlyExitLM(tiny_llama, tiny_heads)
     threshold = {"learned": 0.6, "state": 0.5, "softmax": 0.2, "margin": 0.1}[confidence]
-    batch = lm.generate(
-        ids,
-        attention_mask=mask,
+    settings = dict(
         max_new_tokens=10,
         threshold=threshold,
         confidence=confidence,
@@ -80,16 +75,9 @@ def test_batch_equals_one_by_one(tiny_llama, tiny_heads, confidence, kv_fill):
         return_logits=True,
         decay=1.0,
     )
+    batch = lm.generate(ids, attention_mask=mask, **settings)
     for row, prompt in enumerate(prompts):
-        single = lm.generate(
-            prompt[None],
-            max_new_tokens=10,
-            threshold=threshold,
-            confidence=confidence,
-            kv_fill=kv_fill,
-            return_logits=True,
-            decay=1.0,
-        )
+        single = lm.generate(prompt[None], **settings)
         assert torch.equal(single.tokens[0], batch.tokens[row])
         assert torch.equal(single.exits[0], batch.exits[row])
         torch.testing.assert_close(single.logits[0], batch.logits[row], atol=1e-4, rtol=0)

@@ -20,17 +20,10 @@ from exitguard.tasks.language.heads import (  # noqa: E402
     default_exit_layers,
 )
 from exitguard.tasks.language.sweep import SweepTable, sweep  # noqa: E402
-from exitguard.tasks.language.train import TrainConfig, train_exit_heads  # noqa: E402
+from exitguard.tasks.language.train import train_exit_heads  # noqa: E402
+from tests.language.conftest import small_train_config  # noqa: E402
 
-SMALL = TrainConfig(
-    n_tokens=1024,
-    window=32,
-    top_k=8,
-    epochs=3,
-    batch_tokens=128,
-    confidence_tokens=512,
-    confidence_epochs=5,
-)
+SMALL = small_train_config()
 
 
 @pytest.fixture(scope="module")
@@ -42,26 +35,21 @@ def pydoc_ids():
 
 
 def test_training_is_seeded_and_distils(tiny_llama, pydoc_ids):
+    def train():
+        return train_exit_heads(
+            tiny_llama,
+            pydoc_ids,
+            exit_layers=(1, 3),
+            rank=4,
+            confidence_width=8,
+            config=SMALL,
+            progress=False,
+        )
+
     global_state = torch.random.get_rng_state()
-    heads_a, report = train_exit_heads(
-        tiny_llama,
-        pydoc_ids,
-        exit_layers=(1, 3),
-        rank=4,
-        confidence_width=8,
-        config=SMALL,
-        progress=False,
-    )
+    heads_a, report = train()
     assert torch.equal(global_state, torch.random.get_rng_state())  # global RNG untouched
-    heads_b, _ = train_exit_heads(
-        tiny_llama,
-        pydoc_ids,
-        exit_layers=(1, 3),
-        rank=4,
-        confidence_width=8,
-        config=SMALL,
-        progress=False,
-    )
+    heads_b, _ = train()
     for (name, a), b in zip(
         heads_a.state_dict().items(), heads_b.state_dict().values(), strict=True
     ):

@@ -14,19 +14,22 @@ result equals it bit for bit (on workers with the same hardware and library vers
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
-from exitguard.distributed.merge import merge_samples, merge_table
+from exitguard.distributed.merge import merge_samples, merge_table, unique_sample_ids
 from exitguard.distributed.models import ModelPayload, denoiser_payload
+from exitguard.distributed.options import RunOptions
 from exitguard.distributed.runner import Job, Worker, WorkItem, run_and_merge
 from exitguard.distributed.shards import ShardStore
 from exitguard.risk._validation import check_int
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typed **options (PEP 692; typing has it from 3.11)
 
 
 def array_sha256(array: NDArray[Any] | None) -> str | None:
@@ -146,12 +149,7 @@ class CollectJob(Job):
                 f"`sample_ids` must be ({n},) integers, one per sample; got shape {ids.shape} "
                 f"and dtype {ids.dtype}."
             )
-        values, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(
-                f"`sample_ids` must be unique; these repeat: {values[counts > 1][:8].tolist()}."
-            )
-        self.sample_ids = ids.astype(np.int64)
+        self.sample_ids = unique_sample_ids(ids)
         self.batch_size = check_int(batch_size, "batch_size")
         size = block_size if block_size is not None else 4 * batch_size
         if check_int(size, "block_size") % batch_size:
@@ -221,13 +219,7 @@ def collect(
     sample_ids: ArrayLike | None = None,
     batch_size: int = 256,
     block_size: int | None = None,
-    address: str | None = None,
-    workers: int | None = None,
-    threads: int = 1,
-    shards: str | os.PathLike[str] | None = None,
-    retries: int = 2,
-    progress: bool = False,
-    log: Callable[[str], None] = print,
+    **options: Unpack[RunOptions],
 ) -> Any:
     """:func:`exitguard.nn.collect` on a Ray cluster: every exit's outputs, merged by sample id.
 
@@ -245,8 +237,9 @@ def collect(
         As in :func:`exitguard.nn.collect`.
     block_size : int, optional
         Samples per work item, a multiple of ``batch_size`` (default ``4 * batch_size``).
-    address, workers, threads, shards, retries, progress, log
-        See :func:`exitguard.distributed.run`.
+    **options : RunOptions
+        ``address``, ``workers``, ``threads``, ``shards``, ``retries``, ``progress`` and
+        ``log``: see :func:`exitguard.distributed.run`.
 
     Returns
     -------
@@ -267,16 +260,7 @@ def collect(
         batch_size=batch_size,
         block_size=block_size,
     )
-    return run_and_merge(
-        job,
-        address=address,
-        workers=workers,
-        threads=threads,
-        shards=shards,
-        retries=retries,
-        progress=progress,
-        log=log,
-    )
+    return run_and_merge(job, **options)
 
 
 # ---------------------------------------------------------------------- diffusion sweep
@@ -476,13 +460,7 @@ def diffusion_sweep(
     batch_size: int = 32,
     thresholds_per_batch: int | None = None,
     stream: int = 0,
-    address: str | None = None,
-    workers: int | None = None,
-    threads: int = 1,
-    shards: str | os.PathLike[str] | None = None,
-    retries: int = 2,
-    progress: bool = False,
-    log: Callable[[str], None] = print,
+    **options: Unpack[RunOptions],
 ) -> Any:
     """:func:`exitguard.tasks.diffusion.sweep.sweep` on a Ray cluster.
 
@@ -499,8 +477,9 @@ def diffusion_sweep(
     features : ModelPayload, optional
         The classifier of the ``features`` loss
         (:class:`~exitguard.tasks.diffusion.losses.FeatureDistance`).
-    address, workers, threads, shards, retries, progress, log
-        See :func:`exitguard.distributed.run`.
+    **options : RunOptions
+        ``address``, ``workers``, ``threads``, ``shards``, ``retries``, ``progress`` and
+        ``log``: see :func:`exitguard.distributed.run`.
 
     Returns
     -------
@@ -520,13 +499,4 @@ def diffusion_sweep(
         thresholds_per_batch=thresholds_per_batch,
         stream=stream,
     )
-    return run_and_merge(
-        job,
-        address=address,
-        workers=workers,
-        threads=threads,
-        shards=shards,
-        retries=retries,
-        progress=progress,
-        log=log,
-    )
+    return run_and_merge(job, **options)

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,8 +26,12 @@ from numpy.typing import NDArray
 from exitguard.distributed.jobs import _block_width
 from exitguard.distributed.merge import merge_table
 from exitguard.distributed.models import ModelPayload
+from exitguard.distributed.options import RunOptions
 from exitguard.distributed.runner import Job, Worker, WorkItem, run_and_merge
 from exitguard.distributed.shards import ShardStore
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typed **options (PEP 692; typing has it from 3.11)
 
 
 def causal_lm(config: Mapping[str, Any], attn_implementation: str | None = None) -> Any:
@@ -132,22 +135,19 @@ class LMSweepJob(Job):
         from exitguard.risk.exits import as_threshold_grid
         from exitguard.tasks.diffusion.sweep import threshold_groups
         from exitguard.tasks.language.decode import EarlyExitLM
-        from exitguard.tasks.language.sweep import lm_thresholds, prompt_batches, sweep_settings
+        from exitguard.tasks.language.sweep import (
+            check_prompts,
+            lm_thresholds,
+            prompt_batches,
+            sweep_settings,
+        )
 
         if not isinstance(lm, EarlyExitLM):
             raise TypeError(f"`lm` must be an EarlyExitLM; got {type(lm).__name__}.")
         self.grid = as_threshold_grid(
             lm_thresholds(confidence) if thresholds is None else thresholds
         )
-        self.prompts = [list(map(int, p)) for p in prompts]
-        n = len(self.prompts)
-        if n == 0 or any(len(p) == 0 for p in self.prompts):
-            raise ValueError("`prompts` must be a non-empty list of non-empty token sequences.")
-        if references is not None and len(references) != n:
-            raise ValueError(
-                f"`references` must have one entry per prompt ({n}); got {len(references)}."
-            )
-        self.references = None if references is None else [list(r) for r in references]
+        self.prompts, self.references = check_prompts(prompts, references)
         self.decoder, self.head_payload = lm_payloads(lm)
         self.n_layers = lm.n_layers
         pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
@@ -208,7 +208,7 @@ class LMSweepJob(Job):
         return {"model": self.decoder.weights, "heads": self.head_payload.weights}
 
     def merge(self, store: ShardStore, *, seconds: float) -> Any:
-        from exitguard.tasks.language.sweep import table_from_outputs
+        from exitguard.tasks.language.sweep import ragged_outputs, table_from_outputs
 
         shards = store.shards()
         k, n = self.grid.size, len(self.prompts)
@@ -217,13 +217,8 @@ class LMSweepJob(Job):
         for shard in shards:  # a loop over shards: their rows' wall time
             if shard.rows is not None:
                 row_seconds[shard.rows] += np.asarray(shard.meta["row_seconds"])
-        tokens, lengths = merged["tokens"], merged["output_lengths"]
-        outputs = [
-            [tokens[r, i, : lengths[r, i]].tolist() for i in range(n)]
-            for r in range(k)  # a loop over (threshold, prompt): ragged outputs
-        ]
         return table_from_outputs(
-            outputs,
+            ragged_outputs(merged["tokens"], merged["output_lengths"]),
             thresholds=self.grid,
             references=self.references,
             cost=merged["cost"],
@@ -249,13 +244,7 @@ def lm_sweep(
     kv_fill: str = "propagate",
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-    address: str | None = None,
-    workers: int | None = None,
-    threads: int = 1,
-    shards: str | os.PathLike[str] | None = None,
-    retries: int = 2,
-    progress: bool = False,
-    log: Callable[[str], None] = print,
+    **options: Unpack[RunOptions],
 ) -> Any:
     """:func:`exitguard.tasks.language.sweep.sweep` on a Ray cluster.
 
@@ -265,8 +254,9 @@ def lm_sweep(
     prompts, thresholds, references, max_new_tokens, batch_size, thresholds_per_batch,
     confidence, decay, kv_fill, eos_token_id, pad_token_id
         As in :func:`exitguard.tasks.language.sweep.sweep`.
-    address, workers, threads, shards, retries, progress, log
-        See :func:`exitguard.distributed.run`.
+    **options : RunOptions
+        ``address``, ``workers``, ``threads``, ``shards``, ``retries``, ``progress`` and
+        ``log``: see :func:`exitguard.distributed.run`.
 
     Returns
     -------
@@ -288,13 +278,4 @@ def lm_sweep(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    return run_and_merge(
-        job,
-        address=address,
-        workers=workers,
-        threads=threads,
-        shards=shards,
-        retries=retries,
-        progress=progress,
-        log=log,
-    )
+    return run_and_merge(job, **options)

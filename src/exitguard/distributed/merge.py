@@ -65,7 +65,8 @@ class MergeError(ValueError):
         self.unexpected = unexpected
 
 
-def _unique_ids(sample_ids: ArrayLike) -> NDArray[np.int64]:
+def unique_sample_ids(sample_ids: ArrayLike) -> NDArray[np.int64]:
+    """``sample_ids`` as int64, checked: a non-empty 1-D integer array without repeats."""
     ids = np.asarray(sample_ids)
     if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(
@@ -97,7 +98,7 @@ def _merge(
     shards: Sequence[Shard], sample_ids: ArrayLike, n_rows: int | None
 ) -> dict[str, NDArray[Any]]:
     table = n_rows is not None
-    expected = _unique_ids(sample_ids)  # (n,)
+    expected = unique_sample_ids(sample_ids)  # (n,)
     order = np.argsort(expected, kind="stable")
     sorted_ids = expected[order]
     n, r = expected.size, (n_rows if table else 1)

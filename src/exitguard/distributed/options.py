@@ -7,9 +7,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import TypedDict
 
 from exitguard.risk._validation import check_int
+
+
+class RunOptions(TypedDict, total=False):
+    """Where and how :func:`exitguard.distributed.run` runs a job: its keyword arguments,
+    which :func:`~exitguard.distributed.collect`, :func:`~exitguard.distributed.diffusion_sweep`
+    and :func:`~exitguard.distributed.lm_sweep` pass on as ``**options: Unpack[RunOptions]``
+    (see :func:`~exitguard.distributed.run` for their meaning and defaults)."""
+
+    address: str | None
+    workers: int | None
+    threads: int
+    shards: str | os.PathLike[str] | None
+    retries: int
+    progress: bool
+    log: Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +65,7 @@ class RaySettings:
         check_int(self.threads, "threads", minimum=1)
         check_int(self.retries, "retries", minimum=0)
 
-    def run_options(self) -> dict[str, Any]:
+    def run_options(self) -> RunOptions:
         """Keyword arguments of :func:`exitguard.distributed.run` (and the task functions)."""
         return {
             "address": self.address,

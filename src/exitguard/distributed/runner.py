@@ -34,13 +34,17 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from exitguard.distributed.options import RunOptions
 from exitguard.distributed.shards import Shard, ShardStore, check_item_id
 from exitguard.risk._validation import check_int
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typed **options (PEP 692; typing has it from 3.11)
 
 
 def import_ray() -> Any:
@@ -496,30 +500,11 @@ def run(
     return result
 
 
-def run_and_merge(
-    job: Job,
-    *,
-    address: str | None,
-    workers: int | None,
-    threads: int,
-    shards: str | os.PathLike[str] | None,
-    retries: int,
-    progress: bool,
-    log: Callable[[str], None],
-) -> Any:
+def run_and_merge(job: Job, **options: Unpack[RunOptions]) -> Any:
     """:func:`run`, then the job's merge; a temporary shard folder is removed after a
     complete run (and kept, named in the error, after an incomplete one)."""
-    report = run(
-        job,
-        address=address,
-        workers=workers,
-        threads=threads,
-        shards=shards,
-        retries=retries,
-        progress=progress,
-        log=log,
-    )
+    report = run(job, **options)
     result = job.merge(ShardStore(report.folder), seconds=report.seconds)
-    if shards is None:
+    if options.get("shards") is None:
         shutil.rmtree(report.folder, ignore_errors=True)
     return result

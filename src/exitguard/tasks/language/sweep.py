@@ -222,6 +222,22 @@ def _trim(tokens: torch.Tensor, length: int, eos: int | None) -> list[int]:
     return out
 
 
+def check_prompts(
+    prompts: Sequence[Sequence[int]], references: Sequence[Sequence[int]] | None
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """``prompts`` and ``references`` as lists of token ids, checked: at least one prompt,
+    none empty, and one reference per prompt (when given)."""
+    checked = [[int(t) for t in p] for p in prompts]
+    n = len(checked)
+    if n == 0 or any(len(p) == 0 for p in checked):
+        raise ValueError("`prompts` must be a non-empty list of non-empty token sequences.")
+    if references is not None and len(references) != n:
+        raise ValueError(
+            f"`references` must have one entry per prompt ({n}); got {len(references)}."
+        )
+    return checked, None if references is None else [list(r) for r in references]
+
+
 def prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[NDArray[np.int64]]:
     """The prompt indices of each batch: sorted by length (stable), ``batch_size`` at a time.
 
@@ -264,11 +280,17 @@ class DecodeCell:
 
     def outputs(self) -> list[list[list[int]]]:
         """``outputs[r][j]``: the output of prompt ``j`` under threshold ``r``."""
-        k, b, _ = self.tokens.shape
-        return [
-            [self.tokens[r, j, : self.output_lengths[r, j]].tolist() for j in range(b)]
-            for r in range(k)  # a loop over (threshold, prompt): ragged outputs
-        ]
+        return ragged_outputs(self.tokens, self.output_lengths)
+
+
+def ragged_outputs(tokens: NDArray[np.int64], lengths: NDArray[np.int64]) -> list[list[list[int]]]:
+    """The outputs ``tokens[r, j, :lengths[r, j]]`` of padded tokens (k, b, T) as token lists
+    ``[r][j]`` (threshold ``r``, prompt ``j``)."""
+    k, b, _ = tokens.shape
+    return [
+        [tokens[r, j, : lengths[r, j]].tolist() for j in range(b)]
+        for r in range(k)  # a loop over (threshold, prompt): ragged outputs
+    ]
 
 
 def decode_cell(
@@ -447,13 +469,8 @@ def sweep(
     from exitguard.tasks.diffusion.sweep import threshold_groups
 
     grid = as_threshold_grid(lm_thresholds(confidence) if thresholds is None else thresholds)
+    prompts, references = check_prompts(prompts, references)
     n = len(prompts)
-    if n == 0 or any(len(p) == 0 for p in prompts):
-        raise ValueError("`prompts` must be a non-empty list of non-empty token sequences.")
-    if references is not None and len(references) != n:
-        raise ValueError(
-            f"`references` must have one entry per prompt ({n}); got {len(references)}."
-        )
     batches = prompt_batches(prompts, batch_size)
     groups = threshold_groups(grid.size, thresholds_per_batch)
     n_grid = grid.size
