@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
@@ -18,6 +21,17 @@ from exitguard.tasks.mechanisms.models import (  # noqa: E402
     build_small_cnn,
 )
 from tests.nn.conftest import spread_heads  # noqa: E402
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread inside the block (tiny models: more threads only add contention)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def images(n: int, seed: int = 1) -> torch.Tensor:

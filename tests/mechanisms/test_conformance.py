@@ -32,6 +32,7 @@ from tests.mechanisms.conftest import (  # noqa: E402
     gap_midpoints,
     halting,
     images,
+    one_thread,
     skip_network,
 )
 
@@ -47,8 +48,8 @@ class Case:
     expected_flops: Callable[[Any, float, Any], int]  # (sample, value, result) -> FLOPs
 
 
-def cascade_case(x) -> Case:
-    model = cascade()
+def exit_rule_case(model, x, full_output: Callable[[Any], Any]) -> Case:
+    """A module that applies the exit rule to every step's confidence (cascade, halting)."""
     _, conf = model.exit_confidences(x)
     flops = model.count_flops(x)
     return Case(
@@ -57,24 +58,19 @@ def cascade_case(x) -> Case:
         decisions=lambda r: r.exits,
         full=math.inf,
         values=gap_midpoints(conf[:, :-1].numpy()),
-        full_output=lambda x: model.models[-1](x),
+        full_output=full_output,
         expected_flops=lambda s, v, r: flops.full if math.isinf(v) else flops.to_exit[r.exits[0]],
     )
+
+
+def cascade_case(x) -> Case:
+    model = cascade()
+    return exit_rule_case(model, x, full_output=model.models[-1])
 
 
 def halting_case(x) -> Case:
     model = halting()
-    _, conf = model.exit_confidences(x)
-    flops = model.count_flops(x)
-    return Case(
-        run=model.infer,
-        simulate=model.simulate,
-        decisions=lambda r: r.exits,
-        full=math.inf,
-        values=gap_midpoints(conf[:, :-1].numpy()),
-        full_output=lambda x: model.network(x)[:, -1],
-        expected_flops=lambda s, v, r: flops.full if math.isinf(v) else flops.to_exit[r.exits[0]],
-    )
+    return exit_rule_case(model, x, full_output=lambda x: model.network(x)[:, -1])
 
 
 def anytime_case(x) -> Case:
@@ -117,13 +113,9 @@ CASES = {
 
 @pytest.fixture(params=list(CASES), scope="module")
 def case(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         x = images(48)
         yield CASES[request.param](x), x
-    finally:
-        torch.set_num_threads(previous)
 
 
 def check_real_equals_simulated(case: Case, x) -> set:

@@ -18,14 +18,11 @@ from exitguard.tasks.mechanisms.report import (
     plot_saving_vs_target,
     plot_tradeoff,
 )
+from tests.mechanisms.conftest import one_thread
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("mechanisms")
     config = DemoConfig(
         out=str(folder / "report"),
@@ -40,10 +37,8 @@ def demo(tmp_path_factory):
         skip_grid=8,
         progress=False,
     )
-    try:
+    with one_thread():
         yield run_demo(config, log=lambda line: None), folder / "report"
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_report_files_are_written_and_the_json_is_strict(demo):

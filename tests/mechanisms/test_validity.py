@@ -40,6 +40,7 @@ from tests.mechanisms.conftest import (  # noqa: E402
     classifier,
     halting,
     images,
+    one_thread,
     skip_network,
 )
 
@@ -60,9 +61,7 @@ def _noisy_labels(reference: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def population():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         x = images(N_POPULATION, seed=3)
         network = classifier()
         with torch.inference_mode():
@@ -87,8 +86,6 @@ def population():
             ),
         }
         yield tables, probs, labels, anytime
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _target(population_risk: np.ndarray) -> float:

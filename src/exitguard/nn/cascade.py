@@ -30,10 +30,11 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
 from exitguard.nn._compaction import RowWriter, check_batch
+from exitguard.nn._mechanism import eval_mode, exit_result, simulate_exit_rule
 from exitguard.nn.confidence import ConfidenceFn, is_pointwise, resolve_measure
-from exitguard.nn.flops import flop_counter
+from exitguard.nn.flops import _count
 from exitguard.nn.network import InferenceResult
-from exitguard.risk.exits import check_threshold, first_exit
+from exitguard.risk.exits import check_threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,52 +223,20 @@ class Cascade(nn.Module):
             keep = ~stop  # compact: only the samples not yet confident go on
             rows, active = rows[keep], active[keep]
         out = writer.result()
-        return _inference_result(out, limit, self.confidence_name, self.n_exits)
+        return exit_result(out, limit, measure=self.confidence_name, n_exits=self.n_exits)
 
     @torch.inference_mode()
     def simulate(self, x: Tensor, threshold: float) -> InferenceResult:
         """The offline reference for :meth:`infer`: every model on every sample, then the rule."""
         limit = check_threshold(threshold, name="threshold")
         logits, conf = self.exit_confidences(x)  # (B, M, C), (B, M)
-        exits = first_exit(conf[:, :-1] >= limit)  # (B,)
-        rows = torch.arange(x.shape[0], device=x.device)
-        out = {
-            "logits": logits[rows, exits],
-            "probs": logits.softmax(dim=2)[rows, exits],
-            "confidence": conf[rows, exits],
-            "exits": exits,
-        }
-        return _inference_result(out, limit, self.confidence_name, self.n_exits)
+        return simulate_exit_rule(logits, conf, limit, measure=self.confidence_name)
 
     def count_flops(self, example_input: Tensor) -> CascadeFlops:
         """FLOPs of the first sample of ``example_input`` through every model (torch's counter)."""
         check_batch(example_input, self.input_shape)
         sample = example_input[:1]
-        counts = []
-        modes = {module: module.training for module in self.modules()}
-        self.eval()
-        try:
-            with torch.no_grad():
-                for index in range(self.n_exits):  # a few models: one count each
-                    with flop_counter() as counter:
-                        self._logits(index, sample)
-                    counts.append(int(counter.get_total_flops()))
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
+        with eval_mode(self), torch.no_grad():
+            # A few models: one count each.
+            counts = [_count(self._logits, index, sample)[0] for index in range(self.n_exits)]
         return CascadeFlops(model=tuple(counts), input_shape=tuple(sample.shape[1:]))
-
-
-def _inference_result(
-    out: dict[str, Tensor], threshold: float, measure: str, n_exits: int
-) -> InferenceResult:
-    return InferenceResult(
-        predictions=out["probs"].max(dim=1).indices,
-        probs=out["probs"],
-        logits=out["logits"],
-        exits=out["exits"],
-        confidence=out["confidence"],
-        threshold=threshold,
-        measure=measure,
-        n_exits=n_exits,
-    )

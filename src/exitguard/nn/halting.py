@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exitguard.nn._compaction import RowWriter
-from exitguard.nn.flops import FlopsTable, count_flops, flop_counter
+from exitguard.nn._mechanism import eval_mode, exit_result, simulate_exit_rule
+from exitguard.nn.flops import FlopsTable, _count, count_flops
 from exitguard.nn.network import EarlyExitNetwork, InferenceResult
-from exitguard.risk.exits import check_threshold, first_exit
+from exitguard.risk.exits import check_threshold
 
 MEASURE = "cumulative_halting"
 """The confidence name of a halting network: the cumulative halting probability."""
@@ -239,22 +240,14 @@ class HaltingNetwork(nn.Module):
             keep = ~stop  # compact: only the samples still running go on
             rows, h, survive = rows[keep], h[keep], survive[keep]
         out = writer.result()
-        return _result(out, limit, self.n_exits)
+        return exit_result(out, limit, measure=MEASURE, n_exits=self.n_exits)
 
     @torch.inference_mode()
     def simulate(self, x: Tensor, threshold: float) -> InferenceResult:
         """The offline reference for :meth:`infer`: one full pass, then the exit rule."""
         limit = check_threshold(threshold, name="threshold")
         logits, conf = self.exit_confidences(x)  # (B, L, C), (B, L)
-        exits = first_exit(conf[:, :-1] >= limit)  # (B,)
-        rows = torch.arange(x.shape[0], device=x.device)
-        out = {
-            "logits": logits[rows, exits],
-            "probs": logits.softmax(dim=2)[rows, exits],
-            "confidence": conf[rows, exits],
-            "exits": exits,
-        }
-        return _result(out, limit, self.n_exits)
+        return simulate_exit_rule(logits, conf, limit, measure=MEASURE)
 
     def count_flops(self, example_input: Tensor) -> FlopsTable:
         """FLOPs per stage, and per exit of the head plus the halting unit (the decision cost).
@@ -265,34 +258,13 @@ class HaltingNetwork(nn.Module):
         base = count_flops(self.network, example_input)
         sample = example_input[:1]
         unit_flops = []
-        modes = {module: module.training for module in self.modules()}
-        self.eval()
-        try:
-            with torch.no_grad():
-                features = self.network.forward_intermediates(sample)
-                for index, unit in enumerate(self.units):  # one count per exit
-                    logits = self.network.heads[index](features[index])
-                    with flop_counter() as counter:
-                        unit(features[index], logits)
-                    unit_flops.append(int(counter.get_total_flops()))
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
+        with eval_mode(self), torch.no_grad():
+            features = self.network.forward_intermediates(sample)
+            for index, unit in enumerate(self.units):  # one count per exit
+                logits = self.network.heads[index](features[index])
+                unit_flops.append(_count(unit, features[index], logits)[0])
         decision = tuple(h + u for h, u in zip(base.head, [*unit_flops, 0], strict=True))
         return FlopsTable(stage=base.stage, head=decision, input_shape=base.input_shape)
-
-
-def _result(out: dict[str, Tensor], threshold: float, n_exits: int) -> InferenceResult:
-    return InferenceResult(
-        predictions=out["probs"].max(dim=1).indices,
-        probs=out["probs"],
-        logits=out["logits"],
-        exits=out["exits"],
-        confidence=out["confidence"],
-        threshold=threshold,
-        measure=MEASURE,
-        n_exits=n_exits,
-    )
 
 
 # --------------------------------------------------------------------------- training

@@ -38,7 +38,8 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
 from exitguard.nn._compaction import check_batch
-from exitguard.nn.flops import flop_counter
+from exitguard.nn._mechanism import eval_mode
+from exitguard.nn.flops import _count
 
 
 class SkipGate(nn.Module):
@@ -250,50 +251,48 @@ class SkipNetwork(nn.Module):
         without evaluating a gate. Equal to :meth:`simulate` (up to the last bits of a
         convolution on a batch of another size).
         """
-        limit = check_skip_threshold(threshold)
-        check_batch(x, self.input_shape)
-        n = x.shape[0]
-        h = self.stem(x)
-        ran: list[Tensor] = []
-        for index in range(len(self.blocks)):  # blocks run in sequence
-            if not self.gated[index] or limit == 0.0:
-                h = self._run_block(index, h)
-                if self.gated[index]:
-                    ran.append(torch.ones(n, dtype=torch.bool, device=x.device))
-                continue
-            take = self.gates[index](h) >= limit  # (B,)
-            ran.append(take)
-            rows = take.nonzero()[:, 0]  # (T,) the samples that run this block
-            if rows.shape[0] == n:
-                h = self._run_block(index, h)
-            elif rows.shape[0] > 0:
-                out = self._run_block(index, h[rows])  # (T, ...) only those samples
-                if h.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-                    h = h.clone()  # never write into the caller's tensor
-                h[rows] = out  # scatter back in batch order
-        return self._output(self.head(h), ran, limit, n)
+        return self._gated_pass(x, threshold, real=True)
 
     @torch.inference_mode()
     def simulate(self, x: Tensor, threshold: float) -> SkipResult:
         """The offline reference for :meth:`infer`: every block on every sample, then selection."""
+        return self._gated_pass(x, threshold, real=False)
+
+    def _gated_pass(self, x: Tensor, threshold: float, *, real: bool) -> SkipResult:
+        """One pass under ``threshold``: gated blocks really skipped (``real``) or masked."""
         limit = check_skip_threshold(threshold)
         check_batch(x, self.input_shape)
         n = x.shape[0]
         h = self.stem(x)
         ran: list[Tensor] = []
         for index in range(len(self.blocks)):  # blocks run in sequence
-            out = self._run_block(index, h)
             if not self.gated[index]:
-                h = out
+                h = self._run_block(index, h)
                 continue
-            take = (
-                torch.ones(n, dtype=torch.bool, device=x.device)
-                if limit == 0.0
-                else self.gates[index](h) >= limit
-            )  # (B,)
+            if limit == 0.0:  # every block runs: no gate is evaluated
+                take = torch.ones(n, dtype=torch.bool, device=x.device)  # (B,)
+                h = self._run_block(index, h)
+            else:
+                take = self.gates[index](h) >= limit  # (B,)
+                if real:
+                    h = self._run_taken(index, h, take, x)
+                else:  # every sample runs the block, then selection
+                    out = self._run_block(index, h)
+                    h = torch.where(take.view(-1, *([1] * (h.ndim - 1))), out, h)
             ran.append(take)
-            h = torch.where(take.view(-1, *([1] * (h.ndim - 1))), out, h)
         return self._output(self.head(h), ran, limit, n)
+
+    def _run_taken(self, index: int, h: Tensor, take: Tensor, x: Tensor) -> Tensor:
+        """Gated block ``index`` on the samples ``take`` (B,) alone, scattered back into ``h``."""
+        rows = take.nonzero()[:, 0]  # (T,) the samples that run this block
+        if rows.shape[0] == h.shape[0]:
+            return self._run_block(index, h)
+        if rows.shape[0] > 0:
+            out = self._run_block(index, h[rows])  # (T, ...) only those samples
+            if h.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                h = h.clone()  # never write into the caller's tensor
+            h[rows] = out  # scatter back in batch order
+        return h
 
     def forward_train(
         self, x: Tensor, *, temperature: float, generator: torch.Generator | None = None
@@ -336,26 +335,14 @@ class SkipNetwork(nn.Module):
     def count_flops(self, example_input: Tensor) -> SkipFlops:
         """FLOPs of the first sample of ``example_input`` through every part (torch's counter)."""
         check_batch(example_input, self.input_shape)
-        modes = {module: module.training for module in self.modules()}
-        self.eval()
-
-        def count(module: nn.Module, value: Tensor) -> tuple[int, Tensor]:
-            with flop_counter() as counter:
-                out = module(value)
-            return int(counter.get_total_flops()), out
-
-        try:
-            with torch.no_grad():
-                stem, h = count(self.stem, example_input[:1])
-                block, gate = [], []
-                for index in range(len(self.blocks)):  # one count per block and gate
-                    gate.append(count(self.gates[index], h)[0] if self.gated[index] else 0)
-                    flops, h = count(self.blocks[index], h)
-                    block.append(flops)
-                head, _ = count(self.head, h)
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
+        with eval_mode(self), torch.no_grad():
+            stem, h = _count(self.stem, example_input[:1])
+            block, gate = [], []
+            for index in range(len(self.blocks)):  # one count per block and gate
+                gate.append(_count(self.gates[index], h)[0] if self.gated[index] else 0)
+                flops, h = _count(self.blocks[index], h)
+                block.append(flops)
+            head, _ = _count(self.head, h)
         return SkipFlops(
             stem=stem, block=tuple(block), gate=tuple(gate), head=head, gated=self.gated
         )

@@ -23,14 +23,12 @@ from exitguard.nn.cascade import Cascade, CascadeFlops
 from exitguard.nn.halting import HaltingNetwork
 from exitguard.nn.skipping import SkipFlops, SkipNetwork
 from exitguard.tasks.mechanisms.tables import (
+    RISKS,
     MechanismTable,
     budget_table,
     config_table,
     exit_rule_table,
 )
-
-RISKS = ("prediction_gap", "prediction_consistency")
-"""The risks the mechanisms are compared on."""
 
 
 def _batched_confidences(
@@ -46,22 +44,20 @@ def _batched_confidences(
     return torch.cat(probs).numpy(), torch.cat(conf).numpy()
 
 
-def _module_table(
-    name: str,
-    module: Cascade | HaltingNetwork,
-    images: Tensor,
+def _flops_rule_table(
+    mechanism: str,
+    confidences: ArrayLike,
+    probs: ArrayLike,
     labels: ArrayLike,
+    *,
     flops: FlopsTable | CascadeFlops,
     risks: Sequence[str],
-    batch_size: int,
-    *,
     parameter: str = "threshold",
 ) -> MechanismTable:
-    """The exit rule's table of a module that gives every exit's outputs and confidences."""
-    probs, conf = _batched_confidences(module, images, batch_size)
+    """The exit rule's table with FLOPs as the cost: stopping at exit ``e`` costs ``to_exit[e]``."""
     return exit_rule_table(
-        name,
-        conf,
+        mechanism,
+        confidences,
         probs,
         labels,
         risks=risks,
@@ -80,15 +76,7 @@ def branch_table(
     risks: Sequence[str] = RISKS,
 ) -> MechanismTable:
     """Branch exits with the network's softmax confidence (the classification demo's policy)."""
-    return exit_rule_table(
-        "branch exits",
-        confidences,
-        probs,
-        labels,
-        risks=risks,
-        exit_cost=flops.to_exit.astype(np.float64),
-        full_cost=float(flops.full),
-    )
+    return _flops_rule_table("branch exits", confidences, probs, labels, flops=flops, risks=risks)
 
 
 def cascade_table(
@@ -101,7 +89,8 @@ def cascade_table(
     batch_size: int = 256,
 ) -> MechanismTable:
     """A cascade's table: every model on every sample once, then every threshold."""
-    return _module_table("cascade", cascade, images, labels, flops, risks, batch_size)
+    probs, conf = _batched_confidences(cascade, images, batch_size)
+    return _flops_rule_table("cascade", conf, probs, labels, flops=flops, risks=risks)
 
 
 def halting_table(
@@ -117,14 +106,14 @@ def halting_table(
 
     ``flops`` from :meth:`HaltingNetwork.count_flops` (heads and halting units included).
     """
-    return _module_table(
+    probs, conf = _batched_confidences(halting, images, batch_size)
+    return _flops_rule_table(
         "learned halting",
-        halting,
-        images,
+        conf,
+        probs,
         labels,
-        flops,
-        risks,
-        batch_size,
+        flops=flops,
+        risks=risks,
         parameter="threshold (1 - lambda)",
     )
 

@@ -208,38 +208,19 @@ def build_mechanisms(
             skip_net, images, labels, thresholds=grid, flops=skip_flops, risks=config.risks
         ),
     }
-    mechanisms = {
-        "branch exits": Mechanism(
-            "branch exits",
-            tables["branch exits"],
-            network.infer,
-            network.simulate,
-            _exits,
-            math.inf,
-        ),
-        "cascade": Mechanism(
-            "cascade", tables["cascade"], cascade.infer, cascade.simulate, _exits, math.inf
-        ),
-        "learned halting": Mechanism(
-            "learned halting",
-            tables["learned halting"],
-            halting.module.infer,
-            halting.module.simulate,
-            _exits,
-            math.inf,
-        ),
-        "anytime": Mechanism(
-            "anytime",
-            tables["anytime"],
+    runners: dict[str, tuple[Any, ...]] = {  # run, simulate, decisions, full (see Mechanism)
+        "branch exits": (network.infer, network.simulate, _exits, math.inf),
+        "cascade": (cascade.infer, cascade.simulate, _exits, math.inf),
+        "learned halting": (halting.module.infer, halting.module.simulate, _exits, math.inf),
+        "anytime": (
             lambda x, value: anytime.infer(x, budget=value),
             lambda x, value: anytime.simulate(x, budget=value),
             _exits,
             float(anytime.budget_cost()[-1]),
         ),
-        "layer skipping": Mechanism(
-            "layer skipping", tables["layer skipping"], skip_net.infer, skip_net.simulate, _ran, 0.0
-        ),
+        "layer skipping": (skip_net.infer, skip_net.simulate, _ran, 0.0),
     }
+    mechanisms = {name: Mechanism(name, tables[name], *runner) for name, runner in runners.items()}
     with torch.inference_mode():
         skip_full = torch.cat([skip_net(b) for b in torch.split(images, 256)]).argmax(1).numpy()
     skip_accuracy = float((skip_full == labels).mean())
@@ -314,6 +295,27 @@ def _real_equals_simulated(mechanism: Mechanism, x: Tensor, value: float, batch_
         if not torch.equal(real.predictions, simulated.predictions):
             return False
     return True
+
+
+def _time_and_check(
+    mechanism: Mechanism, images: Tensor, value: float, *, config: DemoConfig, repeats: int
+) -> dict[str, Any]:
+    """``value`` timed against the full model at batch 256 and 1, and real = simulated checked."""
+    timings: dict[str, Any] = {
+        str(batch_size): _time_side_by_side(
+            mechanism.run,
+            images[:count],
+            (mechanism.full, value),
+            batch_size=batch_size,
+            repeats=repeats,
+        )
+        for batch_size, count in ((256, config.timing_batch256), (1, config.timing_batch1))
+    }
+    timings["equal"] = (  # batch 256 over every test image, batch 1 over the timed ones
+        _real_equals_simulated(mechanism, images, value, 256)
+        and _real_equals_simulated(mechanism, images[: config.timing_batch1], value, 1)
+    )
+    return timings
 
 
 def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -393,26 +395,9 @@ def compare_mechanisms(
             test_images = images[test]
             key = (name, policy.value)
             if key not in timings:
-                timings[key] = {
-                    "256": _time_side_by_side(
-                        mechanism.run,
-                        test_images[: config.timing_batch256],
-                        (mechanism.full, policy.value),
-                        batch_size=256,
-                        repeats=repeats,
-                    ),
-                    "1": _time_side_by_side(
-                        mechanism.run,
-                        test_images[: config.timing_batch1],
-                        (mechanism.full, policy.value),
-                        batch_size=1,
-                        repeats=repeats,
-                    ),
-                    "equal": _real_equals_simulated(mechanism, test_images, policy.value, 256)
-                    and _real_equals_simulated(
-                        mechanism, test_images[: config.timing_batch1], policy.value, 1
-                    ),
-                }
+                timings[key] = _time_and_check(
+                    mechanism, test_images, policy.value, config=config, repeats=repeats
+                )
             timing_256, timing_1 = timings[key]["256"], timings[key]["1"]
             split_row = evaluation.row(config.procedure, config.target_risk)
             rows.append(

@@ -58,6 +58,9 @@ from exitguard.risk.losses import get_risk, loss_table, per_exit_losses
 
 Array = NDArray[np.float64]
 
+RISKS = ("prediction_gap", "prediction_consistency")
+"""The risks the mechanisms are compared on (the builders' default)."""
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class MechanismTable:
@@ -199,21 +202,42 @@ def _check_risks(risks: Sequence[str] | str) -> tuple[str, ...]:
     return names
 
 
-def _losses_for(
+def _table(
+    mechanism: str,
+    parameter: str,
+    values: Array,
     probs: Array,
     labels: ArrayLike | None,
-    exits: NDArray[np.int64],
+    answers: NDArray[np.int64],
+    *,
     risks: tuple[str, ...],
     rng: int | None,
-) -> tuple[Array, tuple[float, ...]]:
-    """(R, K, n) relative losses of the exits (K, n) taken, and the bounds, for each risk."""
-    tables, bound = [], []
+    cost: Array,
+    ordered: bool,
+    exits: bool = True,
+) -> MechanismTable:
+    """The table of rows whose samples answer from column ``answers[k, i]`` of ``probs``.
+
+    ``probs`` (n, L, C) has the full model last; ``answers`` (K, n) are kept as the table's
+    ``exits`` unless ``exits=False`` (columns that are configurations, not exits).
+    """
+    losses, bound = [], []
     for name in risks:  # a few risks; each table is vectorised over rows and samples
         risk = get_risk(name, rng=rng)
         per_exit = per_exit_losses(probs, labels, risk)  # (n, L)
-        tables.append(loss_table(per_exit, exits))
+        losses.append(loss_table(per_exit, answers))  # (K, n)
         bound.append(float(risk.loss_bound))
-    return np.stack(tables), tuple(bound)
+    return MechanismTable(
+        mechanism=mechanism,
+        parameter=parameter,
+        values=values,
+        risks=risks,
+        loss_bounds=tuple(bound),
+        losses=np.stack(losses),
+        cost=cost,
+        ordered=ordered,
+        exits=answers if exits else None,
+    )
 
 
 def exit_rule_table(
@@ -222,7 +246,7 @@ def exit_rule_table(
     probs: ArrayLike,
     labels: ArrayLike | None = None,
     *,
-    risks: Sequence[str] | str = ("prediction_gap", "prediction_consistency"),
+    risks: Sequence[str] | str = RISKS,
     exit_cost: ArrayLike,
     full_cost: float,
     thresholds: ArrayLike | None = None,
@@ -265,17 +289,8 @@ def exit_rule_table(
         raise ValueError(f"`exit_cost` must have shape ({conf.shape[1]},); got {costs.shape}.")
     cost = costs[exits]  # (K, n)
     cost[np.isposinf(grid)] = float(full_cost)  # the never-exit row runs no decision
-    losses, loss_bounds = _losses_for(p, labels, exits, names, rng)
-    return MechanismTable(
-        mechanism=mechanism,
-        parameter=parameter,
-        values=grid,
-        risks=names,
-        loss_bounds=loss_bounds,
-        losses=losses,
-        cost=cost,
-        ordered=True,
-        exits=exits,
+    return _table(
+        mechanism, parameter, grid, p, labels, exits, risks=names, rng=rng, cost=cost, ordered=True
     )
 
 
@@ -283,7 +298,7 @@ def budget_table(
     probs: ArrayLike,
     labels: ArrayLike | None = None,
     *,
-    risks: Sequence[str] | str = ("prediction_gap", "prediction_consistency"),
+    risks: Sequence[str] | str = RISKS,
     budget_cost: ArrayLike,
     parameter: str = "budget (FLOPs)",
     rng: int | None = None,
@@ -304,17 +319,18 @@ def budget_table(
         )
     exit_of_row = np.arange(n_exits - 1, -1, -1)  # (K,) = L-1, ..., 0
     exits = np.broadcast_to(exit_of_row[:, None], (n_exits, n)).copy()  # (K, n)
-    losses, loss_bounds = _losses_for(p, labels, exits, names, rng)
-    return MechanismTable(
-        mechanism="anytime",
-        parameter=parameter,
-        values=budgets[exit_of_row],
+    values = budgets[exit_of_row]  # (K,)
+    return _table(
+        "anytime",
+        parameter,
+        values,
+        p,
+        labels,
+        exits,
         risks=names,
-        loss_bounds=loss_bounds,
-        losses=losses,
+        rng=rng,
         cost=budgets[exits],
         ordered=True,
-        exits=exits,
     )
 
 
@@ -323,7 +339,7 @@ def config_table(
     probs: ArrayLike,
     labels: ArrayLike | None = None,
     *,
-    risks: Sequence[str] | str = ("prediction_gap", "prediction_consistency"),
+    risks: Sequence[str] | str = RISKS,
     cost: ArrayLike,
     values: ArrayLike,
     parameter: str,
@@ -356,17 +372,19 @@ def config_table(
     # The risk core compares every exit with the last one: put the full model last.
     reordered = np.concatenate([p[:, 1:], p[:, :1]], axis=1)  # (n, K, C)
     rows = np.concatenate([[n_rows - 1], np.arange(n_rows - 1)])  # row k -> column
-    exits = np.broadcast_to(rows[:, None], (n_rows, n))
-    losses, loss_bounds = _losses_for(reordered, labels, exits, names, rng)
-    return MechanismTable(
-        mechanism=mechanism,
-        parameter=parameter,
-        values=grid,
+    columns = np.broadcast_to(rows[:, None], (n_rows, n))  # (K, n)
+    return _table(
+        mechanism,
+        parameter,
+        grid,
+        reordered,
+        labels,
+        columns,
         risks=names,
-        loss_bounds=loss_bounds,
-        losses=losses,
+        rng=rng,
         cost=costs,
         ordered=ordered,
+        exits=False,
     )
 
 
