@@ -115,36 +115,18 @@ def plot_monitor(ax: Any, results: DriftResults) -> Any:
                 lw=1.2,
                 label="monitor restarted on the recalibrated policy",
             )
-        ax.plot(
-            audits,
-            segment.log10_wealth,
-            color="#1f77b4",
-            lw=1,
-            label="e-process log10 wealth" if first else None,
-        )
-        ax.plot(
-            audits,
-            segment.log10_detector,
-            color="#ff7f0e",
-            lw=1,
-            label="e-CUSUM log10 statistic" if first else None,
-        )
+        for values, colour, label in (  # the two statistics
+            (segment.log10_wealth, "#1f77b4", "e-process log10 wealth"),
+            (segment.log10_detector, "#ff7f0e", "e-CUSUM log10 statistic"),
+        ):
+            ax.plot(audits, values, color=colour, lw=1, label=label if first else None)
         offset += segment.audits
     alpha, arl = float(settings["alpha"]), float(settings["arl"])
-    ax.axhline(
-        math.log10(1 / alpha),
-        color="#1f77b4",
-        ls="--",
-        lw=1,
-        label=f"e-process alarm: 1/α = {1 / alpha:g}",
-    )
-    ax.axhline(
-        math.log10(arl),
-        color="#ff7f0e",
-        ls="--",
-        lw=1,
-        label=f"detector alarm: ARL {arl:g} audits",
-    )
+    for level, colour, label in (  # each statistic's alarm line, in its colour
+        (math.log10(1 / alpha), "#1f77b4", f"e-process alarm: 1/α = {1 / alpha:g}"),
+        (math.log10(arl), "#ff7f0e", f"detector alarm: ARL {arl:g} audits"),
+    ):
+        ax.axhline(level, color=colour, ls="--", lw=1, label=label)
     ax.set_xlabel("audited sample (of the watched policies, in order)")
     ax.set_ylabel("log10 statistic")
     ax.set_title("Anytime-valid monitor")

@@ -821,14 +821,7 @@ class DemoResults:
     def to_dict(self) -> dict[str, Any]:
         """The ``results.json`` content (strict JSON: NaN and infinities as null)."""
         data = {
-            "schema": RESULTS_SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "task": self.task,
-            "title": self.title,
-            "created": self.created,
-            "exitguard_version": self.exitguard_version,
-            "machine": dataclasses.asdict(self.machine),
-            "summary": list(self.summary),
+            **_header(self),
             "dataset": _with_extra(self.dataset),
             "model": _with_extra(self.model),
             "settings": _with_extra(self.settings),
@@ -872,18 +865,12 @@ class DemoResults:
                 PictureGrid.from_dict(f, f"figures[{i}]")
                 for i, f in enumerate(_list(data.get("figures", []), "figures"))
             ),
-            machine=Machine.from_dict(data.get("machine", {})),
-            created=str(data.get("created", "")),
-            exitguard_version=str(data.get("exitguard_version", "")),
-            extra=dict(_mapping(data.get("extra", {}), "extra")),
+            **_provenance(data),
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``results.json`` atomically."""
-        from exitguard._files import atomic_write_text
-
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        return atomic_write_text(path, text, argument="RESULTS")
+        return _save(self, path)
 
 
 def _with_extra(value: Any) -> dict[str, Any]:
@@ -1023,14 +1010,7 @@ class DriftResults:
 
     def to_dict(self) -> dict[str, Any]:
         data = {
-            "schema": RESULTS_SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "task": self.task,
-            "title": self.title,
-            "created": self.created,
-            "exitguard_version": self.exitguard_version,
-            "machine": dataclasses.asdict(self.machine),
-            "summary": list(self.summary),
+            **_header(self),
             "settings": dict(self.settings),
             "policy": dict(self.policy),
             "samples_needed": self.samples_needed,
@@ -1066,21 +1046,50 @@ class DriftResults:
                 _get(data, "recalibration_window", ""), "recalibration_window"
             ),
             policy=dict(_mapping(data.get("policy", {}), "policy")),
-            machine=Machine.from_dict(data.get("machine", {})),
-            created=str(data.get("created", "")),
-            exitguard_version=str(data.get("exitguard_version", "")),
             task=str(data.get("task", "drift")),
-            extra=dict(_mapping(data.get("extra", {}), "extra")),
+            **_provenance(data),
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from exitguard._files import atomic_write_text
-
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        return atomic_write_text(path, text, argument="RESULTS")
+        """Write ``results.json`` atomically."""
+        return _save(self, path)
 
 
 AnyResults = DemoResults | DriftResults
+
+
+# ------------------------------------------------------------------- shared by both files
+
+
+def _header(results: AnyResults) -> dict[str, Any]:
+    """The fields every ``results.json`` starts with: schema, task, title, provenance, summary."""
+    return {
+        "schema": RESULTS_SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "task": results.task,
+        "title": results.title,
+        "created": results.created,
+        "exitguard_version": results.exitguard_version,
+        "machine": dataclasses.asdict(results.machine),
+        "summary": list(results.summary),
+    }
+
+
+def _provenance(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Where and when results were made, and the task's own ``extra``: read from any file."""
+    return {
+        "machine": Machine.from_dict(data.get("machine", {})),
+        "created": str(data.get("created", "")),
+        "exitguard_version": str(data.get("exitguard_version", "")),
+        "extra": dict(_mapping(data.get("extra", {}), "extra")),
+    }
+
+
+def _save(results: AnyResults, path: str | os.PathLike[str]) -> Path:
+    from exitguard._files import atomic_write_text
+
+    text = json.dumps(results.to_dict(), indent=2, allow_nan=False) + "\n"
+    return atomic_write_text(path, text, argument="RESULTS")
 
 
 def results_from_dict(data: Any) -> DemoResults | DriftResults:
