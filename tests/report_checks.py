@@ -11,6 +11,10 @@ from pathlib import Path
 from exitguard.report import EXIT_CONVENTION, write_report
 from exitguard.report.folder import MANIFEST
 
+REPORT_PLOTS = ("test_risk.png", "violations.png", "efficiency.png", "exit_histogram.png")
+REPORT_FILES = ("index.html", "results.json", *REPORT_PLOTS)
+"""The files of every demo's report page (a demo may add picture grids and data files)."""
+
 EARLIER_PAGE = "earlier_grid.png"
 EARLIER_DATA = "table_earlier.npz"
 

@@ -13,6 +13,7 @@ from exitguard import (
     calibrate_table,
     load_policy,
 )
+from tests.conftest import sharpening_logits, softmax
 
 
 @pytest.fixture
@@ -179,12 +180,9 @@ def test_calm_table_warns_only_where_the_paper_crc_relies_on_monotonicity(calm):
 
 
 def test_calibrate_from_per_exit_outputs(rng):
-    n, n_exits, n_classes = 500, 4, 5
-    labels = rng.integers(0, n_classes, n)
-    # Exits grow sharper and more accurate with depth.
-    logits = rng.normal(size=(n, n_exits, n_classes))
-    logits[np.arange(n), :, labels] += np.linspace(0.5, 4.0, n_exits)
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    n_exits = 4
+    logits, labels = sharpening_logits(rng, 500, n_exits)
+    probs = softmax(logits)
     policy = calibrate(probs, labels, risk="prediction_gap", target_risk=0.1, procedure="crc")
     assert policy.n_exits == n_exits and policy.risk == "prediction_gap"
     assert policy.confidence == "max_softmax" and policy.loss_bound == 1.0

@@ -16,17 +16,7 @@ from exitguard.tasks.classification import (
     build_classifier,
     load_or_train,
 )
-from tests.report_checks import check_demo_report
-
-FILES = (
-    "index.html",
-    "results.json",
-    "test_risk.png",
-    "violations.png",
-    "efficiency.png",
-    "exit_histogram.png",
-)
-
+from tests.report_checks import REPORT_FILES, check_demo_report
 
 DATA_FILES = (
     "table_prediction_gap.npz",
@@ -46,7 +36,7 @@ def demo(classification_demo):
 
 def test_report_files_are_written(demo):
     root, results, _ = demo
-    for name in FILES:
+    for name in REPORT_FILES:
         assert (root / "report" / name).stat().st_size > 0, name
     check_demo_report(root / "report", results, data_files=DATA_FILES)
 

@@ -17,19 +17,7 @@ from exitguard.risk.configurations import (
 )
 from exitguard.risk.exits import default_thresholds, exit_indices
 from exitguard.risk.tail import exceedance_losses, exceedance_per_exit
-
-
-def slow_exits(conf: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """The exit rule written as loops, one sample and one vector at a time."""
-    n, n_exits = conf.shape
-    out = np.full((len(vectors), n), n_exits - 1)
-    for m, vector in enumerate(vectors):
-        for i in range(n):
-            for exit_ in range(n_exits - 1):
-                if conf[i, exit_] >= vector[exit_]:
-                    out[m, i] = exit_
-                    break
-    return out
+from tests.conftest import loop_exits
 
 
 def test_vector_exit_rule_matches_a_loop(rng):
@@ -39,7 +27,7 @@ def test_vector_exit_rule_matches_a_loop(rng):
     vectors[0] = math.inf  # the full model
     vectors[1] = 0.0  # everyone leaves at the first exit
     exits = vector_exit_indices(conf, vectors)
-    np.testing.assert_array_equal(exits, slow_exits(conf, vectors))
+    np.testing.assert_array_equal(exits, loop_exits(conf, vectors))
     assert np.all(exits[0] == 4) and np.all(exits[1] == 0)
 
 

@@ -28,6 +28,7 @@ torch = pytest.importorskip("torch")
 from exitguard.nn import count_flops  # noqa: E402
 from exitguard.nn.flops import flop_counter  # noqa: E402
 from exitguard.risk.exits import exit_index  # noqa: E402
+from tests.conftest import torch_threads  # noqa: E402
 from tests.nn.conftest import TinyResNet, TinyViT, _midpoint_thresholds, spread_heads  # noqa: E402
 
 
@@ -101,12 +102,8 @@ BUILDERS = {
 
 @pytest.fixture(params=list(BUILDERS), scope="module")
 def built(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield BUILDERS[request.param]()
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _exits(result):

@@ -11,20 +11,7 @@ from exitguard.risk.exits import (
     exit_indices,
     first_exit,
 )
-
-
-def loop_exits(conf: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Slow reference: the exit rule written out sample by sample."""
-    n, n_exits = conf.shape
-    out = np.empty((len(grid), n), dtype=int)
-    for k, t in enumerate(grid):
-        for i in range(n):
-            out[k, i] = n_exits - 1
-            for exit_ in range(n_exits - 1):
-                if conf[i, exit_] >= t:
-                    out[k, i] = exit_
-                    break
-    return out
+from tests.conftest import loop_exits
 
 
 def test_matches_loop_reference(rng):

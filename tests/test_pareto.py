@@ -32,6 +32,11 @@ from tests.validity.pareto_population import EXIT_COST, draw, true_cost, true_ri
 LIGHT = VectorSearch(levels=16, restarts=1, multipliers=6, sweeps=2, scalar_levels=40)
 
 
+def light_pareto_test(confidences, per_exit_losses, **options) -> ParetoSelection:
+    """``pareto_test`` on the population's exit costs, with the light search."""
+    return pareto_test(confidences, per_exit_losses, exit_cost=EXIT_COST, search=LIGHT, **options)
+
+
 def brute_front(points: np.ndarray) -> np.ndarray:
     keep = []
     for i, p in enumerate(points):
@@ -175,13 +180,11 @@ def population_draw() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def two_risk_selection(population_draw) -> ParetoSelection:
     data = population_draw
-    return pareto_test(
+    return light_pareto_test(
         data["conf"],
         np.stack([data["gap"], data["consistency"]]),
         target_risks=[0.05, 0.08],
-        exit_cost=EXIT_COST,
         risk_names=["gap", "consistency"],
-        search=LIGHT,
         seed=11,
     )
 
@@ -236,12 +239,11 @@ def test_a_seed_repeats_the_calibration_and_the_split_is_a_permutation(populatio
     data = population_draw
     losses = np.stack([data["gap"], data["consistency"]])[:, :300]
     conf = data["conf"][:300]
-    arguments = {"target_risks": [0.05, 0.08], "exit_cost": EXIT_COST, "search": LIGHT}
-    first = pareto_test(conf, losses, seed=5, **arguments)
-    assert pareto_test(conf, losses, seed=5, **arguments) == first
-    other = pareto_test(conf, losses, seed=6, **arguments)
+    first = light_pareto_test(conf, losses, target_risks=[0.05, 0.08], seed=5)
+    assert light_pareto_test(conf, losses, target_risks=[0.05, 0.08], seed=5) == first
+    other = light_pareto_test(conf, losses, target_risks=[0.05, 0.08], seed=6)
     assert other.seed == 6 and other.front != first.front  # another split
-    fresh = pareto_test(conf, losses, **arguments)
+    fresh = light_pareto_test(conf, losses, target_risks=[0.05, 0.08])
     assert fresh.seed != 5 and fresh.n_opt == first.n_opt == 75
     # The testing part is the last three quarters of the seeded permutation of the samples as given.
     test = np.random.default_rng(5).permutation(300)[75:]
@@ -258,13 +260,8 @@ def test_a_seed_repeats_the_calibration_and_the_split_is_a_permutation(populatio
 def test_nothing_certified_is_the_full_model_flagged(population_draw):
     data = population_draw
     with pytest.warns(NothingCertifiedWarning, match="full model"):
-        selection = pareto_test(
-            data["conf"][:40],
-            data["consistency"][:40],
-            target_risks=0.001,
-            exit_cost=EXIT_COST,
-            search=LIGHT,
-            seed=0,
+        selection = light_pareto_test(
+            data["conf"][:40], data["consistency"][:40], target_risks=0.001, seed=0
         )
     assert not selection.certified and selection.index == 0 and selection.is_full_model
     assert selection.thresholds == (math.inf,) * 3
@@ -273,12 +270,10 @@ def test_nothing_certified_is_the_full_model_flagged(population_draw):
 
 def test_an_external_optimisation_set_tests_every_calibration_sample(population_draw):
     data = population_draw
-    selection = pareto_test(
+    selection = light_pareto_test(
         data["conf"][:300],
         data["consistency"][:300],
         target_risks=0.08,
-        exit_cost=EXIT_COST,
-        search=LIGHT,
         opt_confidences=data["conf"][300:],
         opt_per_exit_losses=data["consistency"][300:],
         seed=2,

@@ -17,15 +17,7 @@ from exitguard.report import (
     render_html,
     write_report,
 )
-
-FILES = (
-    "index.html",
-    "results.json",
-    "test_risk.png",
-    "violations.png",
-    "efficiency.png",
-    "exit_histogram.png",
-)
+from tests.report_checks import REPORT_FILES, REPORT_PLOTS
 
 
 def fake_results(calm):
@@ -70,16 +62,16 @@ def test_write_and_rebuild(calm, tmp_path):
     results = fake_results(calm)
     (tmp_path / "keep.txt").write_text("user file")
     page = write_report(results, tmp_path)
-    for name in FILES:
+    for name in REPORT_FILES:
         assert (tmp_path / name).stat().st_size > 0, name
     text = page.read_text()
     assert "test &lt;report&gt;" in text and "<script" not in text
     assert (tmp_path / "keep.txt").read_text() == "user file"
-    for name in FILES[2:]:
+    for name in REPORT_PLOTS:
         (tmp_path / name).unlink()
     other = tmp_path / "again"
     rebuild_report(tmp_path / "results.json", out=other)
-    assert all((other / name).stat().st_size > 0 for name in FILES)
+    assert all((other / name).stat().st_size > 0 for name in REPORT_FILES)
     assert json.loads((other / "results.json").read_text()) == results
 
 

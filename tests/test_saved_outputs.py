@@ -18,17 +18,14 @@ from exitguard import (
 from exitguard.cli import main
 from exitguard.risk.confidence import max_softmax
 from exitguard.risk.exits import exit_index
+from tests.conftest import sharpening_logits, softmax
 
 
 @pytest.fixture
 def outputs(rng):
     """Per-exit probabilities of 600 samples, 4 exits, 5 classes; exits sharpen with depth."""
-    n, n_exits, n_classes = 600, 4, 5
-    labels = rng.integers(0, n_classes, n)
-    logits = rng.normal(size=(n, n_exits, n_classes))
-    logits[np.arange(n), :, labels] += np.linspace(0.5, 4.0, n_exits)
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    return probs, labels
+    logits, labels = sharpening_logits(rng, 600)
+    return softmax(logits), labels
 
 
 def quiet(fn, *args, **kwargs):

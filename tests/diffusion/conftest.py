@@ -9,15 +9,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.conftest import torch_threads  # noqa: E402
+
 
 @pytest.fixture(scope="package", autouse=True)
 def _one_thread():
     """One thread for every test here, module and session fixtures included: the models are
     tiny, and extra threads only contend with each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 TINY = {

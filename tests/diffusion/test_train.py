@@ -92,47 +92,30 @@ def test_training_is_seeded_and_cached(tmp_path):
     settings = TrainSettings(iterations=3, batch_size=8, warmup=1, log_every=1)
     config = DenoiserConfig(**TINY)
     logs: list[str] = []
-    first = load_or_train(
-        images,
-        dataset="digits",
-        data_fingerprint="test",
-        config=config,
-        settings=settings,
-        cache_dir=tmp_path,
-        progress=False,
-        log=logs.append,
-    )
-    second = load_or_train(
-        images,
-        dataset="digits",
-        data_fingerprint="test",
-        config=config,
-        settings=settings,
-        cache_dir=tmp_path,
-        progress=False,
-        log=logs.append,
-    )
+
+    def load(cache_dir):
+        return load_or_train(
+            images,
+            dataset="digits",
+            data_fingerprint="test",
+            config=config,
+            settings=settings,
+            cache_dir=cache_dir,
+            progress=False,
+            log=logs.append,
+        )
+
+    def assert_same_weights(a, b):
+        pairs = zip(a.module.state_dict().values(), b.module.state_dict().values(), strict=True)
+        assert all(torch.equal(x, y) for x, y in pairs)
+
+    first, second = load(tmp_path), load(tmp_path)
     assert not first.from_cache and second.from_cache
-    for a, b in zip(
-        first.module.state_dict().values(), second.module.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b)
+    assert_same_weights(first, second)
     # Seeded: training again from scratch (another cache folder) gives the same weights.
-    again = load_or_train(
-        images,
-        dataset="digits",
-        data_fingerprint="test",
-        config=config,
-        settings=settings,
-        cache_dir=tmp_path / "other",
-        progress=False,
-        log=logs.append,
-    )
+    again = load(tmp_path / "other")
     assert not again.from_cache
-    for a, b in zip(
-        first.module.state_dict().values(), again.module.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b)
+    assert_same_weights(first, again)
     assert first.metadata["description"]["model"]["depth"] == 5
     assert len(first.metadata["history"]["uncertainty"]) == 3
     with pytest.raises(ValueError, match=r"`images` must have shape \(N, 1, 8, 8\)"):

@@ -69,17 +69,20 @@ def trained(cache):
     )
 
 
+def crc_policy(trained, start: int, *, labelled: bool = False, **options):
+    """A CRC policy at ε = 0.2 calibrated on the held-out outputs from ``start`` on (with
+    their labels when ``labelled``), bound to the network."""
+    labels = trained.heldout.labels[start:] if labelled else None
+    policy = calibrate(
+        trained.outputs.probs[start:], labels, target_risk=0.2, procedure="crc", **options
+    )
+    return trained.network.bind_policy(policy)
+
+
 def test_audited_inference_scores_the_policy_against_the_full_model(trained):
     network = trained.network
     images = torch.from_numpy(trained.heldout.images[:300])
-    policy = network.bind_policy(
-        calibrate(
-            trained.outputs.probs[300:],
-            risk="prediction_consistency",
-            target_risk=0.2,
-            procedure="crc",
-        )
-    )
+    policy = crc_policy(trained, 300, risk="prediction_consistency")
     audited = audited_infer(
         network, images, policy, audit=0.5, rng=3, exit_flops=trained.exit_flops
     )
@@ -101,14 +104,7 @@ def test_audited_inference_scores_the_policy_against_the_full_model(trained):
         audited_infer(network, images, policy, audit=1.5, rng=0)
     with pytest.raises(ValueError, match="`rng` must be"):
         audited_infer(network, images, policy, audit=0.1, rng=None)
-    gap = network.bind_policy(
-        calibrate(
-            trained.outputs.probs[300:],
-            trained.heldout.labels[300:],
-            target_risk=0.2,
-            procedure="crc",
-        )
-    )
+    gap = crc_policy(trained, 300, labelled=True)
     labelled = audited_infer(network, images, gap, audit=0.5, rng=3, exit_flops=trained.exit_flops)
     assert labelled.losses is None  # gap risks wait for labels
     labels = trained.heldout.labels[:300][labelled.audited]
@@ -208,14 +204,7 @@ def test_drift_demo_end_to_end(cache, tmp_path):
 def test_infer_with_an_audit_share_and_labels_that_arrive_later(trained):
     network = trained.network
     images = torch.from_numpy(trained.heldout.images[:200])
-    policy = network.bind_policy(
-        calibrate(
-            trained.outputs.probs[200:],
-            trained.heldout.labels[200:],
-            target_risk=0.2,
-            procedure="crc",
-        )
-    )
+    policy = crc_policy(trained, 200, labelled=True)
     ids = np.arange(1000, 1200)  # e.g. request ids
     audited = network.infer(images, policy, audit=0.4, rng=7, sample_ids=ids)
     plain = network.infer(images, policy)

@@ -9,6 +9,7 @@ import pytest
 
 from exitguard import calibrate_table, evaluate, load_policy
 from exitguard._files import FileSafetyError, atomic_save, atomic_write
+from tests.hostile.conftest import assert_refuses_link
 
 
 @pytest.fixture
@@ -28,13 +29,7 @@ def test_a_planted_link_at_the_old_temporary_name_redirects_nothing(policy, tmp_
 
 
 def test_an_existing_link_is_never_followed(policy, tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    link = tmp_path / "policy.json"
-    link.symlink_to(victim)
-    with pytest.raises(FileSafetyError, match="is a symbolic link; refusing to replace it"):
-        policy.save(link)
-    assert victim.read_text() == "precious" and link.is_symlink()
+    assert_refuses_link(policy.save, tmp_path / "policy.json")
 
 
 def test_special_files_are_never_replaced(policy, tmp_path):
@@ -89,12 +84,7 @@ def test_atomic_save_through_a_library_writer(tmp_path):
 
 def test_evaluation_files_are_written_the_same_way(tmp_path):
     result = evaluate(np.zeros((3, 40)), procedures=["crc"], target_risks=[0.2], n_cal=10, trials=2)
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    link = tmp_path / "results.json"
-    link.symlink_to(victim)
-    with pytest.raises(FileSafetyError, match="symbolic link"):
-        result.save(link)
+    assert_refuses_link(result.save, tmp_path / "results.json")
     path = result.save(tmp_path / "ok.json")
     assert type(result).load(path) == result
     assert json.loads(path.read_text())["schema"] == "exitguard.Evaluation"

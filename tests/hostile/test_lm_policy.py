@@ -15,6 +15,7 @@ from exitguard import calibrate_table  # noqa: E402
 from exitguard.tasks.language.decode import EarlyExitLM  # noqa: E402
 from exitguard.tasks.language.heads import ExitHeads, ExitHeadsConfig  # noqa: E402
 from exitguard.tasks.language.model import load_model, model_fingerprint  # noqa: E402
+from tests.hostile.conftest import assert_refuses_link  # noqa: E402
 from tests.language.conftest import make_tiny_llama, save_tiny_model_folder  # noqa: E402
 
 
@@ -170,12 +171,7 @@ def test_the_sweep_table_records_what_a_policy_needs(tmp_path):
         kv_fill="defer",
         progress=False,
     )
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    (tmp_path / "table.npz").symlink_to(victim)
-    with pytest.raises(ValueError, match=r"symbolic link; refusing to replace it"):
-        table.save(tmp_path / "table.npz")
-    assert victim.read_text() == "precious"
+    assert_refuses_link(table.save, tmp_path / "table.npz")
     (tmp_path / "table.npz").unlink()
     path = table.save(tmp_path / "table.npz")
     with np.load(path, allow_pickle=False) as data:

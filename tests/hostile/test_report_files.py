@@ -16,16 +16,9 @@ pytest.importorskip("matplotlib")
 
 from exitguard import evaluate
 from exitguard.report import RESULTS_SCHEMA, load_results, render_html, write_report
+from tests.report_checks import REPORT_FILES
 
 PAYLOAD = "<script>alert(1)</script><img src=x onerror=alert(2)>\"'&"
-FILES = (
-    "results.json",
-    "index.html",
-    "test_risk.png",
-    "violations.png",
-    "efficiency.png",
-    "exit_histogram.png",
-)
 
 
 def results_dict():
@@ -152,12 +145,12 @@ def test_a_link_at_a_temporary_name_is_never_followed(tmp_path):
     victim.write_text("precious")
     out = tmp_path / "report"
     out.mkdir()
-    for name in FILES:  # where predictable temporary names would be
+    for name in REPORT_FILES:  # where predictable temporary names would be
         (out / f".{name}.tmp").symlink_to(victim)
     write_report(results_dict(), out)
     assert victim.read_text() == "precious"
-    assert all((out / f".{name}.tmp").is_symlink() for name in FILES)
-    assert all((out / name).is_file() and not (out / name).is_symlink() for name in FILES)
+    assert all((out / f".{name}.tmp").is_symlink() for name in REPORT_FILES)
+    assert all((out / name).is_file() and not (out / name).is_symlink() for name in REPORT_FILES)
 
 
 @pytest.mark.parametrize("name", ["index.html", "results.json", "test_risk.png", "grid.png"])
@@ -189,7 +182,7 @@ def test_out_on_a_device_or_fifo_is_refused(tmp_path, device):
 
 def test_a_failed_write_leaves_the_old_report(tmp_path, monkeypatch):
     write_report(results_dict(), tmp_path)
-    before = {name: (tmp_path / name).read_bytes() for name in FILES}
+    before = {name: (tmp_path / name).read_bytes() for name in REPORT_FILES}
     changed = results_dict()
     changed["title"] = "changed"
     real = os.replace

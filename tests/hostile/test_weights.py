@@ -19,6 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from exitguard.nn import EarlyExitNetwork, load_weights, save_weights  # noqa: E402
+from tests.hostile.conftest import assert_refuses_link  # noqa: E402
 
 
 def small_network(seed: int = 0) -> EarlyExitNetwork:
@@ -174,13 +175,8 @@ def test_a_file_without_checksum_needs_an_explicit_choice(tmp_path):
 
 
 def test_saving_never_writes_through_a_link(tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    link = tmp_path / "w.safetensors"
-    link.symlink_to(victim)
-    with pytest.raises(ValueError, match=r"symbolic link; refusing to replace it"):
-        save_weights(small_network(), link)
-    assert victim.read_text() == "precious" and link.is_symlink()
+    network = small_network()
+    assert_refuses_link(lambda link: save_weights(network, link), tmp_path / "w.safetensors")
 
 
 def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
@@ -249,12 +245,7 @@ def test_saved_outputs_never_follow_links(tmp_path):
 
     network = small_network()
     outputs = collect(network, torch.randn(5, 4))
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    (tmp_path / "outputs.npz").symlink_to(victim)
-    with pytest.raises(ValueError, match=r"symbolic link; refusing to replace it"):
-        outputs.save(tmp_path / "outputs.npz")
-    assert victim.read_text() == "precious"
+    assert_refuses_link(outputs.save, tmp_path / "outputs.npz")
     (tmp_path / "outputs.npz").unlink()
     assert outputs.save(tmp_path / "outputs.npz").is_file()
 

@@ -50,6 +50,16 @@ def _check(network, model, x, labels):
     torch.testing.assert_close(network.infer(x, math.inf).logits, expected, rtol=1e-4, atol=1e-5)
 
 
+TINY_ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "num_labels": 3,
+}
+"""A 4-layer, 32-wide encoder with 3 classes: the size of both Hugging Face models here."""
+
+
 def _layer_names(model, pattern):
     return [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
 
@@ -74,14 +84,7 @@ def test_timm_models(name, at, size):
 
 def test_hugging_face_bert_for_sequence_classification():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-    )
+    config = transformers.BertConfig(vocab_size=50, **TINY_ENCODER)
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config).eval()
     ids = torch.randint(1, 50, (5, 9), generator=torch.Generator().manual_seed(0))
@@ -94,15 +97,7 @@ def test_hugging_face_bert_for_sequence_classification():
 
 def test_hugging_face_vit_for_image_classification():
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-    )
+    config = transformers.ViTConfig(image_size=32, patch_size=8, **TINY_ENCODER)
     torch.manual_seed(0)
     model = transformers.ViTForImageClassification(config).eval()
     # ViT's forward checks the input's dtype against its weights' (known while tracing).

@@ -22,6 +22,19 @@ from exitguard.tasks.text.train import (  # noqa: E402
 KEYWORDS = ("moses", "jesus", "heaven")
 
 
+def load_quietly(data, settings, encoder_path, cache_dir, **options):
+    """``load_or_train`` on a local encoder, with no progress bar and no log."""
+    return load_or_train(
+        data,
+        settings=settings,
+        encoder_path=encoder_path,
+        cache_dir=cache_dir,
+        progress=False,
+        log=lambda _: None,
+        **options,
+    )
+
+
 def keyword_dataset(n: int, *, seed: int = 0) -> TextDataset:
     """Sentences of common words; the class is the one keyword each contains."""
     rng = np.random.default_rng(seed)
@@ -79,15 +92,7 @@ def test_heads_mode_caches_the_heads_only(tiny_model_dir, tmp_path):
     data = keyword_dataset(120)
     settings = TextTrainSettings(mode="heads", head_epochs=40, head_lr=1e-2, head_batch_size=16)
     heads = TextHeadConfig(drop_rate=0.0)
-    first = load_or_train(
-        data,
-        settings=settings,
-        heads=heads,
-        encoder_path=tiny_model_dir,
-        cache_dir=tmp_path,
-        progress=False,
-        log=lambda _: None,
-    )
+    first = load_quietly(data, settings, tiny_model_dir, tmp_path, heads=heads)
     assert not first.from_cache
     accuracy = first.metadata["history"]["heads"]["exit_accuracy"][-1]
     assert accuracy[-1] > 0.9  # the keyword is easy to find
@@ -97,15 +102,7 @@ def test_heads_mode_caches_the_heads_only(tiny_model_dir, tmp_path):
     with safe_open(str(weights), framework="pt") as handle:
         names = list(handle.keys())
     assert names and all(".classifier." in name for name in names)  # no encoder weights
-    second = load_or_train(
-        data,
-        settings=settings,
-        heads=heads,
-        encoder_path=tiny_model_dir,
-        cache_dir=tmp_path,
-        progress=False,
-        log=lambda _: None,
-    )
+    second = load_quietly(data, settings, tiny_model_dir, tmp_path, heads=heads)
     assert second.from_cache
     tokens = make_tokens([4, 7, 2], vocab=20)
     with torch.inference_mode():
@@ -119,14 +116,7 @@ def test_joint_mode_fine_tunes_the_encoder(tiny_model_dir, tmp_path):
     settings = TextTrainSettings(
         mode="joint", head_epochs=5, joint_epochs=1, joint_batch_size=16, joint_lr=1e-3
     )
-    trained = load_or_train(
-        data,
-        settings=settings,
-        encoder_path=tiny_model_dir,
-        cache_dir=tmp_path,
-        progress=False,
-        log=lambda _: None,
-    )
+    trained = load_quietly(data, settings, tiny_model_dir, tmp_path)
     history = trained.metadata["history"]
     assert list(history["joint"]["config"]["loss_weights"]) == [1.0, 2.0, 3.0, 4.0]  # PABEE
     assert history["joint"]["config"]["distill"] == 0.5
@@ -136,14 +126,7 @@ def test_joint_mode_fine_tunes_the_encoder(tiny_model_dir, tmp_path):
         for a, b in zip(pristine.parameters(), trained.encoder.parameters(), strict=True)
     ]
     assert any(changed)
-    again = load_or_train(
-        data,
-        settings=settings,
-        encoder_path=tiny_model_dir,
-        cache_dir=tmp_path,
-        progress=False,
-        log=lambda _: None,
-    )
+    again = load_quietly(data, settings, tiny_model_dir, tmp_path)
     assert again.from_cache
     for a, b in zip(trained.encoder.parameters(), again.encoder.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -47,6 +47,13 @@ def fallback_spans(days: tuple[DriftDay, ...]) -> list[tuple[float, float]]:
     return spans
 
 
+def _labelled(ax: Any, xlabel: str, ylabel: str, title: str, *, legend: str = "upper left") -> Any:
+    """``ax`` with its axis labels, its title and the page's small legend (at ``legend``)."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=7, loc=legend)
+    return ax
+
+
 def plot_daily_risk(ax: Any, results: DriftResults) -> Any:
     """True daily risk of the served policy and of the original one, with the target."""
     days = results.days
@@ -91,11 +98,12 @@ def plot_daily_risk(ax: Any, results: DriftResults) -> Any:
     twin.fill_between(x, [d.severity for d in days], step="mid", color="#9467bd", alpha=0.12)
     twin.set_ylabel("corruption severity (shaded)", color="#9467bd")
     twin.set_ylim(0, 1)
-    ax.set_xlabel("day (0 = first)")
-    ax.set_ylabel("risk: disagreement with the full model")
-    ax.set_title("Daily risk of the served and the original policy")
-    ax.legend(fontsize=7, loc="upper left")
-    return ax
+    return _labelled(
+        ax,
+        "day (0 = first)",
+        "risk: disagreement with the full model",
+        "Daily risk of the served and the original policy",
+    )
 
 
 def plot_monitor(ax: Any, results: DriftResults) -> Any:
@@ -115,41 +123,24 @@ def plot_monitor(ax: Any, results: DriftResults) -> Any:
                 lw=1.2,
                 label="monitor restarted on the recalibrated policy",
             )
-        ax.plot(
-            audits,
-            segment.log10_wealth,
-            color="#1f77b4",
-            lw=1,
-            label="e-process log10 wealth" if first else None,
-        )
-        ax.plot(
-            audits,
-            segment.log10_detector,
-            color="#ff7f0e",
-            lw=1,
-            label="e-CUSUM log10 statistic" if first else None,
-        )
+        for values, colour, label in (  # the two statistics
+            (segment.log10_wealth, "#1f77b4", "e-process log10 wealth"),
+            (segment.log10_detector, "#ff7f0e", "e-CUSUM log10 statistic"),
+        ):
+            ax.plot(audits, values, color=colour, lw=1, label=label if first else None)
         offset += segment.audits
     alpha, arl = float(settings["alpha"]), float(settings["arl"])
-    ax.axhline(
-        math.log10(1 / alpha),
-        color="#1f77b4",
-        ls="--",
-        lw=1,
-        label=f"e-process alarm: 1/α = {1 / alpha:g}",
+    for level, colour, label in (  # each statistic's alarm line, in its colour
+        (math.log10(1 / alpha), "#1f77b4", f"e-process alarm: 1/α = {1 / alpha:g}"),
+        (math.log10(arl), "#ff7f0e", f"detector alarm: ARL {arl:g} audits"),
+    ):
+        ax.axhline(level, color=colour, ls="--", lw=1, label=label)
+    return _labelled(
+        ax,
+        "audited sample (of the watched policies, in order)",
+        "log10 statistic",
+        "Anytime-valid monitor",
     )
-    ax.axhline(
-        math.log10(arl),
-        color="#ff7f0e",
-        ls="--",
-        lw=1,
-        label=f"detector alarm: ARL {arl:g} audits",
-    )
-    ax.set_xlabel("audited sample (of the watched policies, in order)")
-    ax.set_ylabel("log10 statistic")
-    ax.set_title("Anytime-valid monitor")
-    ax.legend(fontsize=7, loc="upper left")
-    return ax
 
 
 def plot_saving(ax: Any, results: DriftResults) -> Any:
@@ -161,11 +152,13 @@ def plot_saving(ax: Any, results: DriftResults) -> Any:
         color="#2ca02c",
         label="FLOPs saved by what was served",
     )
-    ax.set_xlabel("day (0 = first)")
-    ax.set_ylabel("FLOPs saved (%)")
-    ax.set_title("Compute saved by the served policy (0 on full-model days)")
-    ax.legend(fontsize=7, loc="upper right")
-    return ax
+    return _labelled(
+        ax,
+        "day (0 = first)",
+        "FLOPs saved (%)",
+        "Compute saved by the served policy (0 on full-model days)",
+        legend="upper right",
+    )
 
 
 _LAYOUT = (

@@ -138,6 +138,33 @@ def _linear_range(results: DemoResults) -> float:
     return 10.0 ** np.floor(np.log10(min(targets) / 2)) if targets else 1e-3
 
 
+def _plot_procedures(
+    ax: Any, evaluation: Evaluation, key: str, *, scale: float = 1.0, violations: bool = False
+) -> None:
+    """One line per procedure: ``key`` of its rows (times ``scale``) against the target ε."""
+    for procedure in procedures_of(evaluation):
+        eps, values = _series(evaluation, procedure, key)
+        ax.plot(
+            eps,
+            scale * values,
+            label=_plain(procedure_label(procedure, violations=violations)),
+            markersize=3,
+            **PROCEDURE_STYLE.get(procedure, {}),
+        )
+
+
+def _against_target(
+    ax: Any, results: DemoResults, risk: str, *, ylabel: str, legend: bool, loc: str
+) -> Any:
+    """Title a plot against the target ε with its risk, label its axes, add the legend."""
+    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
+    _target_axis(ax, results)
+    ax.set_ylabel(ylabel)
+    if legend:
+        ax.legend(fontsize=8, loc=loc)
+    return ax
+
+
 # ------------------------------------------------------------------ plots on one axis
 
 
@@ -158,12 +185,9 @@ def plot_test_risk(ax: Any, results: DemoResults, risk: str, *, legend: bool = T
     targets = np.array(sorted(results.settings.target_risks), dtype=float)
     ax.plot(targets, targets, color="black", linewidth=0.9, label="risk = ε")
     ax.set_yscale("symlog", linthresh=_linear_range(results), linscale=0.6)
-    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
-    _target_axis(ax, results)
-    ax.set_ylabel("test risk (mean over splits)")
-    if legend:
-        ax.legend(fontsize=8, loc="upper left")
-    return ax
+    return _against_target(
+        ax, results, risk, ylabel="test risk (mean over splits)", legend=legend, loc="upper left"
+    )
 
 
 def plot_violations(ax: Any, results: DemoResults, risk: str, *, legend: bool = True) -> Any:
@@ -174,66 +198,31 @@ def plot_violations(ax: Any, results: DemoResults, risk: str, *, legend: bool = 
     """
     evaluation = results.risks[risk].evaluation
     delta = results.settings.delta
-    for procedure in procedures_of(evaluation):
-        eps, rate = _series(evaluation, procedure, "population_violation_rate")
-        ax.plot(
-            eps,
-            rate,
-            label=_plain(procedure_label(procedure, violations=True)),
-            markersize=3,
-            **PROCEDURE_STYLE.get(procedure, {}),
-        )
+    _plot_procedures(ax, evaluation, "population_violation_rate", violations=True)
     ax.axhline(delta, color="black", linewidth=0.9, linestyle="--", label=f"δ = {delta:g}")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
-    _target_axis(ax, results)
-    ax.set_ylabel("violation rate")
-    if legend:
-        ax.legend(fontsize=8, loc="upper right")
-    return ax
+    return _against_target(
+        ax, results, risk, ylabel="violation rate", legend=legend, loc="upper right"
+    )
 
 
 def plot_mean_exit(ax: Any, results: DemoResults, risk: str, *, legend: bool = True) -> Any:
     """Mean exit (0-based, mean over splits) of every procedure's policy against ε."""
     evaluation = results.risks[risk].evaluation_exits
     last = results.model.n_exits - 1
-    for procedure in procedures_of(evaluation):
-        eps, mean_exit = _series(evaluation, procedure, "mean_cost")
-        ax.plot(
-            eps,
-            mean_exit,
-            label=_plain(procedure_label(procedure)),
-            markersize=3,
-            **PROCEDURE_STYLE.get(procedure, {}),
-        )
+    _plot_procedures(ax, evaluation, "mean_cost")
     ax.set_ylim(-0.2, last + 0.2)
     ax.set_yticks(np.arange(last + 1) if last <= 12 else np.linspace(0, last, 7).round())
-    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
-    _target_axis(ax, results)
-    ax.set_ylabel(f"mean exit (0 = first, {last} = full model)")
-    if legend:
-        ax.legend(fontsize=8, loc="upper right")
-    return ax
+    ylabel = f"mean exit (0 = first, {last} = full model)"
+    return _against_target(ax, results, risk, ylabel=ylabel, legend=legend, loc="upper right")
 
 
 def plot_flops_saving(ax: Any, results: DemoResults, risk: str, *, legend: bool = True) -> Any:
     """Share of the full model's FLOPs saved (mean over splits) against ε, in percent."""
-    evaluation = results.risks[risk].evaluation
-    for procedure in procedures_of(evaluation):
-        eps, saving = _series(evaluation, procedure, "relative_saving")
-        ax.plot(
-            eps,
-            100 * saving,
-            label=_plain(procedure_label(procedure)),
-            markersize=3,
-            **PROCEDURE_STYLE.get(procedure, {}),
-        )
-    ax.set_title(_title(results.risk_title(risk), width=60), fontsize=10)
-    _target_axis(ax, results)
-    ax.set_ylabel("FLOPs saved (%)")
-    if legend:
-        ax.legend(fontsize=8, loc="upper left")
-    return ax
+    _plot_procedures(ax, results.risks[risk].evaluation, "relative_saving", scale=100)
+    return _against_target(
+        ax, results, risk, ylabel="FLOPs saved (%)", legend=legend, loc="upper left"
+    )
 
 
 def plot_exit_histogram(ax: Any, results: DemoResults) -> Any:

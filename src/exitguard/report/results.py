@@ -21,14 +21,16 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from exitguard.evaluation import Evaluation, EvaluationRow
+
+_T = TypeVar("_T")
 
 RESULTS_SCHEMA = "exitguard.DemoResults"
 SCHEMA_VERSION = 2
@@ -123,6 +125,11 @@ def _list(value: Any, path: str, *, limit: int | None = None) -> list[Any]:
     return list(value)
 
 
+def _each(read: Callable[[Any, str], _T], value: Any, path: str) -> tuple[_T, ...]:
+    """``read(item, path)`` of every item of the list ``value``, each with its own path."""
+    return tuple(read(item, f"{path}[{i}]") for i, item in enumerate(_list(value, path)))
+
+
 def _numbers(value: Any, path: str, *, limit: int | None = None) -> tuple[float, ...]:
     return tuple(
         _float(item, f"{path}[{i}]") for i, item in enumerate(_list(value, path, limit=limit))
@@ -140,10 +147,12 @@ def _cell_value(value: Any, path: str) -> Any:
     raise _error(path, f"must be a string, a number or null; got {type(value).__name__}.")
 
 
-def _extra(data: Mapping[str, Any], known: Sequence[str], path: str) -> dict[str, Any]:
-    """Entries of ``data`` outside ``known`` plus its own ``extra`` (kept verbatim)."""
+def _extra(data: Mapping[str, Any], cls: type, path: str) -> dict[str, Any]:
+    """Entries of ``data`` that are no field of the dataclass ``cls``, plus its own ``extra``
+    (kept verbatim)."""
+    known = {field.name for field in dataclasses.fields(cls)}
     extra = dict(_mapping(data.get("extra", {}), f"{path}.extra"))
-    extra.update({k: v for k, v in data.items() if k not in known and k != "extra"})
+    extra.update({k: v for k, v in data.items() if k not in known})
     return extra
 
 
@@ -206,8 +215,6 @@ class DatasetInfo:
     classes: tuple[str, ...] = ()
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    _KNOWN = ("name", "source", "n_train", "n_heldout", "unit", "note", "classes")
-
     @classmethod
     def from_dict(cls, data: Any, path: str = "dataset") -> DatasetInfo:
         data = _mapping(data, path)
@@ -219,7 +226,7 @@ class DatasetInfo:
             unit=_text(data.get("unit", "images"), f"{path}.unit"),
             note=_text(data.get("note", data.get("heldout_note", "")), f"{path}.note"),
             classes=tuple(str(c) for c in _list(data.get("classes", []), f"{path}.classes")),
-            extra={k: v for k, v in _extra(data, cls._KNOWN, path).items() if k != "heldout_note"},
+            extra={k: v for k, v in _extra(data, cls, path).items() if k != "heldout_note"},
         )
 
 
@@ -238,19 +245,6 @@ class ModelInfo:
     from_cache: bool | None = None
     train_seconds: float | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    _KNOWN = (
-        "description",
-        "n_exits",
-        "flops_per_exit",
-        "full_flops",
-        "flops_unit",
-        "accuracy_per_exit",
-        "accuracy_label",
-        "fingerprint",
-        "from_cache",
-        "train_seconds",
-    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_exits <= MAX_EXITS:
@@ -303,7 +297,7 @@ class ModelInfo:
             train_seconds=_number(
                 data.get("train_seconds"), f"{path}.train_seconds", optional=True
             ),
-            extra=_extra(data, cls._KNOWN, path),
+            extra=_extra(data, cls, path),
         )
 
 
@@ -320,17 +314,6 @@ class Settings:
     seed: int | None = None
     confidence: str = ""
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    _KNOWN = (
-        "delta",
-        "n_cal",
-        "trials",
-        "target_risks",
-        "table_target_risks",
-        "procedures",
-        "seed",
-        "confidence",
-    )
 
     @property
     def shown_target_risks(self) -> tuple[float, ...]:
@@ -353,7 +336,7 @@ class Settings:
             procedures=_texts(data.get("procedures", []), f"{path}.procedures"),
             seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
             confidence=str(data.get("confidence", "") or ""),
-            extra=_extra(data, cls._KNOWN, path),
+            extra=_extra(data, cls, path),
         )
 
 
@@ -821,14 +804,7 @@ class DemoResults:
     def to_dict(self) -> dict[str, Any]:
         """The ``results.json`` content (strict JSON: NaN and infinities as null)."""
         data = {
-            "schema": RESULTS_SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "task": self.task,
-            "title": self.title,
-            "created": self.created,
-            "exitguard_version": self.exitguard_version,
-            "machine": dataclasses.asdict(self.machine),
-            "summary": list(self.summary),
+            **_header(self),
             "dataset": _with_extra(self.dataset),
             "model": _with_extra(self.model),
             "settings": _with_extra(self.settings),
@@ -864,26 +840,14 @@ class DemoResults:
             },
             timed=TimedPolicy.from_dict(_get(data, "timed_policy", "")),
             policy=dict(_mapping(data.get("policy", {}), "policy")),
-            tables=tuple(
-                Table.from_dict(t, f"tables[{i}]")
-                for i, t in enumerate(_list(data.get("tables", []), "tables"))
-            ),
-            figures=tuple(
-                PictureGrid.from_dict(f, f"figures[{i}]")
-                for i, f in enumerate(_list(data.get("figures", []), "figures"))
-            ),
-            machine=Machine.from_dict(data.get("machine", {})),
-            created=str(data.get("created", "")),
-            exitguard_version=str(data.get("exitguard_version", "")),
-            extra=dict(_mapping(data.get("extra", {}), "extra")),
+            tables=_each(Table.from_dict, data.get("tables", []), "tables"),
+            figures=_each(PictureGrid.from_dict, data.get("figures", []), "figures"),
+            **_provenance(data),
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``results.json`` atomically."""
-        from exitguard._files import atomic_write_text
-
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        return atomic_write_text(path, text, argument="RESULTS")
+        return _save(self, path)
 
 
 def _with_extra(value: Any) -> dict[str, Any]:
@@ -1023,14 +987,7 @@ class DriftResults:
 
     def to_dict(self) -> dict[str, Any]:
         data = {
-            "schema": RESULTS_SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "task": self.task,
-            "title": self.title,
-            "created": self.created,
-            "exitguard_version": self.exitguard_version,
-            "machine": dataclasses.asdict(self.machine),
-            "summary": list(self.summary),
+            **_header(self),
             "settings": dict(self.settings),
             "policy": dict(self.policy),
             "samples_needed": self.samples_needed,
@@ -1049,38 +1006,58 @@ class DriftResults:
             title=str(data.get("title", "")),
             summary=tuple(str(line) for line in _list(data.get("summary", []), "summary")),
             settings=dict(_mapping(_get(data, "settings", ""), "settings")),
-            days=tuple(
-                DriftDay.from_dict(d, f"days[{i}]")
-                for i, d in enumerate(_list(_get(data, "days", ""), "days"))
-            ),
-            events=tuple(
-                DriftEvent.from_dict(e, f"events[{i}]")
-                for i, e in enumerate(_list(data.get("events", []), "events"))
-            ),
-            segments=tuple(
-                MonitorSegment.from_dict(s, f"segments[{i}]")
-                for i, s in enumerate(_list(data.get("segments", []), "segments"))
-            ),
+            days=_each(DriftDay.from_dict, _get(data, "days", ""), "days"),
+            events=_each(DriftEvent.from_dict, data.get("events", []), "events"),
+            segments=_each(MonitorSegment.from_dict, data.get("segments", []), "segments"),
             samples_needed=_int(_get(data, "samples_needed", ""), "samples_needed"),
             recalibration_window=_int(
                 _get(data, "recalibration_window", ""), "recalibration_window"
             ),
             policy=dict(_mapping(data.get("policy", {}), "policy")),
-            machine=Machine.from_dict(data.get("machine", {})),
-            created=str(data.get("created", "")),
-            exitguard_version=str(data.get("exitguard_version", "")),
             task=str(data.get("task", "drift")),
-            extra=dict(_mapping(data.get("extra", {}), "extra")),
+            **_provenance(data),
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from exitguard._files import atomic_write_text
-
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        return atomic_write_text(path, text, argument="RESULTS")
+        """Write ``results.json`` atomically."""
+        return _save(self, path)
 
 
 AnyResults = DemoResults | DriftResults
+
+
+# ------------------------------------------------------------------- shared by both files
+
+
+def _header(results: AnyResults) -> dict[str, Any]:
+    """The fields every ``results.json`` starts with: schema, task, title, provenance, summary."""
+    return {
+        "schema": RESULTS_SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "task": results.task,
+        "title": results.title,
+        "created": results.created,
+        "exitguard_version": results.exitguard_version,
+        "machine": dataclasses.asdict(results.machine),
+        "summary": list(results.summary),
+    }
+
+
+def _provenance(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Where and when results were made, and the task's own ``extra``: read from any file."""
+    return {
+        "machine": Machine.from_dict(data.get("machine", {})),
+        "created": str(data.get("created", "")),
+        "exitguard_version": str(data.get("exitguard_version", "")),
+        "extra": dict(_mapping(data.get("extra", {}), "extra")),
+    }
+
+
+def _save(results: AnyResults, path: str | os.PathLike[str]) -> Path:
+    from exitguard._files import atomic_write_text
+
+    text = json.dumps(results.to_dict(), indent=2, allow_nan=False) + "\n"
+    return atomic_write_text(path, text, argument="RESULTS")
 
 
 def results_from_dict(data: Any) -> DemoResults | DriftResults:
