@@ -39,17 +39,16 @@ from exitguard.risk.losses import RISKS
 from exitguard.tasks.common import (
     CachedModel,
     ImageOptions,
+    ModelCache,
     PolicyOptions,
     ServesTrained,
     accuracy_measures,
-    cached_model,
     calibration_split,
     demo_settings,
     evaluate_risks,
     exit_output_files,
     image_dataset_info,
     loss_bound,
-    model_description,
     results_header,
     table_writer,
     time_inference,  # noqa: F401  (benchmarks/classification.py imports it from here)
@@ -64,6 +63,7 @@ if TYPE_CHECKING:
 
 TABLE_TARGET_RISKS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CACHE_FORMAT = "exitguard.classifier/1"
+MODELS = ModelCache("classifier", CACHE_FORMAT)  # cache entries "classifier-<dataset>-<key>"
 
 
 # --------------------------------------------------------------------------- the model
@@ -152,23 +152,10 @@ def load_or_train(
             images, labels = images[: settings.max_train], labels[: settings.max_train]
         return train_jointly(network, images, labels, settings=settings, progress=progress)
 
-    description = model_description(
-        CACHE_FORMAT,
-        dataset=train.name,
-        data_fingerprint=train.fingerprint,
-        model=model_config,
-        train=settings,
-        architecture=build().fingerprint,
+    entry = MODELS.entry(
+        train, model=model_config, train=settings, architecture=build().fingerprint
     )
-    return cached_model(
-        f"classifier-{train.name}",
-        description,
-        build=build,
-        train=fit,
-        seed=settings.seed,
-        cache_dir=cache_dir,
-        log=log,
-    )
+    return entry.load_or_train(build, fit, cache_dir=cache_dir, log=log)
 
 
 # ------------------------------------------------------------------------------- demo

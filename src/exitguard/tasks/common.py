@@ -168,6 +168,74 @@ def model_description(
     }
 
 
+class Fingerprinted(Protocol):
+    """Data that names itself and fingerprints its content (the datasets of exitguard.data)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DataKey:
+    """The name and fingerprint of training data that is not a dataset object."""
+
+    name: str
+    fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCache:
+    """One kind of cached model: its file-name prefix (e.g. ``"segmenter"``) and format."""
+
+    kind: str
+    cache_format: str
+
+    def entry(self, data: Fingerprinted, *, model: Any, train: Any, **extra: Any) -> CacheEntry:
+        """The cache entry of a model of this kind trained on ``data``: see
+        :func:`model_description` for ``model``, ``train`` (whose ``seed`` seeds the initial
+        weights) and ``extra``."""
+        description = model_description(
+            self.cache_format,
+            dataset=data.name,
+            data_fingerprint=data.fingerprint,
+            model=model,
+            train=train,
+            **extra,
+        )
+        return CacheEntry(f"{self.kind}-{data.name}", description, seed=int(train.seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """A cache entry's file-name prefix, its description and the seed of its initial weights."""
+
+    name: str
+    description: dict[str, Any]
+    seed: int
+
+    def load_or_train(
+        self,
+        build: Callable[[], M],
+        fit: Callable[[M], Mapping[str, Any]],
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> CachedModel[M]:
+        """:func:`cached_model` of this entry: load it, or ``build()`` and ``fit`` it."""
+        return cached_model(
+            self.name,
+            self.description,
+            build=build,
+            train=fit,
+            seed=self.seed,
+            cache_dir=cache_dir,
+            log=log,
+        )
+
+
 class JointTraining(Protocol):
     """The training settings :func:`train_jointly` reads."""
 

@@ -29,11 +29,12 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from exitguard.tasks.common import CachedModel, cached_model, model_description, progress_bar
+from exitguard.tasks.common import CachedModel, DataKey, ModelCache, progress_bar
 from exitguard.tasks.diffusion.model import Denoiser, DenoiserConfig
 from exitguard.tasks.diffusion.sample import Schedule
 
 CACHE_FORMAT = "exitguard.denoiser/1"
+MODELS = ModelCache("denoiser", CACHE_FORMAT)  # cache entries "denoiser-<dataset>-<key>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,20 +212,6 @@ def load_or_train(
         history = train_denoiser(module, images, settings=settings, progress=progress)
         return {"history": history.to_dict()}
 
-    description = model_description(
-        CACHE_FORMAT,
-        dataset=dataset,
-        data_fingerprint=data_fingerprint,
-        model=config,
-        train=settings,
-        n_train=int(images.shape[0]),
-    )
-    return cached_model(
-        f"denoiser-{dataset}",
-        description,
-        build=build,
-        train=fit,
-        seed=settings.seed,
-        cache_dir=cache_dir,
-        log=log,
-    )
+    data = DataKey(dataset, data_fingerprint)
+    entry = MODELS.entry(data, model=config, train=settings, n_train=int(images.shape[0]))
+    return entry.load_or_train(build, fit, cache_dir=cache_dir, log=log)

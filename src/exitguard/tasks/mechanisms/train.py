@@ -24,7 +24,7 @@ from exitguard.nn.halting import HaltingNetwork, HaltingTrainConfig, train_halti
 from exitguard.nn.io import stored_tensors
 from exitguard.nn.skipping import SkipNetwork, SkipTrainConfig, train_skipping
 from exitguard.tasks.classification import TrainSettings
-from exitguard.tasks.common import CachedModel, cached_model, model_description, train_jointly
+from exitguard.tasks.common import CachedModel, ModelCache, train_jointly
 from exitguard.tasks.mechanisms.models import (
     SkipConfig,
     SmallCNNConfig,
@@ -137,24 +137,10 @@ def load_or_train_member(
         network = EarlyExitNetwork([module], [], input_shape=train.image_shape)  # one exit
         return train_jointly(network, images, labels, settings=settings, progress=progress)
 
-    description = model_description(
-        CACHE_FORMAT,
-        dataset=train.name,
-        data_fingerprint=train.fingerprint,
-        model=config,
-        train=settings,
-        role="cascade member",
-        max_train=max_train,
+    entry = ModelCache("cascade-member", CACHE_FORMAT).entry(
+        train, model=config, train=settings, role="cascade member", max_train=max_train
     )
-    return cached_model(
-        f"cascade-member-{train.name}",
-        description,
-        build=lambda: build_small_cnn(config),
-        train=fit,
-        seed=settings.seed,
-        cache_dir=cache_dir,
-        log=log,
-    )
+    return entry.load_or_train(lambda: build_small_cnn(config), fit, cache_dir=cache_dir, log=log)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,24 +181,14 @@ def load_or_train_halting(
         )
         return {"history": history.to_dict()}
 
-    description = model_description(
-        CACHE_FORMAT,
-        dataset=train.name,
-        data_fingerprint=train.fingerprint,
+    entry = ModelCache("halting", CACHE_FORMAT).entry(
+        train,
         model=HaltingUnits(hidden=hidden, network=weights_digest(network)),
         train=config,
         role="halting units",
         exit_cost=[float(c) for c in exit_cost],
     )
-    cached = cached_model(
-        f"halting-{train.name}",
-        description,
-        build=build,
-        train=fit,
-        seed=config.seed,
-        cache_dir=cache_dir,
-        log=log,
-    )
+    cached = entry.load_or_train(build, fit, cache_dir=cache_dir, log=log)
     model = HaltingNetwork(network, list(cached.module)).eval()  # type: ignore[arg-type]
     return CachedModel(model, cached.metadata, cached.from_cache)
 
@@ -241,21 +217,7 @@ def load_or_train_skipping(
         )
         return {"history": history.to_dict()}
 
-    description = model_description(
-        CACHE_FORMAT,
-        dataset=train.name,
-        data_fingerprint=train.fingerprint,
-        model=config,
-        train=settings,
-        role="skip network",
-        max_train=max_train,
+    entry = ModelCache("skip-network", CACHE_FORMAT).entry(
+        train, model=config, train=settings, role="skip network", max_train=max_train
     )
-    return cached_model(
-        f"skip-network-{train.name}",
-        description,
-        build=build,
-        train=fit,
-        seed=settings.seed,
-        cache_dir=cache_dir,
-        log=log,
-    )
+    return entry.load_or_train(build, fit, cache_dir=cache_dir, log=log)

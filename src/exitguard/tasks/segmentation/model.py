@@ -11,9 +11,10 @@ from torch import nn
 from exitguard.data.images import ImageDataset
 from exitguard.nn import DenseHead, EarlyExitNetwork
 from exitguard.nn.blocks import BasicBlock
-from exitguard.tasks.common import CachedModel, cached_model, model_description, train_jointly
+from exitguard.tasks.common import CachedModel, ModelCache, train_jointly
 
 CACHE_FORMAT = "exitguard.segmenter/2"  # 2: stride-2 stem, exits decided at low resolution
+MODELS = ModelCache("segmenter", CACHE_FORMAT)  # cache entries "segmenter-<dataset>-<key>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,20 +110,7 @@ def load_or_train(
             network, scenes.images, scenes.labels, settings=settings, progress=progress
         )
 
-    description = model_description(
-        CACHE_FORMAT,
-        dataset=scenes.name,
-        data_fingerprint=scenes.fingerprint,
-        model=model_config,
-        train=settings,
-        architecture=build().fingerprint,
+    entry = MODELS.entry(
+        scenes, model=model_config, train=settings, architecture=build().fingerprint
     )
-    return cached_model(
-        f"segmenter-{scenes.name}",
-        description,
-        build=build,
-        train=fit,
-        seed=settings.seed,
-        cache_dir=cache_dir,
-        log=log,
-    )
+    return entry.load_or_train(build, fit, cache_dir=cache_dir, log=log)

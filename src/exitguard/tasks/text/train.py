@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from exitguard.nn import EarlyExitNetwork, TrainConfig, exit_losses, train_exits
 from exitguard.risk._validation import check_ints
-from exitguard.tasks.common import cached_model, model_description, progress_bar
+from exitguard.tasks.common import ModelCache, progress_bar
 from exitguard.tasks.text.data import TextDataset
 from exitguard.tasks.text.model import (
     TextHeadConfig,
@@ -253,25 +253,15 @@ def load_or_train(
         return {"history": history, "n_train": len(train)}
 
     probe = build_text_network(encoder, num_classes, heads=heads)
-    description = model_description(
-        CACHE_FORMAT,
-        dataset=train.name,
-        data_fingerprint=train.fingerprint,
+    entry = ModelCache(f"text-{settings.mode}", CACHE_FORMAT).entry(
+        train,
         model=heads,
         train=settings,
         encoder=encoder_fingerprint(encoder_path),
         architecture=probe.fingerprint,
         num_classes=num_classes,
     )
-    cached = cached_model(
-        f"text-{settings.mode}-{train.name}",
-        description,
-        build=build,
-        train=fit,
-        seed=settings.seed,
-        cache_dir=cache_dir,
-        log=log,
-    )
+    cached = entry.load_or_train(build, fit, cache_dir=cache_dir, log=log)
     network = built["network"]
     network.eval()
     network.requires_grad_(False)
