@@ -28,21 +28,15 @@ from exitguard.tasks.classification import DemoConfig, prepare, risk_tables
 from exitguard.tasks.common import machine_info
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _cli import certification_options, results_path
 from _speed import speed_rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--n-cal", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--target-risk", type=float, default=0.05)
-    parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 256])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None)
+    certification_options(parser, n_cal=[100, 1000], target_risk=0.05)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -125,12 +119,7 @@ def main() -> None:
     speed = speed_rows(
         network, images[test], threshold, batch_sizes=tuple(args.batch_size), repeats=args.repeats
     )
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(__file__).parent / "results" / f"classification-{args.dataset}.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args.out, f"classification-{args.dataset}")
     report = {
         "dataset": args.dataset,
         "n_exits": n_exits,

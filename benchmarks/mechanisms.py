@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ import torch
 from exitguard.data.images import DatasetNotFoundError, load_dataset
 from exitguard.tasks.common import machine_info
 from exitguard.tasks.mechanisms.demo import DemoConfig, build_mechanisms, compare_mechanisms
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import certification_options, results_path
 
 COLUMNS = (
     ("mechanism", 16, "{}"),
@@ -52,16 +56,9 @@ def _cell(value: object, width: int, spec: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--n-cal", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--target-risk", type=float, default=0.05)
-    parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--prepare-only", action="store_true", help="train and cache, no timing")
-    parser.add_argument("--out", default=None)
+    certification_options(parser, n_cal=[100, 1000], target_risk=0.05)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dataset = args.dataset
@@ -107,12 +104,7 @@ def main() -> None:
             for row in results["comparison"]:
                 if row["risk"] == risk:
                     print(" ".join(_cell(row[key], width, spec) for key, width, spec in COLUMNS))
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(__file__).parent / "results" / f"mechanisms-{dataset}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args.out, f"mechanisms-{dataset}")
     report = {
         "dataset": dataset,
         "machine": machine_info(),

@@ -26,6 +26,7 @@ import exitguard
 from exitguard.tasks.common import machine_info
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _cli import certification_options, results_path
 from _speed import speed_rows
 
 from exitguard.tasks.segmentation import (
@@ -64,14 +65,7 @@ def _print_row(name: str, cells: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--n-cal", type=int, default=400)
-    parser.add_argument("--target-risk", type=float, nargs="+", default=[0.01, 0.05, 0.1])
-    parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None)
+    certification_options(parser, n_cal=400, target_risk=[0.01, 0.05, 0.1])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -131,12 +125,7 @@ def main() -> None:
         f"{tables['exits'][policy.index, test].mean():.2f}, {len(test)} test scenes"
     )
     speed = speed_rows(network, images, threshold, batch_sizes=(1, 64), repeats=args.repeats)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(__file__).parent / "results" / f"segmentation-{args.dataset}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args.out, f"segmentation-{args.dataset}")
     report = {
         "dataset": heldout.name,
         "n_heldout": len(heldout),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ from exitguard.tasks.text.collect import interleaved_seconds, text_tables, time_
 from exitguard.tasks.text.demo import DemoConfig, calibrated, prepare
 from exitguard.tasks.text.model import length_batches, token_lengths
 from exitguard.tasks.text.train import accuracy_per_exit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import certification_options, results_path
 
 RISKS = ("prediction_gap", "prediction_consistency")
 
@@ -67,18 +71,11 @@ def main() -> None:
     parser.add_argument("--training", choices=("heads", "joint"), default="joint")
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--n-heldout", type=int, default=3000)
-    parser.add_argument("--n-cal", type=int, default=1000)
-    parser.add_argument("--target-risk", type=float, nargs="+", default=[0.02, 0.05, 0.1])
-    parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--confidence", default="max_softmax")
-    parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sentences", type=int, default=512, help="timed at the batch size")
     parser.add_argument("--sentences-batch1", type=int, default=128, help="timed at batch 1")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None)
+    certification_options(parser, n_cal=1000, target_risk=[0.02, 0.05, 0.1], repeats=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -230,7 +227,7 @@ def main() -> None:
         print(f"oracle ({risk}): FLOPs {value['flops_speedup']:.2f}x, mean exit "
               f"{value['mean_exit']:.2f}")  # fmt: skip
 
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "text.json"
+    out = results_path(args.out, "text")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python benchmarks/text.py "
