@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 
@@ -114,6 +115,27 @@ def test_dense_labels_with_ignored_pixels():
     labels[0, 0] = -100
     loss, ce = exit_losses(logits, labels, weights=torch.ones(2))
     assert torch.isfinite(loss) and ce.shape == (2,)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule_per_epoch(cnn_network, data, monkeypatch, schedule):
+    x, y = data
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    config = TrainConfig(epochs=4, batch_size=16, lr=0.02, lr_schedule=schedule)
+    train_exits(cnn_network, x, labels=y, config=config, progress=False)
+    # 48 samples in batches of 16: three steps per epoch, the rate fixed within an epoch.
+    cosine = [0.01 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    expected = [0.02] * 4 if schedule == "constant" else cosine
+    assert seen == pytest.approx([rate for rate in expected for _ in range(3)], rel=1e-12)
+    with pytest.raises(ValueError, match="`lr_schedule` must be 'constant' or 'cosine'"):
+        TrainConfig(lr_schedule="linear")
 
 
 def test_training_errors(cnn_network, data):

@@ -58,6 +58,9 @@ class TrainConfig:
         Batch size when the data is a tensor (a DataLoader brings its own).
     lr, weight_decay : float
         AdamW settings.
+    lr_schedule : {"constant", "cosine"}, default "constant"
+        ``"cosine"``: the learning rate of epoch ``e`` (0-based) is
+        ``lr * (1 + cos(pi * e / epochs)) / 2`` (cosine annealing, one step per epoch).
     loss_weights : tuple of float, optional
         Weight of each exit's loss (length L, non-negative, not all zero); equal by default.
     distill : float, default 0.0
@@ -76,6 +79,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     loss_weights: tuple[float, ...] | None = None
     distill: float = 0.0
     temperature: float = 1.0
@@ -89,6 +93,10 @@ class TrainConfig:
         check_int(self.batch_size, "batch_size", minimum=1)
         _number(self.lr, "lr", low=0.0, low_open=True)
         _number(self.weight_decay, "weight_decay", low=0.0)
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"`lr_schedule` must be 'constant' or 'cosine'; got {self.lr_schedule!r}."
+            )
         _number(self.distill, "distill", low=0.0)
         _number(self.temperature, "temperature", low=0.0, low_open=True)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
@@ -258,6 +266,11 @@ def train_exits(
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+            if config.lr_schedule == "cosine"
+            else None
+        )
         network.train()
         if heads_only:
             network.stages.eval()  # frozen: no BatchNorm statistics updates, no dropout
@@ -307,6 +320,8 @@ def train_exits(
                 history["loss"].append(totals[0] / seen)
                 history["exit_loss"].append(totals[1 : 1 + n_exits] / seen)
                 history["exit_accuracy"].append(totals[1 + n_exits :] / max(counted, 1))
+                if schedule is not None:
+                    schedule.step()
         finally:
             for module, mode in modes.items():
                 module.train(mode)

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -254,6 +254,7 @@ def train_jointly(
     *,
     settings: JointTraining,
     progress: bool,
+    lr_schedule: Literal["constant", "cosine"] = "constant",
 ) -> dict[str, Any]:
     """Train stages and heads together (self-distillation from the last exit); the history."""
     history = train_exits(
@@ -266,6 +267,7 @@ def train_jointly(
             batch_size=settings.batch_size,
             lr=settings.lr,
             weight_decay=settings.weight_decay,
+            lr_schedule=lr_schedule,
             distill=settings.distill,
             seed=settings.seed,
         ),
