@@ -2,32 +2,18 @@
 
 The cascade and learned halting apply the exit rule of :mod:`exitguard.risk.exits` to a
 confidence per step, so their offline reference (:func:`simulate_exit_rule`) and their result
-(:func:`exit_result`) are one implementation; every mechanism counts its FLOPs in eval mode
-(:func:`eval_mode`).
+(:func:`exit_result`) are one implementation.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from exitguard.nn.network import InferenceResult
 from exitguard.risk.exits import first_exit
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule of ``module`` in eval mode inside the block, back in its own mode after."""
-    modes = {part: part.training for part in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for part, mode in modes.items():
-            part.train(mode)
 
 
 def exit_result(

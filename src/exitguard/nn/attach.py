@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from exitguard.nn._modes import eval_mode
 from exitguard.nn.confidence import ConfidenceFn
 from exitguard.nn.heads import ClassifierHead, DenseHead, InputFormat
 from exitguard.nn.network import EarlyExitNetwork
@@ -396,24 +397,18 @@ def attach_exits(
     options = dict(head_options or {})
 
     stages = cut_into_stages(model, at, example_input=example_input)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()  # a dry run must not touch BatchNorm statistics
-    try:
-        with torch.no_grad():
-            expected = _model_output(model(example_input))
-            features, h = [], example_input
-            for index, stage in enumerate(stages):
-                h = stage(h)
-                if not isinstance(h, Tensor):
-                    where = f"module {at[index]!r}" if index < len(at) else "the model"
-                    raise ValueError(
-                        f"{where} returns {type(h).__name__}; an exit can only follow a module "
-                        "that returns one tensor."
-                    )
-                features.append(h)
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
+    with eval_mode(model), torch.no_grad():  # a dry run must not touch BatchNorm statistics
+        expected = _model_output(model(example_input))
+        features, h = [], example_input
+        for index, stage in enumerate(stages):
+            h = stage(h)
+            if not isinstance(h, Tensor):
+                where = f"module {at[index]!r}" if index < len(at) else "the model"
+                raise ValueError(
+                    f"{where} returns {type(h).__name__}; an exit can only follow a module "
+                    "that returns one tensor."
+                )
+            features.append(h)
     output = features[-1]
     if not isinstance(expected, Tensor) or not torch.allclose(
         output, expected, rtol=1e-4, atol=1e-5
@@ -442,19 +437,13 @@ def attach_exits(
         stages, heads, confidence=confidence, input_shape=tuple(example_input.shape[1:])
     )
     network.train(model.training)
-    with torch.no_grad():
-        modes = {module: module.training for module in network.modules()}
-        network.eval()
-        try:
-            for index, (head_module, feature) in enumerate(zip(heads, features[:-1], strict=True)):
-                shape = tuple(head_module(feature).shape[1:])
-                if shape != out_shape:
-                    raise ValueError(
-                        f"exit {index}'s head gives logits (B, {', '.join(map(str, shape))}), "
-                        f"but the model's output is (B, {', '.join(map(str, out_shape))}); every "
-                        "exit must match it."
-                    )
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
+    with eval_mode(network), torch.no_grad():
+        for index, (head_module, feature) in enumerate(zip(heads, features[:-1], strict=True)):
+            shape = tuple(head_module(feature).shape[1:])
+            if shape != out_shape:
+                raise ValueError(
+                    f"exit {index}'s head gives logits (B, {', '.join(map(str, shape))}), "
+                    f"but the model's output is (B, {', '.join(map(str, out_shape))}); every "
+                    "exit must match it."
+                )
     return network

@@ -30,7 +30,8 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
 from exitguard.nn._compaction import RowWriter, check_batch
-from exitguard.nn._mechanism import eval_mode, exit_result, simulate_exit_rule
+from exitguard.nn._mechanism import exit_result, simulate_exit_rule
+from exitguard.nn._modes import eval_mode
 from exitguard.nn.confidence import ConfidenceFn, is_pointwise, resolve_measure
 from exitguard.nn.flops import _count
 from exitguard.nn.network import InferenceResult

@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 
 from exitguard._files import atomic_write
 from exitguard.nn._data import batch_count, iter_batches, model_device
+from exitguard.nn._modes import eval_mode
 from exitguard.nn.network import EarlyExitNetwork
 from exitguard.risk._validation import check_int
 
@@ -125,18 +126,13 @@ def collect(
         total = batch_count(data, batch_size=batch_size)
         batches = _tqdm()(batches, desc="collect", total=total, unit="batch")
     logits, probs, confidences, targets = [], [], [], []
-    modes = {module: module.training for module in network.modules()}
-    network.eval()
-    try:
+    with eval_mode(network):
         for x, y in batches:
             batch_logits, batch_conf = network.exit_confidences(x.to(device))  # (B, L, C, ...)
             logits.append(batch_logits.cpu())
             probs.append(batch_logits.softmax(dim=2).double().cpu())
             confidences.append(batch_conf.cpu())
             targets.append(y)
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
     if not logits:
         raise ValueError("`data` gave no batches.")
     if any(t is None for t in targets) and not all(t is None for t in targets):

@@ -23,6 +23,7 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from exitguard.nn._modes import eval_mode
 from exitguard.nn.network import EarlyExitNetwork
 
 
@@ -192,19 +193,13 @@ def count_flops(network: EarlyExitNetwork, example_input: Tensor | None = None) 
     network.check_input(example_input)
     sample = example_input[:1]
     stage_flops, head_flops = [], []
-    modes = {module: module.training for module in network.modules()}
-    network.eval()
-    try:
-        with torch.no_grad():
-            h = sample
-            for index, head in enumerate(network.heads):
-                flops, h = _count(network.stages[index], h)
-                stage_flops.append(flops)
-                flops, _ = _count(head, h)
-                head_flops.append(flops)
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
+    with eval_mode(network), torch.no_grad():
+        h = sample
+        for index, head in enumerate(network.heads):
+            flops, h = _count(network.stages[index], h)
+            stage_flops.append(flops)
+            flops, _ = _count(head, h)
+            head_flops.append(flops)
     return FlopsTable(
         stage=tuple(stage_flops), head=tuple(head_flops), input_shape=tuple(sample.shape[1:])
     )

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exitguard.nn._compaction import RowWriter
-from exitguard.nn._mechanism import eval_mode, exit_result, simulate_exit_rule
+from exitguard.nn._mechanism import exit_result, simulate_exit_rule
+from exitguard.nn._modes import eval_mode
 from exitguard.nn.flops import FlopsTable, _count, count_flops
 from exitguard.nn.network import EarlyExitNetwork, InferenceResult
 from exitguard.risk.exits import check_threshold

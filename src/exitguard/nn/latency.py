@@ -36,6 +36,7 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
 from exitguard._files import atomic_write_text, load_json
+from exitguard.nn._modes import eval_mode
 from exitguard.nn.network import EarlyExitNetwork
 from exitguard.risk._validation import check_int
 
@@ -203,10 +204,8 @@ def profile_latency(
     sizes = tuple(sorted({int(b) for b in batch_sizes}))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"`batch_sizes` must be positive integers; got {tuple(batch_sizes)}.")
-    modes = {module: module.training for module in network.modules()}
-    network.eval()
     stage_ms, head_ms, stage_iqr, head_iqr, compaction, resize = [], [], [], [], [], []
-    try:
+    with eval_mode(network):
         for size in sizes:
             reps = -(-size // example.shape[0])
             x = example.repeat(reps, *([1] * (example.ndim - 1)))[:size]  # (size, ...)
@@ -248,9 +247,6 @@ def profile_latency(
             stage_iqr.append(tuple(s_iqr))
             head_iqr.append(tuple(h_iqr))
             compaction.append(median)
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
     return LatencyProfile(
         batch_sizes=sizes,
         stage_ms=tuple(stage_ms),

@@ -38,7 +38,7 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
 from exitguard.nn._compaction import check_batch
-from exitguard.nn._mechanism import eval_mode
+from exitguard.nn._modes import eval_mode
 from exitguard.nn.flops import _count
 
 

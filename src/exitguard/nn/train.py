@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from exitguard.nn._data import batch_count, iter_batches, model_device
+from exitguard.nn._modes import kept_modes
 from exitguard.nn.network import EarlyExitNetwork
 from exitguard.risk._validation import check_int
 
@@ -259,10 +260,9 @@ def train_exits(
             f"{'heads have' if heads_only else 'network has'} no parameters that require grad."
         )
     weights = torch.tensor(config.loss_weights or [1.0] * n_exits, device=device)
-    modes = {module: module.training for module in network.modules()}
     cuda = [device.index or 0] if device.type == "cuda" else []
     history: dict[str, list[Any]] = {"loss": [], "exit_loss": [], "exit_accuracy": []}
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), kept_modes(network):
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -274,57 +274,53 @@ def train_exits(
         network.train()
         if heads_only:
             network.stages.eval()  # frozen: no BatchNorm statistics updates, no dropout
-        try:
-            for epoch in range(config.epochs):
-                batches = iter_batches(
-                    data, labels=labels, batch_size=config.batch_size, generator=generator
+        for epoch in range(config.epochs):
+            batches = iter_batches(
+                data, labels=labels, batch_size=config.batch_size, generator=generator
+            )
+            bar = _tqdm()(
+                batches,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                total=batch_count(data, batch_size=config.batch_size),
+                unit="batch",
+                disable=not progress,
+            )
+            totals = np.zeros(1 + 2 * n_exits)  # loss, CE per exit, correct per exit
+            seen = counted = 0
+            for x, y in bar:
+                if y is None:
+                    raise ValueError("training needs labels: `data` gave a batch without them.")
+                x, y = x.to(device), y.to(device)
+                logits = _exit_logits(network, x, heads_only=heads_only)  # (B, L, C, ...)
+                loss, ce = exit_losses(
+                    logits,
+                    y,
+                    weights=weights,
+                    distill=config.distill,
+                    temperature=config.temperature,
+                    ignore_index=config.ignore_index,
                 )
-                bar = _tqdm()(
-                    batches,
-                    desc=f"epoch {epoch + 1}/{config.epochs}",
-                    total=batch_count(data, batch_size=config.batch_size),
-                    unit="batch",
-                    disable=not progress,
-                )
-                totals = np.zeros(1 + 2 * n_exits)  # loss, CE per exit, correct per exit
-                seen = counted = 0
-                for x, y in bar:
-                    if y is None:
-                        raise ValueError("training needs labels: `data` gave a batch without them.")
-                    x, y = x.to(device), y.to(device)
-                    logits = _exit_logits(network, x, heads_only=heads_only)  # (B, L, C, ...)
-                    loss, ce = exit_losses(
-                        logits,
-                        y,
-                        weights=weights,
-                        distill=config.distill,
-                        temperature=config.temperature,
-                        ignore_index=config.ignore_index,
-                    )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        valid = y != config.ignore_index  # (B, ...)
-                        hits = (logits.argmax(dim=2) == y.unsqueeze(1)) & valid.unsqueeze(1)
-                        correct = hits.reshape(*hits.shape[:2], -1).sum(dim=(0, 2))  # (L,)
-                    batch, value = x.shape[0], float(loss.detach())
-                    totals[0] += value * batch
-                    totals[1 : 1 + n_exits] += ce.cpu().numpy() * batch
-                    totals[1 + n_exits :] += correct.cpu().numpy()
-                    seen += batch
-                    counted += int(valid.sum())
-                    bar.set_postfix(mean_loss=f"{totals[0] / seen:.4f}", refresh=False)
-                if seen == 0:
-                    raise ValueError("`data` gave no batches.")
-                history["loss"].append(totals[0] / seen)
-                history["exit_loss"].append(totals[1 : 1 + n_exits] / seen)
-                history["exit_accuracy"].append(totals[1 + n_exits :] / max(counted, 1))
-                if schedule is not None:
-                    schedule.step()
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    valid = y != config.ignore_index  # (B, ...)
+                    hits = (logits.argmax(dim=2) == y.unsqueeze(1)) & valid.unsqueeze(1)
+                    correct = hits.reshape(*hits.shape[:2], -1).sum(dim=(0, 2))  # (L,)
+                batch, value = x.shape[0], float(loss.detach())
+                totals[0] += value * batch
+                totals[1 : 1 + n_exits] += ce.cpu().numpy() * batch
+                totals[1 + n_exits :] += correct.cpu().numpy()
+                seen += batch
+                counted += int(valid.sum())
+                bar.set_postfix(mean_loss=f"{totals[0] / seen:.4f}", refresh=False)
+            if seen == 0:
+                raise ValueError("`data` gave no batches.")
+            history["loss"].append(totals[0] / seen)
+            history["exit_loss"].append(totals[1 : 1 + n_exits] / seen)
+            history["exit_accuracy"].append(totals[1 + n_exits :] / max(counted, 1))
+            if schedule is not None:
+                schedule.step()
     return TrainHistory(
         config=config,
         loss=np.asarray(history["loss"], dtype=np.float64),

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from exitguard.nn import EarlyExitNetwork, TrainConfig, exit_losses, train_exits
+from exitguard.nn._modes import kept_modes
 from exitguard.risk._validation import check_ints
 from exitguard.tasks.common import ModelCache, progress_bar
 from exitguard.tasks.text.data import TextDataset
@@ -126,32 +127,27 @@ def train_heads(
     weights = torch.ones(n_exits)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(classifiers.parameters(), lr=lr, weight_decay=weight_decay)
-    modes = {module: module.training for module in classifiers.modules()}
     history: dict[str, list[Any]] = {"loss": [], "exit_accuracy": []}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), kept_modes(classifiers):
         torch.manual_seed(seed)  # dropout
         classifiers.train()
-        try:
-            for _ in progress_bar(range(epochs), enabled=progress, desc="training the heads"):
-                order = torch.randperm(n, generator=generator)
-                total, correct = 0.0, torch.zeros(n_exits)
-                for start in range(0, n, batch_size):
-                    index = order[start : start + batch_size]
-                    x, y = features[index], labels[index]  # (B, L, D), (B,)
-                    logits = torch.stack(
-                        [c(x[:, e]) for e, c in enumerate(classifiers)], dim=1
-                    )  # (B, L, C)
-                    loss, _ = exit_losses(logits, y, weights=weights)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += float(loss.detach()) * len(index)
-                    correct += (logits.detach().argmax(dim=2) == y[:, None]).sum(dim=0)
-                history["loss"].append(total / n)
-                history["exit_accuracy"].append((correct / n).tolist())
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
+        for _ in progress_bar(range(epochs), enabled=progress, desc="training the heads"):
+            order = torch.randperm(n, generator=generator)
+            total, correct = 0.0, torch.zeros(n_exits)
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                x, y = features[index], labels[index]  # (B, L, D), (B,)
+                logits = torch.stack(
+                    [c(x[:, e]) for e, c in enumerate(classifiers)], dim=1
+                )  # (B, L, C)
+                loss, _ = exit_losses(logits, y, weights=weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(index)
+                correct += (logits.detach().argmax(dim=2) == y[:, None]).sum(dim=0)
+            history["loss"].append(total / n)
+            history["exit_accuracy"].append((correct / n).tolist())
     return history
 
 
