@@ -360,10 +360,10 @@ def test_bad_tables_are_refused():
         pareto_test_table(0.5 * losses, target_risks=0.1, cost=[3, 2, 1], procedure="ucb-binomial")
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", [0, 10, 12, 15])
 def test_non_binary_losses_are_refused_whatever_the_split(seed):
-    # One non-0-1 loss among 60 samples: a check made only on the testing part would miss it
-    # whenever the split puts that sample into the optimisation part (1 in 2 seeds).
+    # One non-0-1 loss among 60 samples: a check made only on the testing part misses it
+    # whenever the split puts that sample into the optimisation part (seeds 10, 12 and 15).
     table = np.zeros((3, 60))
     table[1:, :6] = 1.0
     table[2, 7] = 0.5
