@@ -17,7 +17,7 @@ task's held-out per-exit outputs (100 splits), with
 With two risks the single threshold is tested for both at once along its natural order
 (multi-risk fixed-sequence testing on all ``n`` samples). A tail risk ``NAME>T`` is
 ``P(loss > T)``. Reported: FLOPs saved against the full model (test split), the mean exit
-(1-based), the test risk, the share of splits whose test risk exceeds epsilon, the same on
+(0-based), the test risk, the share of splits whose test risk exceeds epsilon, the same on
 the whole held-out set as the population (with a one-sided binomial p-value of "rate <=
 delta"), and the relative FLOPs reduction of each Pareto row against single UCB-WSR on the
 same splits (paired, with its standard error). Not a timing benchmark:

@@ -57,7 +57,7 @@ def test_the_single_threshold_row_is_calibrate_table_split_by_split(task):
     seeds = rng.integers(0, 2**53, size=trials)
     exits = exit_indices(task.confidences, task.grid)
     losses = loss_table(task.per_exit["prediction_consistency"], exits)
-    costs = []
+    costs, taken = [], []
     for cal, seed in zip(splits, seeds, strict=True):
         policy = calibrate_table(
             losses[:, cal], target_risk=0.05, thresholds=task.grid, seed=int(seed)
@@ -65,7 +65,9 @@ def test_the_single_threshold_row_is_calibrate_table_split_by_split(task):
         held = np.setdiff1d(np.arange(1500), cal)
         cost = task.exit_cost[exits[policy.index]]
         costs.append(task.full_cost if policy.index == 0 else cost[held].mean())
+        taken.append(exits[policy.index][held].mean())  # 0-based exits
     assert rows[0]["flops_saving"] == pytest.approx(1 - np.mean(costs) / task.full_cost)
+    assert rows[0]["mean_exit"] == pytest.approx(np.mean(taken))
 
 
 def test_rows_cover_every_method_with_paired_reductions(task):

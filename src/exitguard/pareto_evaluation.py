@@ -145,7 +145,7 @@ def compare_methods(
     -------
     list of dict
         Per method: ``method``, ``flops_saving`` (mean over test splits, against
-        ``full_cost``), ``mean_exit`` (1-based), ``mean_test_risk`` (per risk),
+        ``full_cost``), ``mean_exit`` (0-based), ``mean_test_risk`` (per risk),
         ``violation_rate`` (test split), ``population_violation_rate`` and its binomial
         ``violation_p_value``, ``certified_rate``; Pareto rows add
         ``flops_reduction_vs_single`` and its paired standard error ``flops_reduction_se``.
@@ -325,7 +325,7 @@ def _summarise(
             held[outcome.unused[t]] = False
             test_cost.append(outcome.cost[t][held].mean())
             if outcome.exits[t] is not None:
-                test_exit.append(outcome.exits[t][held].mean() + 1.0)
+                test_exit.append(outcome.exits[t][held].mean())
             test_risk.append(outcome.losses[t][:, held].mean(axis=1))
             population.append(outcome.losses[t].mean(axis=1))
         costs = np.array(test_cost)  # (T,)
