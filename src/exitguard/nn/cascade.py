@@ -33,7 +33,7 @@ from exitguard.nn._compaction import RowWriter, check_batch
 from exitguard.nn._mechanism import exit_result, simulate_exit_rule
 from exitguard.nn._modes import eval_mode
 from exitguard.nn.confidence import ConfidenceFn, is_pointwise, resolve_measure
-from exitguard.nn.flops import _count
+from exitguard.nn.flops import _count, exit_cost_table
 from exitguard.nn.network import InferenceResult
 from exitguard.risk.exits import check_threshold
 
@@ -70,26 +70,7 @@ class CascadeFlops:
         self, exits: ArrayLike, *, thresholds: ArrayLike | None = None
     ) -> NDArray[np.float64]:
         """FLOPs of every sample under every row for exits (K, n); ``inf`` rows cost ``full``."""
-        taken = np.asarray(exits)
-        if not np.issubdtype(taken.dtype, np.integer) or taken.ndim != 2:
-            raise ValueError(
-                f"`exits` must be a 2-D integer array (K, n); got {taken.dtype} {taken.shape}."
-            )
-        if taken.size and (taken.min() < 0 or taken.max() >= self.n_exits):
-            raise ValueError(
-                f"`exits` must lie in [0, {self.n_exits - 1}]; got values in "
-                f"[{taken.min()}, {taken.max()}]."
-            )
-        table = self.to_exit[taken].astype(np.float64)  # (K, n)
-        if thresholds is not None:
-            grid = np.asarray(thresholds, dtype=np.float64)
-            if grid.shape != (table.shape[0],):
-                raise ValueError(
-                    f"`thresholds` must have shape ({table.shape[0]},) to match `exits`; "
-                    f"got {grid.shape}."
-                )
-            table[np.isposinf(grid)] = self.full
-        return table
+        return exit_cost_table(self.to_exit, exits, full=self.full, thresholds=thresholds)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -68,6 +68,38 @@ def _count(fn: Any, *args: Any) -> tuple[int, Any]:
     return int(counter.get_total_flops()), out
 
 
+def _checked_exits(exits: ArrayLike, n_exits: int) -> NDArray[np.int64]:
+    exits_ = np.asarray(exits)
+    if not np.issubdtype(exits_.dtype, np.integer):
+        raise TypeError(f"`exits` must hold integer exit indices; got dtype {exits_.dtype}.")
+    if exits_.size and (exits_.min() < 0 or exits_.max() >= n_exits):
+        raise ValueError(
+            f"`exits` must lie in [0, {n_exits - 1}]; got values in "
+            f"[{exits_.min()}, {exits_.max()}]."
+        )
+    return exits_
+
+
+def exit_cost_table(
+    to_exit: ArrayLike, exits: ArrayLike, *, full: float, thresholds: ArrayLike | None = None
+) -> NDArray[np.float64]:
+    """``cost[k, i] = to_exit[exits[k, i]]`` for exits (K, n), rows whose threshold is ``inf``
+    (never exit: no intermediate exit runs) costing ``full``; float (K, n)."""
+    per_exit = np.asarray(to_exit)
+    table = per_exit[_checked_exits(exits, len(per_exit))].astype(np.float64)
+    if table.ndim != 2:
+        raise ValueError(f"`exits` must be 2-D (K, n); got shape {table.shape}.")
+    if thresholds is not None:
+        grid = np.asarray(thresholds, dtype=np.float64)
+        if grid.shape != (table.shape[0],):
+            raise ValueError(
+                f"`thresholds` must have shape ({table.shape[0]},) to match `exits`; "
+                f"got {grid.shape}."
+            )
+        table[np.isposinf(grid)] = full
+    return table
+
+
 @dataclasses.dataclass(frozen=True)
 class FlopsTable:
     """FLOPs of one sample through each stage and each exit head.
@@ -103,15 +135,7 @@ class FlopsTable:
 
     def cost(self, exits: ArrayLike) -> NDArray[np.int64]:
         """FLOPs of each sample given its exit; same shape as ``exits``."""
-        exits_ = np.asarray(exits)
-        if not np.issubdtype(exits_.dtype, np.integer):
-            raise TypeError(f"`exits` must hold integer exit indices; got dtype {exits_.dtype}.")
-        if exits_.size and (exits_.min() < 0 or exits_.max() >= self.n_exits):
-            raise ValueError(
-                f"`exits` must lie in [0, {self.n_exits - 1}]; got values in "
-                f"[{exits_.min()}, {exits_.max()}]."
-            )
-        return self.to_exit[exits_]
+        return self.to_exit[_checked_exits(exits, self.n_exits)]
 
     def cost_table(
         self, exits: ArrayLike, *, thresholds: ArrayLike | None = None
@@ -131,18 +155,7 @@ class FlopsTable:
         -------
         float array of shape (K, n)
         """
-        table = self.cost(exits).astype(np.float64)
-        if table.ndim != 2:
-            raise ValueError(f"`exits` must be 2-D (K, n); got shape {table.shape}.")
-        if thresholds is not None:
-            grid = np.asarray(thresholds, dtype=np.float64)
-            if grid.shape != (table.shape[0],):
-                raise ValueError(
-                    f"`thresholds` must have shape ({table.shape[0]},) to match `exits`; "
-                    f"got {grid.shape}."
-                )
-            table[np.isposinf(grid)] = self.full
-        return table
+        return exit_cost_table(self.to_exit, exits, full=self.full, thresholds=thresholds)
 
     def expected(self, exits: ArrayLike, *, threshold: float | None = None) -> float:
         """Mean FLOPs per sample of a policy, given the exits it takes on some data.
