@@ -19,6 +19,7 @@ from exitguard.policy import fingerprint
 from exitguard.risk import procedures as proc
 from exitguard.risk._validation import (
     check_choice,
+    check_indices,
     check_int,
     check_open_unit,
     check_open_unit_list,
@@ -214,13 +215,7 @@ def check_splits(splits: ArrayLike, n_total: int) -> NDArray[np.int64]:
             f"`splits` must be a 2-D array (trials, n_cal) of calibration indices; got shape "
             f"{array.shape}."
         )
-    if not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"`splits` must hold integer sample indices; got dtype {array.dtype}.")
-    if array.size and (array.min() < 0 or array.max() >= n_total):
-        raise ValueError(
-            f"`splits` must hold indices in [0, {n_total - 1}] (the table has {n_total} "
-            f"samples); got values in [{array.min()}, {array.max()}]."
-        )
+    check_indices(array, "splits", size=n_total, of="sample")
     ordered = np.sort(array, axis=1)
     repeated = np.flatnonzero((np.diff(ordered, axis=1) == 0).any(axis=1))
     if repeated.size:

@@ -78,7 +78,8 @@ def test_cost_table_for_the_risk_core(cnn_network, images):
 
 def test_cost_errors(cnn_network):
     table = count_flops(cnn_network)
-    with pytest.raises(ValueError, match=r"`exits` must lie in \[0, 2\]; got values in \[0, 3\]"):
+    out_of_range = r"`exits` must hold exit indices in \[0, 2\] \(3 exits\); got values in \[0, 3\]"
+    with pytest.raises(ValueError, match=out_of_range):
         table.cost([0, 3])
     with pytest.raises(TypeError, match=r"`exits` must hold integer exit indices; got dtype float"):
         table.cost([0.5])

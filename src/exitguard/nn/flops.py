@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from exitguard.nn._modes import eval_mode
 from exitguard.nn.network import EarlyExitNetwork
+from exitguard.risk._validation import check_indices
 
 
 def _cpu_attention_flops(
@@ -68,25 +69,14 @@ def _count(fn: Any, *args: Any) -> tuple[int, Any]:
     return int(counter.get_total_flops()), out
 
 
-def _checked_exits(exits: ArrayLike, n_exits: int) -> NDArray[np.int64]:
-    exits_ = np.asarray(exits)
-    if not np.issubdtype(exits_.dtype, np.integer):
-        raise TypeError(f"`exits` must hold integer exit indices; got dtype {exits_.dtype}.")
-    if exits_.size and (exits_.min() < 0 or exits_.max() >= n_exits):
-        raise ValueError(
-            f"`exits` must lie in [0, {n_exits - 1}]; got values in "
-            f"[{exits_.min()}, {exits_.max()}]."
-        )
-    return exits_
-
-
 def exit_cost_table(
     to_exit: ArrayLike, exits: ArrayLike, *, full: float, thresholds: ArrayLike | None = None
 ) -> NDArray[np.float64]:
     """``cost[k, i] = to_exit[exits[k, i]]`` for exits (K, n), rows whose threshold is ``inf``
     (never exit: no intermediate exit runs) costing ``full``; float (K, n)."""
     per_exit = np.asarray(to_exit)
-    table = per_exit[_checked_exits(exits, len(per_exit))].astype(np.float64)
+    taken = check_indices(exits, "exits", size=len(per_exit), of="exit")
+    table = per_exit[taken].astype(np.float64)
     if table.ndim != 2:
         raise ValueError(f"`exits` must be 2-D (K, n); got shape {table.shape}.")
     if thresholds is not None:
@@ -135,7 +125,7 @@ class FlopsTable:
 
     def cost(self, exits: ArrayLike) -> NDArray[np.int64]:
         """FLOPs of each sample given its exit; same shape as ``exits``."""
-        return self.to_exit[_checked_exits(exits, self.n_exits)]
+        return self.to_exit[check_indices(exits, "exits", size=self.n_exits, of="exit")]
 
     def cost_table(
         self, exits: ArrayLike, *, thresholds: ArrayLike | None = None

@@ -84,6 +84,19 @@ def check_positive(value: Any, name: str) -> float:
     return number
 
 
+def check_indices(values: ArrayLike, name: str, *, size: int, of: str) -> NDArray[np.integer]:
+    """An integer array of indices into ``size`` items (``of``, e.g. "exit", "sample")."""
+    array = np.asarray(values)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"`{name}` must hold integer {of} indices; got dtype {array.dtype}.")
+    if array.size and (array.min() < 0 or array.max() >= size):
+        raise ValueError(
+            f"`{name}` must hold {of} indices in [0, {size - 1}] ({size} {of}s); got values "
+            f"in [{array.min()}, {array.max()}]."
+        )
+    return array
+
+
 def check_int(value: Any, name: str, *, minimum: int = 1, allow_none: bool = False) -> Any:
     """``value`` as an int if it is an integer >= ``minimum`` (or None when allowed).
 
