@@ -123,3 +123,24 @@ def test_measured_speedup_under_a_threshold_vector(cnn_network, images):
     all_first = measure_speedup(cnn_network, x, first, batch_size=16, repeats=1, flops=flops)
     assert all_first.mean_exit == 0.0
     assert all_first.flops_speedup == pytest.approx(flops.full / flops.to_exit[0])
+
+
+def test_a_slow_resize_is_charged_to_resizing_not_to_compaction(images):
+    import time
+
+    from torch import nn
+
+    from exitguard.nn import DenseHead, EarlyExitNetwork
+
+    class SlowResize(nn.Module):
+        def forward(self, logits):
+            time.sleep(0.02)
+            return nn.functional.interpolate(logits, scale_factor=2, mode="bilinear")
+
+    stages = [nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=1)]
+    network = EarlyExitNetwork(
+        stages, [DenseHead(4, 3), DenseHead(4, 3)], input_shape=(3, 8, 8), resize=SlowResize()
+    )
+    profile = profile_latency(network, images(4, shape=(3, 8, 8)), batch_sizes=(4,), repeats=3)
+    assert profile.resize_ms[0] >= 20.0  # the resize with what infer does after it
+    assert profile.compaction_ms[0] < 20.0  # compaction was once recorded as the resize time

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from exitguard._files import atomic_write_text, load_json
 from exitguard.nn._modes import eval_mode
-from exitguard.nn.network import EarlyExitNetwork
+from exitguard.nn.network import EarlyExitNetwork, all_finite
 from exitguard.risk._validation import check_int
 
 _SCHEMA = "exitguard.LatencyProfile"
@@ -59,8 +59,9 @@ class LatencyProfile:
         Median milliseconds of compacting a batch of that size (selecting the samples that
         go on, as ``infer`` does after an exit fires).
     resize_ms : tuple of float (S,)
-        Median milliseconds of the network's ``resize`` and softmax on that many leaving
-        samples (empty for a network without ``resize``).
+        Median milliseconds of what ``infer`` does with that many leaving samples of a
+        network with ``resize``: the resize, softmax, the check for non-finite logits and
+        the predictions (empty for a network without ``resize``).
     threads : int
         ``torch.get_num_threads()`` while measuring.
     torch_version, machine : str
@@ -231,22 +232,20 @@ def profile_latency(
             keep = torch.ones(size, dtype=torch.bool)
             keep[::2] = False  # compact half of the batch, as after an exit
             features = network._run_stage(0, x)
-            median, _ = _time_ms(
+            compaction_median, _ = _time_ms(
                 lambda features=features, keep=keep: features[keep], repeats=repeats, warmup=warmup
             )
             if network.resize is not None:
                 logits = network.heads[-1](h)  # (size, C, ...) the last exit's own output
-                median, _ = _time_ms(
-                    lambda logits=logits: network.resize(logits).softmax(dim=1),
-                    repeats=repeats,
-                    warmup=warmup,
+                resize_median, _ = _time_ms(
+                    lambda logits=logits: _leave(network, logits), repeats=repeats, warmup=warmup
                 )
-                resize.append(median)
+                resize.append(resize_median)
             stage_ms.append(tuple(stages))
             head_ms.append(tuple(heads))
             stage_iqr.append(tuple(s_iqr))
             head_iqr.append(tuple(h_iqr))
-            compaction.append(median)
+            compaction.append(compaction_median)
     return LatencyProfile(
         batch_sizes=sizes,
         stage_ms=tuple(stage_ms),
@@ -261,6 +260,14 @@ def profile_latency(
         warmup=warmup,
         resize_ms=tuple(resize),
     )
+
+
+def _leave(network: EarlyExitNetwork, logits: Tensor) -> Tensor:
+    """What ``infer`` does for samples that leave a network with ``resize``: resize, softmax,
+    the check for non-finite logits and the predictions (argmax)."""
+    resized = network.resize(logits)  # (B, C, *S_out)
+    all_finite(resized)
+    return resized.softmax(dim=1).max(dim=1).indices  # (B, *S_out)
 
 
 def _decide(network: EarlyExitNetwork, head: Any, h: Tensor) -> Tensor:

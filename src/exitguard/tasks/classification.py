@@ -151,14 +151,7 @@ def load_or_train(
         images, labels = train.images, train.labels
         if settings.max_train is not None:
             images, labels = images[: settings.max_train], labels[: settings.max_train]
-        return train_jointly(
-            network,
-            images,
-            labels,
-            settings=settings,
-            progress=progress,
-            lr_schedule=settings.lr_schedule,
-        )
+        return train_jointly(network, images, labels, settings=settings, progress=progress)
 
     entry = MODELS.entry(
         train, model=model_config, train=settings, architecture=build().fingerprint

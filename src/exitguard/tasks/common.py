@@ -245,6 +245,7 @@ class JointTraining(Protocol):
     weight_decay: float
     distill: float
     seed: int
+    lr_schedule: Literal["constant", "cosine"]
 
 
 def train_jointly(
@@ -254,7 +255,6 @@ def train_jointly(
     *,
     settings: JointTraining,
     progress: bool,
-    lr_schedule: Literal["constant", "cosine"] = "constant",
 ) -> dict[str, Any]:
     """Train stages and heads together (self-distillation from the last exit); the history."""
     history = train_exits(
@@ -267,7 +267,7 @@ def train_jointly(
             batch_size=settings.batch_size,
             lr=settings.lr,
             weight_decay=settings.weight_decay,
-            lr_schedule=lr_schedule,
+            lr_schedule=settings.lr_schedule,
             distill=settings.distill,
             seed=settings.seed,
         ),
@@ -502,8 +502,13 @@ def time_inference(
     desc = f"timing {len(images)} images at batch {batch_size}"
     with timing_bar(runs=2, repeats=repeats, enabled=progress, desc=desc) as tick:
         measured = measure_speedup(
-            network, images, threshold, batch_size=batch_size, repeats=repeats,
-            profile=profile, tick=tick,
+            network,
+            images,
+            threshold,
+            batch_size=batch_size,
+            repeats=repeats,
+            profile=profile,
+            tick=tick,
         )
     timing = {
         "batch_size": batch_size,
@@ -700,9 +705,7 @@ def evaluate_risk(
     )
 
 
-def exit_evaluation(
-    evaluation: Evaluation, exits: np.ndarray, *, splits: np.ndarray
-) -> Evaluation:
+def exit_evaluation(evaluation: Evaluation, exits: np.ndarray, *, splits: np.ndarray) -> Evaluation:
     """``evaluation`` with the mean exit as its cost: the same selections on the same splits.
 
     ``exits`` (K, N) is the 0-based exit of every sample under every row and ``splits``

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
 from exitguard.data.images import ImageDataset
 from exitguard.nn import DenseHead, EarlyExitNetwork
-from exitguard.nn.blocks import BasicBlock
+from exitguard.nn.blocks import BasicBlock, BilinearResize
 from exitguard.tasks.common import CachedModel, ModelCache, train_jointly
 
 CACHE_FORMAT = "exitguard.segmenter/2"  # 2: stride-2 stem, exits decided at low resolution
@@ -75,7 +75,7 @@ def build_segmenter(
             stages.append(block)
         heads.append(DenseHead(out, num_classes, hidden_channels=config.head_width))
         channels = out
-    resize = nn.Upsample(size=(height, width), mode="bilinear", align_corners=False)
+    resize = BilinearResize((height, width))
     return EarlyExitNetwork(stages, heads, input_shape=tuple(image_shape), resize=resize)
 
 
@@ -87,6 +87,7 @@ class SegmenterTraining:
     weight_decay: float = 1e-4
     distill: float = 0.5
     seed: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
 
 def load_or_train(
