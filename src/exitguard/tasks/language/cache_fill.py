@@ -26,6 +26,18 @@ from typing import Any, ClassVar
 import torch
 
 
+@dataclasses.dataclass(frozen=True)
+class ExitedTokens:
+    """New tokens whose exit fired after ``layer``, skipping the layers above it."""
+
+    layer: int  # the last layer they ran
+    rows: torch.Tensor  # (m,) their batch rows
+    slot: int  # their cache slot
+    states: torch.Tensor  # (m, H) hidden states after `layer`
+    cos: torch.Tensor  # (m, 1, 1, D) rotary tables at their positions
+    sin: torch.Tensor  # (m, 1, 1, D)
+
+
 class CacheFill:
     """The interface (and the do-nothing parts shared by every strategy)."""
 
@@ -45,16 +57,12 @@ class CacheFill:
     def exited(
         self,
         lm: Any,
-        layer: int,
-        states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        tokens: ExitedTokens,
         cache: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor,
-        slot: int,
         cost: torch.Tensor,
     ) -> None:
-        """New tokens of ``rows`` left after ``layer`` with hidden ``states`` (m, H)."""
+        """New ``tokens`` left early; ``cache`` holds the keys/values (L, B, K, T, D) of
+        ``lm``'s layers, ``cost`` (B,) this step's compute per row."""
 
     def stopped(
         self, rows: torch.Tensor, slots: torch.Tensor, states: torch.Tensor | None, depth: int
@@ -73,18 +81,14 @@ class Propagate(CacheFill):
     def exited(
         self,
         lm: Any,
-        layer: int,
-        states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        tokens: ExitedTokens,
         cache: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor,
-        slot: int,
         cost: torch.Tensor,
     ) -> None:
         # State propagation: the skipped layers' keys/values from the exited state.
-        lm._propagate(layer + 1, states, cos, sin, cache[0], cache[1], rows, slot)
-        cost[rows] += lm.cost_propagate * (lm.n_layers - 1 - layer)
+        t = tokens
+        lm._propagate(t.layer + 1, t.states, t.cos, t.sin, cache[0], cache[1], t.rows, t.slot)
+        cost[t.rows] += lm.cost_propagate * (lm.n_layers - 1 - t.layer)
 
 
 @dataclasses.dataclass
