@@ -78,6 +78,30 @@ def _block_width(count: int, least: int = 5) -> int:
     return max(least, len(str(count - 1)))
 
 
+def cell_items(
+    blocks: Sequence[NDArray[np.int64]],
+    groups: Sequence[NDArray[np.int64]],
+    *,
+    after_first_group: bool = False,
+) -> list[WorkItem]:
+    """The cells of a sweep as work items ``g{group}-b{block}``: every block of samples (ids)
+    under every group of grid rows, block by block.
+
+    With ``after_first_group``, a cell of a later group waits for the cell of group 0 of its
+    block (the one with the full model's row, whose outputs are the loss reference).
+    """
+    width, gwidth = _block_width(len(blocks)), _block_width(len(groups), 2)
+    items = []
+    for block, samples in enumerate(blocks):  # a loop over blocks x groups: the items
+        first = f"g{0:0{gwidth}d}-b{block:0{width}d}"
+        for group, rows in enumerate(groups):
+            after = first if after_first_group and group > 0 else None
+            items.append(
+                WorkItem(f"g{group:0{gwidth}d}-b{block:0{width}d}", samples, rows=rows, after=after)
+            )
+    return items
+
+
 # ------------------------------------------------------------------------- collection
 
 
@@ -374,20 +398,8 @@ class DiffusionSweepJob(Job):
         self.n_exits = denoiser.n_exits
         self.steps = denoiser.config.steps
         self.image_shape = denoiser.config.image_shape
-        bounds = _block_bounds(self.n, self.batch_size)
-        width, gwidth = _block_width(len(bounds)), _block_width(len(self.groups), 2)
-        self._items = []
-        for block, (start, stop) in enumerate(bounds):  # a loop over blocks x groups: items
-            first = f"g{0:0{gwidth}d}-b{block:0{width}d}"
-            for group, rows in enumerate(self.groups):
-                self._items.append(
-                    WorkItem(
-                        f"g{group:0{gwidth}d}-b{block:0{width}d}",
-                        np.arange(start, stop),
-                        rows=rows,
-                        after=None if group == 0 else first,
-                    )
-                )
+        blocks = [np.arange(start, stop) for start, stop in _block_bounds(self.n, self.batch_size)]
+        self._items = cell_items(blocks, self.groups, after_first_group=True)
 
     def description(self) -> dict[str, Any]:
         return {

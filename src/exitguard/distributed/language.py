@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from exitguard.distributed.jobs import _block_width
+from exitguard.distributed.jobs import cell_items
 from exitguard.distributed.merge import merge_table
 from exitguard.distributed.models import ModelPayload
 from exitguard.distributed.options import RunOptions
@@ -170,12 +170,7 @@ class LMSweepJob(Job):
         self.batch_size, self.thresholds_per_batch = batch_size, thresholds_per_batch
         batches = prompt_batches(self.prompts, batch_size)
         groups = threshold_groups(self.grid.size, thresholds_per_batch)
-        width, gwidth = _block_width(len(batches)), _block_width(len(groups), 2)
-        self._items = [
-            WorkItem(f"g{g:0{gwidth}d}-b{b:0{width}d}", chunk, rows=rows)
-            for b, chunk in enumerate(batches)
-            for g, rows in enumerate(groups)  # a loop over batches x groups: the items
-        ]
+        self._items = cell_items(batches, groups)
 
     def description(self) -> dict[str, Any]:
         return {
