@@ -102,6 +102,28 @@ def cell_items(
     return items
 
 
+class CellJob(Job):
+    """A sweep computed cell by cell: a block of samples x a group of rows of the grid (the
+    work items, from :func:`cell_items`)."""
+
+    grid: NDArray[np.float64]  # (K,)
+    batch_size: int
+    thresholds_per_batch: int | None
+    _items: list[WorkItem]
+
+    def items(self) -> list[WorkItem]:
+        return list(self._items)
+
+    def cell_description(self) -> dict[str, Any]:
+        """What identifies the cells: the grid (exactly, in hex), their sizes, torch's version."""
+        return {
+            "thresholds": [float(t).hex() for t in self.grid],
+            "batch_size": self.batch_size,
+            "thresholds_per_batch": self.thresholds_per_batch,
+            "torch": torch.__version__,
+        }
+
+
 # ------------------------------------------------------------------------- collection
 
 
@@ -345,7 +367,7 @@ class _DiffusionWorker(Worker):
         return arrays, {}
 
 
-class DiffusionSweepJob(Job):
+class DiffusionSweepJob(CellJob):
     """The cells of a diffusion sweep; see :func:`diffusion_sweep` for the parameters."""
 
     def __init__(
@@ -410,15 +432,9 @@ class DiffusionSweepJob(Job):
             "n": self.n,
             "seed": self.seed,
             "stream": self.stream,
-            "thresholds": [float(t).hex() for t in self.grid],
             "earliest_exit": self.earliest_exit,
-            "batch_size": self.batch_size,
-            "thresholds_per_batch": self.thresholds_per_batch,
-            "torch": torch.__version__,
+            **self.cell_description(),
         }
-
-    def items(self) -> list[WorkItem]:
-        return list(self._items)
 
     def inputs(self, item: WorkItem, store: ShardStore) -> dict[str, Any]:
         if item.after is None:

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
+KVCache = tuple[torch.Tensor, torch.Tensor]  # keys and values (L, B, K, T, D) of every layer
+
 
 @dataclasses.dataclass(frozen=True)
 class ExitedTokens:
@@ -54,15 +56,9 @@ class CacheFill:
         """Earlier tokens of ``rows`` that must run ``layer`` now: (rows, slots, states, pos)."""
         return None
 
-    def exited(
-        self,
-        lm: Any,
-        tokens: ExitedTokens,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        cost: torch.Tensor,
-    ) -> None:
-        """New ``tokens`` left early; ``cache`` holds the keys/values (L, B, K, T, D) of
-        ``lm``'s layers, ``cost`` (B,) this step's compute per row."""
+    def exited(self, lm: Any, tokens: ExitedTokens, cache: KVCache, cost: torch.Tensor) -> None:
+        """New ``tokens`` left early: fill ``lm``'s ``cache`` for the layers they skipped, and
+        add the compute to ``cost`` (B,), this step's per row."""
 
     def stopped(
         self, rows: torch.Tensor, slots: torch.Tensor, states: torch.Tensor | None, depth: int
@@ -78,13 +74,7 @@ class Recompute(CacheFill):
 class Propagate(CacheFill):
     name = "propagate"
 
-    def exited(
-        self,
-        lm: Any,
-        tokens: ExitedTokens,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        cost: torch.Tensor,
-    ) -> None:
+    def exited(self, lm: Any, tokens: ExitedTokens, cache: KVCache, cost: torch.Tensor) -> None:
         # State propagation: the skipped layers' keys/values from the exited state.
         t = tokens
         lm._propagate(t.layer + 1, t.states, t.cos, t.sin, cache[0], cache[1], t.rows, t.slot)
