@@ -26,7 +26,7 @@ from exitguard.risk._validation import (
     check_unit_scores,
 )
 from exitguard.risk.confidence import CONFIDENCES, ConfidenceFn, as_probabilities, confidences
-from exitguard.risk.exits import as_threshold_grid, exit_indices
+from exitguard.risk.exits import as_threshold_grid, check_threshold_grid, exit_indices
 from exitguard.risk.losses import (
     Risk,
     get_risk,
@@ -91,32 +91,8 @@ def check_table(
             raise ValueError(
                 f"`thresholds` must have shape ({n_rows},) to match `losses`; got {grid.shape}."
             )
-        check_table_thresholds(grid)
+        check_threshold_grid(grid)
     return table, cost_array, grid
-
-
-def check_table_thresholds(grid: Array) -> None:
-    """The thresholds of a table's rows: strictly decreasing, in [0, 1], row 0 may be +inf.
-
-    ``+inf`` (never exit early, the full model) is allowed at row 0 only; NaN, ``-inf`` and
-    values outside [0, 1] are refused, since a policy must be applicable with its threshold.
-    """
-    finite = grid[1:] if grid.size and grid[0] == math.inf else grid
-    if np.isnan(grid).any() or not np.all(np.isfinite(finite)):
-        raise ValueError(
-            "`thresholds` must be finite numbers in [0, 1] (only row 0 may be inf, the full "
-            f"model); got {np.array2string(grid[:6], precision=3)}..."
-        )
-    if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
-        raise ValueError(
-            "`thresholds` must lie in [0, 1] (only row 0 may be inf, the full model); got "
-            f"values in [{finite.min():g}, {finite.max():g}]."
-        )
-    if np.any(np.diff(grid) >= 0):
-        raise ValueError(
-            "`thresholds` must be strictly decreasing (row 0 the full model); "
-            f"got {np.array2string(grid[:5], precision=3)}..."
-        )
 
 
 @dataclasses.dataclass(frozen=True)

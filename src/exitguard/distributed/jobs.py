@@ -78,6 +78,52 @@ def _block_width(count: int, least: int = 5) -> int:
     return max(least, len(str(count - 1)))
 
 
+def cell_items(
+    blocks: Sequence[NDArray[np.int64]],
+    groups: Sequence[NDArray[np.int64]],
+    *,
+    after_first_group: bool = False,
+) -> list[WorkItem]:
+    """The cells of a sweep as work items ``g{group}-b{block}``: every block of samples (ids)
+    under every group of grid rows, block by block.
+
+    With ``after_first_group``, a cell of a later group waits for the cell of group 0 of its
+    block (the one with the full model's row, whose outputs are the loss reference).
+    """
+    width, gwidth = _block_width(len(blocks)), _block_width(len(groups), 2)
+    items = []
+    for block, samples in enumerate(blocks):  # a loop over blocks x groups: the items
+        first = f"g{0:0{gwidth}d}-b{block:0{width}d}"
+        for group, rows in enumerate(groups):
+            after = first if after_first_group and group > 0 else None
+            items.append(
+                WorkItem(f"g{group:0{gwidth}d}-b{block:0{width}d}", samples, rows=rows, after=after)
+            )
+    return items
+
+
+class CellJob(Job):
+    """A sweep computed cell by cell: a block of samples x a group of rows of the grid (the
+    work items, from :func:`cell_items`)."""
+
+    grid: NDArray[np.float64]  # (K,)
+    batch_size: int
+    thresholds_per_batch: int | None
+    _items: list[WorkItem]
+
+    def items(self) -> list[WorkItem]:
+        return list(self._items)
+
+    def cell_description(self) -> dict[str, Any]:
+        """What identifies the cells: the grid (exactly, in hex), their sizes, torch's version."""
+        return {
+            "thresholds": [float(t).hex() for t in self.grid],
+            "batch_size": self.batch_size,
+            "thresholds_per_batch": self.thresholds_per_batch,
+            "torch": torch.__version__,
+        }
+
+
 # ------------------------------------------------------------------------- collection
 
 
@@ -321,7 +367,7 @@ class _DiffusionWorker(Worker):
         return arrays, {}
 
 
-class DiffusionSweepJob(Job):
+class DiffusionSweepJob(CellJob):
     """The cells of a diffusion sweep; see :func:`diffusion_sweep` for the parameters."""
 
     def __init__(
@@ -374,20 +420,8 @@ class DiffusionSweepJob(Job):
         self.n_exits = denoiser.n_exits
         self.steps = denoiser.config.steps
         self.image_shape = denoiser.config.image_shape
-        bounds = _block_bounds(self.n, self.batch_size)
-        width, gwidth = _block_width(len(bounds)), _block_width(len(self.groups), 2)
-        self._items = []
-        for block, (start, stop) in enumerate(bounds):  # a loop over blocks x groups: items
-            first = f"g{0:0{gwidth}d}-b{block:0{width}d}"
-            for group, rows in enumerate(self.groups):
-                self._items.append(
-                    WorkItem(
-                        f"g{group:0{gwidth}d}-b{block:0{width}d}",
-                        np.arange(start, stop),
-                        rows=rows,
-                        after=None if group == 0 else first,
-                    )
-                )
+        blocks = [np.arange(start, stop) for start, stop in _block_bounds(self.n, self.batch_size)]
+        self._items = cell_items(blocks, self.groups, after_first_group=True)
 
     def description(self) -> dict[str, Any]:
         return {
@@ -398,15 +432,9 @@ class DiffusionSweepJob(Job):
             "n": self.n,
             "seed": self.seed,
             "stream": self.stream,
-            "thresholds": [float(t).hex() for t in self.grid],
             "earliest_exit": self.earliest_exit,
-            "batch_size": self.batch_size,
-            "thresholds_per_batch": self.thresholds_per_batch,
-            "torch": torch.__version__,
+            **self.cell_description(),
         }
-
-    def items(self) -> list[WorkItem]:
-        return list(self._items)
 
     def inputs(self, item: WorkItem, store: ShardStore) -> dict[str, Any]:
         if item.after is None:

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from exitguard.distributed.jobs import _block_width
+from exitguard.distributed.jobs import CellJob, cell_items
 from exitguard.distributed.merge import merge_table
 from exitguard.distributed.models import ModelPayload
 from exitguard.distributed.options import RunOptions
-from exitguard.distributed.runner import Job, Worker, WorkItem, run_and_merge
+from exitguard.distributed.runner import Worker, WorkItem, run_and_merge
 from exitguard.distributed.shards import ShardStore
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class _LMWorker(Worker):
         return arrays, {"row_seconds": cell.seconds.tolist()}
 
 
-class LMSweepJob(Job):
+class LMSweepJob(CellJob):
     """The cells of a language-model sweep; see :func:`lm_sweep` for the parameters."""
 
     def __init__(
@@ -170,12 +170,7 @@ class LMSweepJob(Job):
         self.batch_size, self.thresholds_per_batch = batch_size, thresholds_per_batch
         batches = prompt_batches(self.prompts, batch_size)
         groups = threshold_groups(self.grid.size, thresholds_per_batch)
-        width, gwidth = _block_width(len(batches)), _block_width(len(groups), 2)
-        self._items = [
-            WorkItem(f"g{g:0{gwidth}d}-b{b:0{width}d}", chunk, rows=rows)
-            for b, chunk in enumerate(batches)
-            for g, rows in enumerate(groups)  # a loop over batches x groups: the items
-        ]
+        self._items = cell_items(batches, groups)
 
     def description(self) -> dict[str, Any]:
         return {
@@ -184,15 +179,9 @@ class LMSweepJob(Job):
             "heads": self.head_payload.describe(),
             "prompts_sha256": _tokens_sha256(self.prompts),
             "references_sha256": _tokens_sha256(self.references),
-            "thresholds": [float(t).hex() for t in self.grid],
-            "batch_size": self.batch_size,
-            "thresholds_per_batch": self.thresholds_per_batch,
             **self.cell_settings,
-            "torch": torch.__version__,
+            **self.cell_description(),
         }
-
-    def items(self) -> list[WorkItem]:
-        return list(self._items)
 
     def inputs(self, item: WorkItem, store: ShardStore) -> dict[str, Any]:
         rows = item.rows if item.rows is not None else np.arange(self.grid.size)

@@ -124,20 +124,33 @@ def as_threshold_grid(thresholds: ArrayLike | None) -> NDArray[np.float64]:
     grid = np.asarray(thresholds, dtype=np.float64)
     if grid.ndim != 1 or grid.size == 0:
         raise ValueError(f"`thresholds` must be a non-empty 1-D array; got shape {grid.shape}.")
-    if np.isnan(grid).any():
-        raise ValueError("`thresholds` must not contain NaN.")
     if grid[0] != NEVER:
         grid = np.concatenate([[NEVER], grid])
-    finite = grid[1:]
-    if finite.size and (not np.all(np.isfinite(finite)) or finite.min() < 0 or finite.max() > 1):
+    return check_threshold_grid(grid)
+
+
+def check_threshold_grid(grid: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``grid`` (K,) if it is a grid of thresholds: strictly decreasing, in [0, 1], where only
+    row 0 may be ``+inf`` (never exit early, the full model).
+
+    NaN, ``-inf`` and values outside [0, 1] are refused, since a policy must be applicable
+    with its threshold.
+    """
+    finite = grid[1:] if grid.size and grid[0] == NEVER else grid
+    if np.isnan(grid).any() or not np.all(np.isfinite(finite)):
         raise ValueError(
-            "`thresholds` must lie in [0, 1] after the optional leading inf (the full model); "
-            f"got values in [{finite.min():g}, {finite.max():g}]."
+            "`thresholds` must be finite numbers in [0, 1], not NaN (only row 0 may be inf, the "
+            f"full model); got {np.array2string(grid[:6], precision=3)}..."
+        )
+    if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+        raise ValueError(
+            "`thresholds` must lie in [0, 1] (only row 0 may be inf, the full model); got "
+            f"values in [{finite.min():g}, {finite.max():g}]."
         )
     if np.any(np.diff(grid) >= 0):
         raise ValueError(
-            "`thresholds` must be strictly decreasing (safest first, most aggressive last); "
-            f"got {np.array2string(grid[:6], precision=3)}..."
+            "`thresholds` must be strictly decreasing (row 0 the full model, the most aggressive "
+            f"last); got {np.array2string(grid[:6], precision=3)}..."
         )
     return grid
 

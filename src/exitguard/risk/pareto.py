@@ -905,6 +905,11 @@ class _Tested:
     index: int
     cost: Array  # (F,) cost estimate
     upper_bounds: Array | None  # (R,) of the chosen entry (UCB procedures)
+    target_risks: Array  # (R,) what was tested: eps, loss bounds, delta, procedure
+    loss_bounds: Array  # (R,)
+    delta: float
+    procedure: Procedure
+    n_test: int  # testing samples
 
 
 def _test_front(
@@ -943,7 +948,19 @@ def _test_front(
                 for r in range(losses.shape[0])
             ]
         )
-    return _Tested(p_values, losses.mean(axis=-1), n_certified, index, cost, upper)
+    return _Tested(
+        p_values,
+        losses.mean(axis=-1),
+        n_certified,
+        index,
+        cost,
+        upper,
+        target_risks=eps,
+        loss_bounds=loss_bounds,
+        delta=delta,
+        procedure=procedure,
+        n_test=losses.shape[-1],
+    )
 
 
 def _check_procedure(
@@ -968,11 +985,12 @@ def _check_procedure(
     return chosen
 
 
-def _warn_nothing(n_test: int, eps: Array, delta: float) -> None:
+def _warn_nothing(tested: _Tested) -> None:
     warnings.warn(
-        f"Pareto Testing certified no configuration at target_risks={eps.tolist()}, "
-        f"delta={delta:g} with {n_test} testing samples: using the full model. More "
-        "calibration data, a larger target risk or a smaller `opt_fraction` may help.",
+        "Pareto Testing certified no configuration at "
+        f"target_risks={tested.target_risks.tolist()}, delta={tested.delta:g} with "
+        f"{tested.n_test} testing samples: using the full model. More calibration data, a "
+        "larger target risk or a smaller `opt_fraction` may help.",
         NothingCertifiedWarning,
         stacklevel=3,
     )
@@ -1154,7 +1172,7 @@ def pareto_test(
         test_losses, estimate, eps=eps, loss_bounds=bounds_, procedure=chosen, delta=level
     )
     if tested.n_certified == 0:
-        _warn_nothing(len(test), eps, level)
+        _warn_nothing(tested)
     return _selection(
         tested,
         thresholds=tuple(float(v) for v in front[tested.index]),
@@ -1163,13 +1181,8 @@ def pareto_test(
         front_risks=front_risks,
         front_cost=front_cost,
         names=names,
-        eps=eps,
-        loss_bounds=bounds_,
-        delta=level,
-        procedure=chosen,
         cost_estimate=cost_estimate,
         n_opt=n_opt,
-        n_test=len(test),
         opt_fraction=float(fraction),
         opt_source=source,
         n_candidates=len(candidates),
@@ -1187,13 +1200,8 @@ def _selection(
     front_risks: Array,
     front_cost: Array,
     names: tuple[str, ...],
-    eps: Array,
-    loss_bounds: Array,
-    delta: float,
-    procedure: Procedure,
     cost_estimate: str,
     n_opt: int,
-    n_test: int,
     opt_fraction: float,
     opt_source: str,
     n_candidates: int,
@@ -1206,10 +1214,10 @@ def _selection(
         index=index,
         certified=tested.n_certified > 0,
         risk_names=names,
-        target_risks=tuple(float(e) for e in eps),
-        loss_bounds=tuple(float(b) for b in loss_bounds),
-        delta=delta,
-        procedure=procedure.name,
+        target_risks=tuple(float(e) for e in tested.target_risks),
+        loss_bounds=tuple(float(b) for b in tested.loss_bounds),
+        delta=tested.delta,
+        procedure=tested.procedure.name,
         p_values=tuple(float(p) for p in tested.p_values[:, index]),
         empirical_risks=tuple(float(r) for r in tested.risks[:, index]),
         upper_bounds=None
@@ -1225,7 +1233,7 @@ def _selection(
         front_p_values=tuple(tuple(float(x) for x in col) for col in tested.p_values.T),
         n_certified=tested.n_certified,
         n_opt=n_opt,
-        n_test=n_test,
+        n_test=tested.n_test,
         opt_fraction=opt_fraction,
         opt_source=opt_source,
         n_candidates=n_candidates,
@@ -1329,7 +1337,7 @@ def pareto_test_table(
         tested = _test_front(
             test_losses, estimate, eps=eps, loss_bounds=bounds_, procedure=chosen, delta=level
         )
-        front_risks, front_cost, n_opt, n_test, fraction = tested.risks, estimate, 0, n, 0.0
+        front_risks, front_cost, n_opt, fraction = tested.risks, estimate, 0, 0.0
     else:
         n_opt = _split_sizes(n, opt_fraction)
         split = np.random.default_rng(used_seed).permutation(n)  # (n,)
@@ -1357,9 +1365,9 @@ def pareto_test_table(
         )
         front_risks = table[:, rows][:, :, opt].mean(axis=-1)
         front_cost = per_sample[rows][:, opt].mean(axis=-1)
-        n_test, fraction = n - n_opt, float(opt_fraction)
+        fraction = float(opt_fraction)
     if tested.n_certified == 0:
-        _warn_nothing(n_test, eps, level)
+        _warn_nothing(tested)
     front = None
     chosen_vector = None
     if vectors is not None:
@@ -1373,13 +1381,8 @@ def pareto_test_table(
         front_risks=front_risks,
         front_cost=front_cost,
         names=names,
-        eps=eps,
-        loss_bounds=bounds_,
-        delta=level,
-        procedure=chosen,
         cost_estimate=cost_estimate,
         n_opt=n_opt,
-        n_test=n_test,
         opt_fraction=fraction,
         opt_source="none" if order == "natural" else "split",
         n_candidates=n_rows - 1,

@@ -25,6 +25,20 @@ from typing import Any, ClassVar
 
 import torch
 
+KVCache = tuple[torch.Tensor, torch.Tensor]  # keys and values (L, B, K, T, D) of every layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitedTokens:
+    """New tokens whose exit fired after ``layer``, skipping the layers above it."""
+
+    layer: int  # the last layer they ran
+    rows: torch.Tensor  # (m,) their batch rows
+    slot: int  # their cache slot
+    states: torch.Tensor  # (m, H) hidden states after `layer`
+    cos: torch.Tensor  # (m, 1, 1, D) rotary tables at their positions
+    sin: torch.Tensor  # (m, 1, 1, D)
+
 
 class CacheFill:
     """The interface (and the do-nothing parts shared by every strategy)."""
@@ -42,19 +56,9 @@ class CacheFill:
         """Earlier tokens of ``rows`` that must run ``layer`` now: (rows, slots, states, pos)."""
         return None
 
-    def exited(
-        self,
-        lm: Any,
-        layer: int,
-        states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor,
-        slot: int,
-        cost: torch.Tensor,
-    ) -> None:
-        """New tokens of ``rows`` left after ``layer`` with hidden ``states`` (m, H)."""
+    def exited(self, lm: Any, tokens: ExitedTokens, cache: KVCache, cost: torch.Tensor) -> None:
+        """New ``tokens`` left early: fill ``lm``'s ``cache`` for the layers they skipped, and
+        add the compute to ``cost`` (B,), this step's per row."""
 
     def stopped(
         self, rows: torch.Tensor, slots: torch.Tensor, states: torch.Tensor | None, depth: int
@@ -70,21 +74,11 @@ class Recompute(CacheFill):
 class Propagate(CacheFill):
     name = "propagate"
 
-    def exited(
-        self,
-        lm: Any,
-        layer: int,
-        states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor,
-        slot: int,
-        cost: torch.Tensor,
-    ) -> None:
+    def exited(self, lm: Any, tokens: ExitedTokens, cache: KVCache, cost: torch.Tensor) -> None:
         # State propagation: the skipped layers' keys/values from the exited state.
-        lm._propagate(layer + 1, states, cos, sin, cache[0], cache[1], rows, slot)
-        cost[rows] += lm.cost_propagate * (lm.n_layers - 1 - layer)
+        t = tokens
+        lm._propagate(t.layer + 1, t.states, t.cos, t.sin, cache[0], cache[1], t.rows, t.slot)
+        cost[t.rows] += lm.cost_propagate * (lm.n_layers - 1 - t.layer)
 
 
 @dataclasses.dataclass

@@ -41,7 +41,7 @@ from exitguard.policy import ExitPolicy
 from exitguard.risk._validation import check_int
 from exitguard.risk.exits import check_threshold_vector, check_thresholds
 from exitguard.tasks.language.binding import CONFIDENCES, KV_FILLS, LMBinding
-from exitguard.tasks.language.cache_fill import CacheFill, make_cache_fill
+from exitguard.tasks.language.cache_fill import CacheFill, ExitedTokens, make_cache_fill
 from exitguard.tasks.language.heads import ExitHeads, heads_fingerprint
 from exitguard.tasks.language.model import model_fingerprint
 
@@ -806,10 +806,8 @@ class EarlyExitLM:
             if fill.keeps_climbing:
                 continue  # the leaving rows keep climbing, to fill the cache exactly
             fired = undecided.nonzero().squeeze(-1)[fire]  # (m,) item indices
-            fill.exited(
-                self, index, state[fire], cos[fired], sin[fired], (cache_k, cache_v), leaving,
-                slot, cost,
-            )  # fmt: skip
+            left = ExitedTokens(index, leaving, slot, state[fire], cos[fired], sin[fired])
+            fill.exited(self, left, (cache_k, cache_v), cost)
             stop = done[item_rows]  # (n,) every item of a row whose token is decided stops
             stop_slots = (
                 item_slots[stop]
