@@ -61,6 +61,20 @@ def test_noise_depends_only_on_seed_stream_and_index():
         sample_noise([0], seed=-1, steps=12, image_shape=SHAPE)
 
 
+def test_the_plain_sampler_runs_the_chain_of_the_module_notes(tiny_model):
+    """Step s denoises timestep T - 1 - s with the full model and then adds noise slice s + 1."""
+    noise = noise_of(range(3))
+    schedule = Schedule.of(tiny_model)
+    steps = schedule.steps
+    x = noise[:, 0]  # x_T
+    with torch.inference_mode():
+        for s in range(steps):  # the oracle, written out
+            t = steps - 1 - s
+            z = noise[:, s + 1] if t > 0 else None
+            x = schedule.step(x, tiny_model.full(x, t), t, z, clip=True)
+    assert torch.equal(sample_full(tiny_model, noise).images, x)
+
+
 def test_never_exit_reproduces_the_plain_sampler(tiny_model):
     noise = noise_of(range(6))
     plain = sample_full(tiny_model, noise)

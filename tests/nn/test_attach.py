@@ -115,12 +115,19 @@ def test_bad_cuts_are_explained(resnet, at, message):
         attach_exits(resnet, at=at, input_shape=(3, 16, 16))
 
 
-def test_untraceable_models_are_explained():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+class TwoLinear(nn.Module):
+    """``a`` (4 -> 4) then ``b`` (4 -> ``classes``); each subclass writes the forward it tests."""
 
+    def __init__(self, classes: int = 2):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_untraceable_models_are_explained():
+    class Branchy(TwoLinear):
         def forward(self, x):
             return self.b(self.a(x)) if x.sum() > 0 else self.b(x)
 
@@ -129,10 +136,10 @@ def test_untraceable_models_are_explained():
 
 
 def test_modules_called_twice_or_never_are_explained():
-    class Shared(nn.Module):
+    class Shared(TwoLinear):
         def __init__(self):
             super().__init__()
-            self.a, self.unused, self.b = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.unused = nn.Linear(4, 4)
 
         def forward(self, x):
             return self.b(self.a(self.a(x)))
@@ -144,22 +151,14 @@ def test_modules_called_twice_or_never_are_explained():
 
 
 def test_input_skip_and_tuple_outputs_are_explained():
-    class InputSkip(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-
+    class InputSkip(TwoLinear):
         def forward(self, x):
             return self.a(x) + x
 
     with pytest.raises(ValueError, match=r"cannot be cut at 'a': the model's input is computed"):
         attach_exits(InputSkip(), at=["a"], input_shape=(4,))
 
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-
+    class Pair(TwoLinear):
         def forward(self, x):
             return self.a(x), x
 
@@ -183,10 +182,9 @@ def test_argument_errors(resnet):
 
 
 def test_tensor_constants_in_forward_survive_the_cut():
-    class WithConstant(nn.Module):
+    class WithConstant(TwoLinear):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
             self.scale = torch.tensor([1.0, 2.0, 3.0, 4.0])  # a plain attribute, not a buffer
 
         def forward(self, x):
@@ -202,16 +200,12 @@ def test_tensor_constants_in_forward_survive_the_cut():
 def test_a_mapping_output_gives_its_logits():
     """Hugging Face models return a ModelOutput (a mapping); its `logits` is the last exit."""
 
-    class Dict(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
+    class Dict(TwoLinear):
         def forward(self, x):
             hidden = self.a(x)
             return {"hidden": hidden, "logits": self.b(torch.relu(hidden))}
 
-    model = Dict()
+    model = Dict(classes=3)
     network = attach_exits(model, at=["a"], input_shape=(4,))
     x = torch.randn(5, 4)
     with torch.no_grad():
@@ -268,11 +262,7 @@ def test_a_layer_returning_a_tuple_is_cut_after_its_first_element():
 def test_a_forward_may_branch_on_the_input_and_weight_dtypes():
     """As Hugging Face ViT does: `if pixel_values.dtype != weight.dtype: convert`."""
 
-    class Checks(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
-
+    class Checks(TwoLinear):
         def forward(self, x):
             if x.dtype != self.a.weight.dtype:
                 x = x.to(self.a.weight.dtype)
@@ -280,7 +270,7 @@ def test_a_forward_may_branch_on_the_input_and_weight_dtypes():
                 raise ValueError("needs (B, 4)")
             return self.b(self.a(x))
 
-    model = Checks()
+    model = Checks(classes=3)
     network = attach_exits(model, at=["a"], input_shape=(4,))
     x = torch.randn(3, 4)
     with torch.no_grad():

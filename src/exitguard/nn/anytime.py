@@ -108,7 +108,7 @@ class AnytimeNetwork(nn.Module):
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from exitguard.nn import EarlyExitNetwork
+    >>> from exitguard.nn import AnytimeNetwork, EarlyExitNetwork
     >>> network = EarlyExitNetwork([nn.Linear(4, 8), nn.Linear(8, 8)], [nn.Linear(8, 3)] * 2)
     >>> anytime = AnytimeNetwork(network, torch.randn(1, 4))
     >>> anytime.budget_cost().tolist()  # FLOPs of answering from each exit alone

@@ -124,7 +124,7 @@ class HaltingNetwork(nn.Module):
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from exitguard.nn import EarlyExitNetwork
+    >>> from exitguard.nn import EarlyExitNetwork, HaltingNetwork
     >>> network = EarlyExitNetwork([nn.Linear(4, 8), nn.Linear(8, 8)], [nn.Linear(8, 3)] * 2)
     >>> halting = HaltingNetwork.attach(network, torch.randn(1, 4))
     >>> logits, halt = halting(torch.randn(5, 4))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -242,6 +242,39 @@ def _check_noise(model: Denoiser, noise: Any) -> Tensor:
     return noise
 
 
+def _checked_inputs(
+    model: Denoiser, noise: Any, threshold: Any, earliest_exit: Any
+) -> tuple[Tensor, int, Tensor]:
+    """The checked ``noise``, ``earliest_exit`` and thresholds (B, T, L - 1) of a sampler."""
+    noise = _check_noise(model, noise)
+    earliest_exit = model.check_earliest_exit(earliest_exit)
+    limits = exit_limits(model, threshold, noise.shape[0], earliest_exit=earliest_exit)
+    return noise, earliest_exit, limits
+
+
+def _run_chain(
+    model: Denoiser,
+    noise: Tensor,
+    predict: Callable[[Tensor, int, int], Tensor],
+    *,
+    clip: bool,
+) -> Tensor:
+    """The ancestral chain from ``x_T = noise[:, 0]`` to ``x_0`` (B, C, H, W).
+
+    ``predict(x, s, t)`` gives the noise prediction (B, C, H, W) at step ``s`` (timestep
+    ``t = T - 1 - s``); how it is made (one exit per sample, the full model, a full pass and
+    the exit rule) is the only thing the samplers differ in.
+    """
+    schedule = Schedule.of(model)
+    steps = schedule.steps
+    x = noise[:, 0]  # (B, C, H, W)
+    for s in range(steps):  # a loop over steps: sampling is sequential
+        t = steps - 1 - s
+        eps = predict(x, s, t)  # (B, C, H, W)
+        x = schedule.step(x, eps, t, noise[:, s + 1] if t > 0 else None, clip=clip)
+    return x
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class SampleResult:
     """Generated images and the exit every sample took at every step.
@@ -311,35 +344,26 @@ def sample(
     -------
     SampleResult
     """
-    noise = _check_noise(model, noise)
-    earliest_exit = model.check_earliest_exit(earliest_exit)
-    limits = exit_limits(model, threshold, noise.shape[0], earliest_exit=earliest_exit)
-    schedule = Schedule.of(model)
-    steps = schedule.steps
-    x = noise[:, 0]  # (B, C, H, W)
-    exits = torch.empty((x.shape[0], steps), dtype=torch.long)  # (B, T)
-    for s in range(steps):  # a loop over steps: sampling is sequential
-        t = steps - 1 - s
+    noise, earliest_exit, limits = _checked_inputs(model, noise, threshold, earliest_exit)
+    exits = torch.empty(limits.shape[:2], dtype=torch.long)  # (B, T)
+
+    def predict(x: Tensor, s: int, t: int) -> Tensor:
         eps, exits[:, s] = model.denoise(
             x, t, threshold=limits[:, s], earliest_exit=earliest_exit
         )  # (B, L-1) thresholds of this step
-        x = schedule.step(x, eps, t, noise[:, s + 1] if t > 0 else None, clip=clip)
-    return SampleResult(x, exits, limits)
+        return eps
+
+    return SampleResult(_run_chain(model, noise, predict, clip=clip), exits, limits)
 
 
 @torch.inference_mode()
 def sample_full(model: Denoiser, noise: Tensor, *, clip: bool = True) -> SampleResult:
     """The plain full-model sampler: every block at every step, the last exit only."""
     noise = _check_noise(model, noise)
-    schedule = Schedule.of(model)
-    steps = schedule.steps
-    x = noise[:, 0]  # (B, C, H, W)
-    for s in range(steps):  # a loop over steps: sampling is sequential
-        t = steps - 1 - s
-        eps = model.full(x, t)  # (B, C, H, W)
-        x = schedule.step(x, eps, t, noise[:, s + 1] if t > 0 else None, clip=clip)
-    exits = torch.full((x.shape[0], steps), model.n_exits - 1, dtype=torch.long)
-    limits = torch.full((x.shape[0], steps, model.n_exits - 1), math.inf, dtype=torch.float64)
+    x = _run_chain(model, noise, lambda x, s, t: model.full(x, t), clip=clip)  # (B, C, H, W)
+    n, steps = noise.shape[:2]
+    exits = torch.full((n, steps), model.n_exits - 1, dtype=torch.long)
+    limits = torch.full((n, steps, model.n_exits - 1), math.inf, dtype=torch.float64)
     return SampleResult(x, exits, limits)
 
 
@@ -370,23 +394,18 @@ def simulate(
     trajectories and exits are those of :func:`sample` (up to the last bits of kernels that
     depend on the batch size), and every exit's confidence is recorded.
     """
-    noise = _check_noise(model, noise)
-    earliest_exit = model.check_earliest_exit(earliest_exit)
-    limits = exit_limits(model, threshold, noise.shape[0], earliest_exit=earliest_exit)
-    schedule = Schedule.of(model)
-    steps = schedule.steps
-    x = noise[:, 0]  # (B, C, H, W)
-    n = x.shape[0]
-    exits = torch.empty((n, steps), dtype=torch.long)  # (B, T)
-    confidence = torch.empty((n, steps, model.n_exits - 1), dtype=torch.float64)  # (B, T, L-1)
-    rows = torch.arange(n)
-    for s in range(steps):  # a loop over steps: sampling is sequential
-        t = steps - 1 - s
+    noise, earliest_exit, limits = _checked_inputs(model, noise, threshold, earliest_exit)
+    exits = torch.empty(limits.shape[:2], dtype=torch.long)  # (B, T)
+    confidence = torch.empty(limits.shape, dtype=torch.float64)  # (B, T, L-1)
+    rows = torch.arange(limits.shape[0])
+
+    def predict(x: Tensor, s: int, t: int) -> Tensor:
         out = model(x, t)  # eps (B, L, C, H, W), uncertainty (B, L-1, C, H, W)
         confidence[:, s] = out.confidence
         exits[:, s] = exit_rule(confidence[:, s], limits[:, s], earliest_exit=earliest_exit)
-        eps = out.eps[rows, exits[:, s]]  # (B, C, H, W)
-        x = schedule.step(x, eps, t, noise[:, s + 1] if t > 0 else None, clip=clip)
+        return out.eps[rows, exits[:, s]]  # (B, C, H, W)
+
+    x = _run_chain(model, noise, predict, clip=clip)  # (B, C, H, W)
     return SampleResult(x, exits, limits, confidence)
 
 

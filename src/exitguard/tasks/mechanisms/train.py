@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -117,6 +117,16 @@ def _training_part(train: ImageDataset, limit: int | None) -> tuple[np.ndarray, 
     return train.images[:limit], train.labels[:limit]
 
 
+Architecture = TypeVar("Architecture", SmallCNNConfig, SkipConfig)
+
+
+def _shaped_for(config: Architecture, train: ImageDataset) -> Architecture:
+    """``config`` with the input channels and the classes of ``train``."""
+    return dataclasses.replace(
+        config, in_channels=train.image_shape[0], num_classes=train.num_classes
+    )
+
+
 def load_or_train_member(
     train: ImageDataset,
     *,
@@ -128,9 +138,7 @@ def load_or_train_member(
     log: Callable[[str], None] = print,
 ) -> CachedModel[nn.Module]:
     """A cascade member (a single-exit CNN) trained on ``train``, or loaded from the cache."""
-    config = dataclasses.replace(
-        config, in_channels=train.image_shape[0], num_classes=train.num_classes
-    )
+    config = _shaped_for(config, train)
 
     def fit(module: nn.Module) -> dict[str, Any]:
         images, labels = _training_part(train, max_train)
@@ -203,9 +211,7 @@ def load_or_train_skipping(
     log: Callable[[str], None] = print,
 ) -> CachedModel[SkipNetwork]:
     """The skip network trained with its gates on ``train``, or loaded from the cache."""
-    config = dataclasses.replace(
-        config, in_channels=train.image_shape[0], num_classes=train.num_classes
-    )
+    config = _shaped_for(config, train)
 
     def build() -> SkipNetwork:
         return build_skip_network(config, image_shape=train.image_shape)
