@@ -23,6 +23,8 @@ delta"), and the relative FLOPs reduction of each Pareto row against single UCB-
 same splits (paired, with its standard error). Not a timing benchmark:
 
     flock -s /tmp/exitguard-cpu.lock python benchmarks/pareto.py --tasks fashion-mnist segmentation
+
+``segmentation`` is the digits scenes; ``segmentation/fashion-mnist`` the Fashion-MNIST scenes.
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ def segmentation_task(dataset: str, seed: int) -> tuple[PerExitOutputs, list[Any
         (["prediction_consistency"], [0.02], 400),
         (["prediction_consistency", "distribution_consistency"], [0.05, 0.1], 400),
     ]
+    if dataset == "fashion-mnist":  # 2,000 held-out scenes: room for n = 1000 as well
+        cases += [
+            (["foreground_miscoverage"], [0.2], 400),
+            (["prediction_consistency"], [0.05], 1000),
+            (["prediction_consistency"], [0.02], 1000),
+        ]
     return outputs, cases
 
 
@@ -298,8 +306,9 @@ def main() -> None:
             results.extend(diffusion_rows(args))
             continue
         try:
-            if name == "segmentation":
-                outputs, cases = segmentation_task("digits", args.seed)
+            if name.startswith("segmentation"):  # segmentation[/dataset], digits scenes by default
+                dataset = name.partition("/")[2] or "digits"
+                outputs, cases = segmentation_task(dataset, args.seed)
             else:
                 outputs, cases = classification_task(name, args.seed)
         except (FileNotFoundError, OSError) as error:

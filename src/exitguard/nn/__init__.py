@@ -25,6 +25,7 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess te
 
 from exitguard.nn.anytime import AnytimeNetwork, AnytimeResult, AnytimeStep
 from exitguard.nn.attach import attach_exits, cut_into_stages
+from exitguard.nn.blocks import BilinearResize
 from exitguard.nn.cascade import Cascade, CascadeFlops
 from exitguard.nn.collect import ExitOutputs, collect
 from exitguard.nn.confidence import (
@@ -62,6 +63,7 @@ __all__ = [
     "AnytimeNetwork",
     "AnytimeResult",
     "AnytimeStep",
+    "BilinearResize",
     "Cascade",
     "CascadeFlops",
     "ClassifierHead",
