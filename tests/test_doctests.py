@@ -13,6 +13,7 @@ MODULES = [
     "exitguard.risk.configurations",
     "exitguard.risk.exits",
     "exitguard.risk.pareto",
+    "exitguard.risk.quantile",
     "exitguard.risk.tail",
     "exitguard.tasks.language.rouge",
 ]

@@ -36,12 +36,14 @@ from exitguard.risk.pareto import (
     pareto_test_table,
 )
 from exitguard.risk.procedures import Procedure, get_procedure
+from exitguard.risk.quantile import CVaRSelection, certify_cvar
 from exitguard.risk.tail import exceedance_losses, exceedance_per_exit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AppliedPolicy",
+    "CVaRSelection",
     "CertifiedAboveTargetWarning",
     "ConfigurationTable",
     "Evaluation",
@@ -66,6 +68,7 @@ __all__ = [
     "calibrate_pareto",
     "calibrate_predictions",
     "calibrate_table",
+    "certify_cvar",
     "evaluate",
     "evaluate_vectors",
     "exceedance_losses",
