@@ -25,6 +25,10 @@ same splits (paired, with its standard error). Not a timing benchmark:
     flock -s /tmp/exitguard-cpu.lock python benchmarks/pareto.py --tasks fashion-mnist segmentation
 
 ``segmentation`` is the digits scenes; ``segmentation/fashion-mnist`` the Fashion-MNIST scenes.
+After each goal, the **ceiling**: on all held-out samples, the cheapest scalar and the
+cheapest vector whose population risks meet the goal (no split, no test, no guarantee): the
+most a certified vector could gain with unlimited calibration data. ``--ceiling-only``
+computes only these and keeps the stored comparisons.
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ from exitguard.pareto_evaluation import (
     compare_methods,
     compare_on_table,
 )
+from exitguard.risk.configurations import evaluate_vectors
 from exitguard.risk.exits import default_thresholds
 from exitguard.risk.losses import get_risk, per_exit_losses
-from exitguard.risk.pareto import VectorSearch
+from exitguard.risk.pareto import VectorSearch, search_vectors
 from exitguard.risk.tail import exceedance_losses
 
 SEARCH = VectorSearch(restarts=1, multipliers=12)
@@ -109,6 +114,70 @@ def segmentation_task(dataset: str, seed: int) -> tuple[PerExitOutputs, list[Any
             (["prediction_consistency"], [0.02], 1000),
         ]
     return outputs, cases
+
+
+CEILING_SEARCH = VectorSearch(restarts=3, multipliers=24)
+
+
+def ceiling_rows(
+    outputs: PerExitOutputs, risks: list[str], targets: list[float]
+) -> list[dict[str, Any]]:
+    """How much per-exit vectors can save at all: the population's own optimum, no statistics.
+
+    On all held-out samples (the population of the splits), the cheapest scalar threshold
+    and the cheapest vector found by a heavier search whose *population* risks are all at
+    most epsilon. No split, no test, no guarantee: the room a certified vector could reach
+    with unlimited calibration data. A certified gain over the single threshold larger than
+    this ceiling's is impossible (up to how well the search does).
+    """
+    per_exit = np.stack([outputs.risk_table(r)[0] for r in risks])  # (R, N, L)
+    bounds = [outputs.risk_table(r)[1] for r in risks]
+    eps = np.asarray(targets, dtype=np.float64)
+    conf = outputs.confidences
+    n_exits = conf.shape[1]
+    levels = np.unique(np.quantile(conf[:, :-1], np.linspace(0, 1, 2001)))[::-1]  # (G,)
+    scalars = np.repeat(levels[:, None], n_exits - 1, axis=1)  # (G, L-1)
+    vectors = search_vectors(
+        conf,
+        per_exit - per_exit[..., -1:],
+        target_risks=eps,
+        exit_cost=outputs.exit_cost,
+        head_cost=outputs.head_cost,
+        settings=CEILING_SEARCH,
+        rng=0,
+    )
+    rows = []
+    for name, candidates in (("scalar", scalars), ("vectors", np.concatenate([scalars, vectors]))):
+        table = evaluate_vectors(
+            conf,
+            per_exit,
+            candidates,
+            loss_bounds=bounds,
+            exit_cost=outputs.exit_cost,
+            head_cost=outputs.head_cost,
+        )
+        risk = table.losses.mean(axis=-1)  # (R, M) population risks
+        cost = table.cost.mean(axis=-1)  # (M,)
+        feasible = np.all(risk <= eps[:, None], axis=0)
+        best = int(np.flatnonzero(feasible)[np.argmin(cost[feasible])]) if feasible.any() else -1
+        used = cost[best] if best >= 0 else outputs.full_cost
+        rows.append(
+            {
+                "task": outputs.name,
+                "risks": list(risks),
+                "target_risks": list(targets),
+                "method": f"ceiling {name}",
+                "kind": "ceiling (population optimum, no guarantee)",
+                "flops_saving": 1.0 - used / outputs.full_cost,
+                "population_risk": risk[:, best].tolist() if best >= 0 else [0.0] * len(risks),
+                "candidates": len(candidates),
+            }
+        )
+    scalar_cost, vector_cost = (1.0 - r["flops_saving"] for r in rows)
+    rows[1]["flops_reduction_vs_single"] = (
+        (scalar_cost - vector_cost) / scalar_cost if scalar_cost > 0 else 0.0
+    )
+    return rows
 
 
 def calm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -296,6 +365,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="diffusion: a tiny model (smoke run)")
+    parser.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="per-exit tasks: only the population ceilings, kept beside the stored comparisons",
+    )
     args = parser.parse_args()
     results = []
     for name in args.tasks:
@@ -325,23 +399,46 @@ def main() -> None:
         for risks, targets, n in cases:
             goal = " + ".join(f"{r} <= {e:g}" for r, e in zip(risks, targets, strict=True))
             print(f" {goal}, n = {n}", flush=True)
-            rows = compare_methods(
-                outputs,
-                risks,
-                targets,
-                n_cal=n,
-                trials=args.trials,
-                delta=args.delta,
-                seed=args.seed,
-                search=SEARCH,
+            if not args.ceiling_only:
+                rows = compare_methods(
+                    outputs,
+                    risks,
+                    targets,
+                    n_cal=n,
+                    trials=args.trials,
+                    delta=args.delta,
+                    seed=args.seed,
+                    search=SEARCH,
+                )
+                print_rows(rows)
+                results.extend(rows)
+            if any(
+                r["task"] == outputs.name
+                and r["method"].startswith("ceiling")
+                and r["risks"] == list(risks)
+                and r["target_risks"] == list(targets)
+                for r in results
+            ):
+                continue  # one ceiling per goal (it does not depend on n)
+            scalar, vector = ceiling_rows(outputs, risks, targets)
+            print(
+                f"  ceiling (population optimum, no test): scalar "
+                f"{100 * scalar['flops_saving']:.1f}%, vectors "
+                f"{100 * vector['flops_saving']:.1f}% "
+                f"({100 * vector['flops_reduction_vs_single']:+.1f}% FLOPs vs scalar)",
+                flush=True,
             )
-            print_rows(rows)
-            results.extend(rows)
+            results.extend([scalar, vector])
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "pareto.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # keep the rows of tasks not run this time
-        done = {row["task"] for row in results}
-        kept = [r for r in json.loads(out.read_text())["rows"] if r["task"] not in done]
+    if out.exists():  # keep the rows of tasks not run this time (with --ceiling-only, all
+        done = {row["task"] for row in results}  # but the ceilings of the tasks run)
+
+        def replaced(row: dict[str, Any]) -> bool:
+            ceiling = row.get("kind", "").startswith("ceiling")
+            return row["task"] in done and (ceiling or not args.ceiling_only)
+
+        kept = [r for r in json.loads(out.read_text())["rows"] if not replaced(r)]
         results = kept + results
     report = {
         "delta": args.delta,

@@ -116,6 +116,7 @@ def main() -> None:
             procedure="ucb-wsr",
             loss_bound=LOSS_BOUNDS["prediction_consistency"],
             thresholds=tables["thresholds"],
+            seed=args.seed,  # the reading order of the WSR bound: the same policy every run
         )
     threshold = math.inf if policy.threshold is None else float(policy.threshold)
     network.confidence = prepared.measures[0]

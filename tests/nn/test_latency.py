@@ -144,3 +144,28 @@ def test_a_slow_resize_is_charged_to_resizing_not_to_compaction(images):
     profile = profile_latency(network, images(4, shape=(3, 8, 8)), batch_sizes=(4,), repeats=3)
     assert profile.resize_ms[0] >= 20.0  # the resize with what infer does after it
     assert profile.compaction_ms[0] < 20.0  # compaction was once recorded as the resize time
+
+
+def test_the_profile_serves_the_example_in_its_own_memory_format(images):
+    from torch import nn
+
+    from exitguard.nn import ClassifierHead, EarlyExitNetwork
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.layouts: set[bool] = set()
+
+        def forward(self, x):
+            self.layouts.add(x.is_contiguous(memory_format=torch.channels_last))
+            return self.conv(x)
+
+    recorder = Recorder()
+    stages = [recorder, nn.Conv2d(4, 4, 1)]
+    network = EarlyExitNetwork(
+        stages, [ClassifierHead(4, 3), ClassifierHead(4, 3)], input_shape=(3, 8, 8)
+    )
+    example = images(4, shape=(3, 8, 8)).contiguous(memory_format=torch.channels_last)
+    profile_latency(network, example, batch_sizes=(1, 10), repeats=1, warmup=0)
+    assert recorder.layouts == {True}  # batch 10 repeats the 4 examples, still channels-last

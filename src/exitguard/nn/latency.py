@@ -199,6 +199,12 @@ def profile_latency(
     eval mode, one call at a time; each head with the exit decision after it (softmax and
     confidence), as :meth:`EarlyExitNetwork.infer` runs it. Run it on an otherwise idle
     machine with the thread count you deploy with; both are recorded in the profile.
+
+    The inputs keep ``example``'s memory format, and convolutions pass it on: give it the
+    layout you serve. (A one-channel batch indexed out of a numpy array has the strides of
+    channels-last, so torch runs the whole network channels-last: on the Fashion-MNIST
+    segmenter 0.67 ms a scene at batch 64, against 0.87 ms for the same batch in the
+    standard layout.)
     """
     if not isinstance(network, EarlyExitNetwork):
         raise TypeError(f"`network` must be an EarlyExitNetwork; got {type(network).__name__}.")
@@ -209,7 +215,7 @@ def profile_latency(
     with eval_mode(network):
         for size in sizes:
             reps = -(-size // example.shape[0])
-            x = example.repeat(reps, *([1] * (example.ndim - 1)))[:size]  # (size, ...)
+            x = torch.cat([example] * reps)[:size]  # (size, ...) in example's memory format
             stages, heads, s_iqr, h_iqr = [], [], [], []
             h = x
             for index, head in enumerate(network.heads):

@@ -113,7 +113,7 @@ class _Setup:
 
 def _setup(config: DemoConfig) -> _Setup:
     if config.dataset == "fashion-mnist":
-        training = SegmenterTraining(epochs=5 if config.quick else 16, lr_schedule="cosine")
+        training = SegmenterTraining(epochs=5 if config.quick else 24, lr_schedule="cosine")
         setup = _Setup(64, 1, 6000, 2000, training)
     elif config.dataset == "mnist-5k":
         setup = _Setup(64, 1, 4000, 1500, SegmenterTraining(epochs=6 if config.quick else 12))
