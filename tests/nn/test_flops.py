@@ -98,3 +98,20 @@ def test_count_needs_a_shape(cnn_network, images):
         count_flops(cnn_network, images(1, shape=(3, 8, 8))).stage[0]
         < count_flops(cnn_network, images(1)).stage[0]
     )
+
+
+def test_the_resize_of_a_dense_network_is_paid_once_at_every_exit():
+    from exitguard.nn import BilinearResize, DenseHead, EarlyExitNetwork
+
+    stages = [torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Conv2d(4, 4, 1)]
+    heads = [DenseHead(4, 5), DenseHead(4, 5)]
+    plain = count_flops(EarlyExitNetwork(stages, heads, input_shape=(3, 16, 12)))
+    dense = count_flops(
+        EarlyExitNetwork(stages, heads, input_shape=(3, 16, 12), resize=BilinearResize((16, 12)))
+    )
+    # (8, 6) -> (16, 12) for 5 classes: (16 x 8) @ (8 x 6), then (16 x 6) @ (6 x 12).
+    assert dense.output == 5 * 2 * (16 * 8 * 6 + 16 * 6 * 12)
+    assert plain.output == 0
+    np.testing.assert_array_equal(dense.to_exit, plain.to_exit + dense.output)
+    assert dense.full == plain.full + dense.output
+    assert dense.to_dict()["output"] == dense.output

@@ -162,7 +162,7 @@ class AnytimeNetwork(nn.Module):
             )
         if unit == "flops":
             stages = np.cumsum(self.flops.stage, dtype=np.float64)
-            return stages + np.asarray(self.flops.head, dtype=np.float64)
+            return stages + np.asarray(self.flops.head, dtype=np.float64) + self.flops.output
         if self.profile is None:
             raise ValueError(
                 f"a budget in {unit!r} needs a latency profile: AnytimeNetwork(network, x, "

@@ -103,11 +103,15 @@ class FlopsTable:
         FLOPs of exit head ``l`` (0 for an identity last head).
     input_shape : tuple of int
         The per-sample input shape they were counted on.
+    output : int
+        FLOPs of the network's ``resize`` (a dense network deciding at low resolution),
+        paid once by every sample at whatever exit it leaves; 0 without one.
     """
 
     stage: tuple[int, ...]
     head: tuple[int, ...]
     input_shape: tuple[int, ...]
+    output: int = 0
 
     @property
     def n_exits(self) -> int:
@@ -115,13 +119,15 @@ class FlopsTable:
 
     @property
     def to_exit(self) -> NDArray[np.int64]:
-        """(L,) cost of a sample that leaves at each exit: stages and heads ``0..e``."""
-        return np.cumsum(self.stage, dtype=np.int64) + np.cumsum(self.head, dtype=np.int64)
+        """(L,) cost of a sample that leaves at each exit: stages and heads ``0..e``, and
+        its output."""
+        cumulative = np.cumsum(self.stage, dtype=np.int64) + np.cumsum(self.head, dtype=np.int64)
+        return cumulative + self.output
 
     @property
     def full(self) -> int:
-        """Cost of the never-exit policy: every stage and the last head only."""
-        return int(sum(self.stage) + self.head[-1])
+        """Cost of the never-exit policy: every stage, the last head only, the output."""
+        return int(sum(self.stage) + self.head[-1] + self.output)
 
     def cost(self, exits: ArrayLike) -> NDArray[np.int64]:
         """FLOPs of each sample given its exit; same shape as ``exits``."""
@@ -161,6 +167,7 @@ class FlopsTable:
             "stage": list(self.stage),
             "head": list(self.head),
             "input_shape": list(self.input_shape),
+            "output": self.output,
             "to_exit": self.to_exit.tolist(),
             "full": self.full,
         }
@@ -196,13 +203,19 @@ def count_flops(network: EarlyExitNetwork, example_input: Tensor | None = None) 
     network.check_input(example_input)
     sample = example_input[:1]
     stage_flops, head_flops = [], []
+    output = 0
     with eval_mode(network), torch.no_grad():
         h = sample
         for index, head in enumerate(network.heads):
             flops, h = _count(network.stages[index], h)
             stage_flops.append(flops)
-            flops, _ = _count(head, h)
+            flops, logits = _count(head, h)
             head_flops.append(flops)
+        if network.resize is not None:
+            output, _ = _count(network.resize, logits)
     return FlopsTable(
-        stage=tuple(stage_flops), head=tuple(head_flops), input_shape=tuple(sample.shape[1:])
+        stage=tuple(stage_flops),
+        head=tuple(head_flops),
+        input_shape=tuple(sample.shape[1:]),
+        output=output,
     )

@@ -265,7 +265,9 @@ class HaltingNetwork(nn.Module):
                 logits = self.network.heads[index](features[index])
                 unit_flops.append(_count(unit, features[index], logits)[0])
         decision = tuple(h + u for h, u in zip(base.head, [*unit_flops, 0], strict=True))
-        return FlopsTable(stage=base.stage, head=decision, input_shape=base.input_shape)
+        return FlopsTable(
+            stage=base.stage, head=decision, input_shape=base.input_shape, output=base.output
+        )
 
 
 # --------------------------------------------------------------------------- training
