@@ -64,6 +64,7 @@ def test_a_real_profile(cnn_network, images):
     assert profile.batch_sizes == (1, 8) and profile.n_exits == cnn_network.n_exits
     assert all(t > 0 for row in profile.stage_ms for t in row)
     assert profile.threads == torch.get_num_threads()
+    assert len(profile.copy_ms) == 2 and all(t > 0 for t in profile.copy_ms)
     assert np.all(np.diff(profile.exit_ms(8)) > 0)  # later exits cost more
     with pytest.raises(ValueError, match="`batch_sizes` must be positive"):
         profile_latency(cnn_network, images(2), batch_sizes=(0,))
@@ -85,6 +86,21 @@ def test_resizing_is_charged_to_the_samples_that_leave():
     assert LatencyProfile.from_dict(profile.to_dict()) == profile
     old = {k: v for k, v in hand_profile().to_dict().items() if k != "resize_ms"}
     assert LatencyProfile.from_dict(old).resize_ms == ()  # profiles saved before it still load
+
+
+def test_outputs_are_copied_only_when_a_batch_leaves_in_groups():
+    import dataclasses
+
+    profile = dataclasses.replace(hand_profile(), copy_ms=(0.4, 1.3))
+    plain = hand_profile()
+    # 90 leave at exit 0 and 10 at exit 2: two copies, read at 90 (0.4 + 0.9 * 80 / 90 ms)
+    # and at 10 (0.4 ms).
+    exits = np.array([0] * 90 + [2] * 10)
+    copies = (0.4 + 0.9 * 80 / 90) + 0.4
+    assert profile.batch_ms(exits) == pytest.approx(plain.batch_ms(exits) + copies)
+    together = np.full(100, 2)  # the whole batch leaves at once: no copy
+    assert profile.batch_ms(together) == pytest.approx(plain.batch_ms(together))
+    assert LatencyProfile.from_dict(profile.to_dict()) == profile
 
 
 def test_measured_speedup_side_by_side(cnn_network, images):

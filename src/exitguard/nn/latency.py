@@ -62,6 +62,11 @@ class LatencyProfile:
         Median milliseconds of what ``infer`` does with that many leaving samples of a
         network with ``resize``: the resize, softmax, the check for non-finite logits and
         the predictions (empty for a network without ``resize``).
+    copy_ms : tuple of float (S,)
+        Median milliseconds of writing that many leaving samples' outputs (logits and
+        probabilities) into the batch's result, which ``infer`` does for every group of
+        samples leaving when a batch does not leave all at once (empty in profiles saved
+        before it was measured).
     threads : int
         ``torch.get_num_threads()`` while measuring.
     torch_version, machine : str
@@ -80,6 +85,7 @@ class LatencyProfile:
     repeats: int
     warmup: int
     resize_ms: tuple[float, ...] = ()
+    copy_ms: tuple[float, ...] = ()
 
     @property
     def n_exits(self) -> int:
@@ -129,7 +135,9 @@ class LatencyProfile:
         """Predicted milliseconds of serving one batch whose samples leave at ``exits`` (B,).
 
         Stage ``l`` and its head run on the samples that reach it (``n_l``), read from the
-        profile at that batch size; a compaction runs after each exit where some leave.
+        profile at that batch size; a compaction runs after each exit where some leave; when
+        the batch leaves in more than one group, each group's outputs are copied into the
+        result (``copy_ms``, read at the group's size).
         """
         taken = np.asarray(exits, dtype=np.int64)
         counts = np.bincount(taken, minlength=self.n_exits)  # (L,) leaving at each exit
@@ -141,6 +149,8 @@ class LatencyProfile:
         leaving_early = (counts[:-1] > 0) & (reaching[1:] > 0)
         total += float(np.sum(self._at(self.compaction_ms, reaching[:-1])[leaving_early]))
         total += float(np.sum(self._resize_at(counts) * counts))
+        if self.copy_ms and np.count_nonzero(counts) > 1:  # outputs gathered group by group
+            total += float(np.sum(self._at(self.copy_ms, counts[counts > 0])))
         return float(total)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +167,7 @@ class LatencyProfile:
         values["batch_sizes"] = tuple(int(b) for b in values["batch_sizes"])
         values["compaction_ms"] = tuple(float(x) for x in values["compaction_ms"])
         values["resize_ms"] = tuple(float(x) for x in values.get("resize_ms", ()))
+        values["copy_ms"] = tuple(float(x) for x in values.get("copy_ms", ()))
         return cls(**values)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -211,7 +222,7 @@ def profile_latency(
     sizes = tuple(sorted({int(b) for b in batch_sizes}))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"`batch_sizes` must be positive integers; got {tuple(batch_sizes)}.")
-    stage_ms, head_ms, stage_iqr, head_iqr, compaction, resize = [], [], [], [], [], []
+    stage_ms, head_ms, stage_iqr, head_iqr, compaction, resize, copy = [], [], [], [], [], [], []
     with eval_mode(network):
         for size in sizes:
             reps = -(-size // example.shape[0])
@@ -247,6 +258,11 @@ def profile_latency(
                     lambda logits=logits: _leave(network, logits), repeats=repeats, warmup=warmup
                 )
                 resize.append(resize_median)
+            logits = network._resized(network.heads[-1](h))  # (size, C, ...) as served
+            copy_median, _ = _time_ms(
+                lambda logits=logits: _gather(logits), repeats=repeats, warmup=warmup
+            )
+            copy.append(copy_median)
             stage_ms.append(tuple(stages))
             head_ms.append(tuple(heads))
             stage_iqr.append(tuple(s_iqr))
@@ -265,7 +281,15 @@ def profile_latency(
         repeats=repeats,
         warmup=warmup,
         resize_ms=tuple(resize),
+        copy_ms=tuple(copy),
     )
+
+
+def _gather(logits: Tensor) -> None:
+    """Write leaving samples' logits and probabilities into a batch result, as ``infer``."""
+    rows = torch.arange(logits.shape[0], device=logits.device)  # (B,)
+    logits.new_empty(logits.shape)[rows] = logits
+    logits.new_empty(logits.shape)[rows] = logits  # the probabilities, the same size
 
 
 def _leave(network: EarlyExitNetwork, logits: Tensor) -> Tensor:
