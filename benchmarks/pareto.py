@@ -130,8 +130,9 @@ def ceiling_rows(
     with unlimited calibration data. A certified gain over the single threshold larger than
     this ceiling's is impossible (up to how well the search does).
     """
-    per_exit = np.stack([outputs.risk_table(r)[0] for r in risks])  # (R, N, L)
-    bounds = [outputs.risk_table(r)[1] for r in risks]
+    tables = [outputs.risk_table(r) for r in risks]
+    per_exit = np.stack([t for t, _ in tables])  # (R, N, L)
+    bounds = [b for _, b in tables]
     eps = np.asarray(targets, dtype=np.float64)
     conf = outputs.confidences
     n_exits = conf.shape[1]
